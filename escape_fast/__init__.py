@@ -1,0 +1,56 @@
+"""escape_fast: ESCAPE (CVPR 2024) category-agnostic pose estimation, fast.
+
+``escape_fast.ops`` holds the public ops (with ``backend=``),
+``escape_fast.reference`` their plain-PyTorch specification, and
+``escape_fast.info()`` prints what was built and which backend each op uses.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from escape_fast import _extension, ops, reference  # noqa: E402
+
+__all__ = ["__version__", "info", "ops", "reference"]
+
+
+def info(file=None) -> dict:
+    """Print (and return) versions, the build, and the backend of every op."""
+    import platform
+    import sys
+
+    import torch
+
+    from escape_fast import kernels
+
+    lines = [
+        f"escape_fast {__version__}",
+        f"python {platform.python_version()} ({sys.platform}, {platform.machine()})",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU available: {torch.cuda.is_available()})",
+        f"extension escape_fast._C: {_extension.build_info()}"
+        + (f" ({_extension.LOAD_ERROR})" if _extension.LOAD_ERROR else ""),
+    ]
+    if kernels.HAVE_TRITON:
+        import triton
+
+        lines.append(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1)" if kernels.INTERPRET else ""))
+    else:
+        lines.append(f"triton: not installed ({kernels.TRITON_ERROR})")
+    try:
+        import faiss
+
+        lines.append(f"faiss {faiss.__version__} (GPU resources: {hasattr(faiss, 'StandardGpuResources')})")
+    except ImportError:
+        lines.append("faiss: not installed (kNN uses the blocked torch path)")
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table = {}
+    lines.append("op backends (auto -> used; available):")
+    for op in ops.KERNEL_OPS:
+        for dev in devices:
+            avail = [b for b in ("cpu", "cuda", "triton") if ops.available(op, b, dev)]
+            used = ops.resolve(op, "auto", dev)
+            table[f"{op}@{dev}"] = {"auto": used, "available": avail}
+            lines.append(f"  {op:<20} {dev:<5} auto -> {used:<10} available: {', '.join(avail) or 'reference only'}")
+    print("\n".join(lines), file=file)
+    return {"version": __version__, "torch": torch.__version__, "build": _extension.build_info(), "ops": table}

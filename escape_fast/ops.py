@@ -1,0 +1,519 @@
+"""Public ops of escape_fast: typed wrappers, input checks, backend choice.
+
+Every op takes ``backend=``:
+
+* ``"reference"``: escape_fast.reference (plain PyTorch, the specification);
+* ``"cpu"``: the C++ kernels of escape_fast._C (CPU tensors);
+* ``"cuda"``: the CUDA kernels of escape_fast._C (CUDA tensors);
+* ``"triton"``: the Triton kernels of escape_fast.kernels (CUDA tensors, or
+  CPU tensors under TRITON_INTERPRET=1);
+* ``"auto"`` (default): ``cuda`` then ``triton`` for CUDA tensors, ``cpu`` for
+  CPU tensors, and the reference where no kernel exists. The choice is fixed
+  per op and device and printed by ``escape_fast.info()``; asking for a
+  backend that is not available raises instead of falling back.
+
+Shapes: B batch, C channels, H x W heatmap grid, K (or M) keypoints, N (or L)
+super-keypoints.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from escape_fast import _extension, reference
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+
+# Ops that have compiled / Triton kernels (the others are Python only).
+KERNEL_OPS = (
+    "prototype_heatmaps",
+    "decode_heatmaps",
+    "heatmap_decode",
+    "keypoint_pool",
+    "sinkhorn_log",
+)
+
+# Finite checks read the data on the host (one sync per call); the evaluation
+# driver turns them off in its hot loop after checking the features once.
+CHECK_FINITE = True
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend has no implementation for this op or device."""
+
+
+# --------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------
+def _shape_str(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _expect(op: str, name: str, t, dims: Sequence[str | int], sizes: dict, floating: bool = True):
+    """Check ``t`` against symbolic dims, binding new symbols into ``sizes``."""
+    spec = "[" + ", ".join(str(d) for d in dims) + "]"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor {spec}, got {type(t).__name__}")
+    if t.dim() != len(dims):
+        raise ValueError(f"{op}: {name} must be {spec}, got a {t.dim()}-d tensor {_shape_str(t)}")
+    for axis, (d, s) in enumerate(zip(dims, t.shape)):
+        if isinstance(d, int):
+            if s != d:
+                raise ValueError(f"{op}: {name} must be {spec}, got {_shape_str(t)} (dim {axis} is {s}, not {d})")
+        elif d in sizes and sizes[d] != s:
+            raise ValueError(
+                f"{op}: {name} must be {spec} with {d}={sizes[d]} (from an earlier argument), got {_shape_str(t)}"
+            )
+        else:
+            sizes[d] = s
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _same_device(op: str, **tensors):
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+
+
+def _finite(op: str, **tensors):
+    if not CHECK_FINITE:
+        return
+    for name, t in tensors.items():
+        if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise ValueError(f"{op}: {name} contains {bad}")
+
+
+def _crop_args(op, center, scale, rotation, sizes):
+    _expect(op, "center", center, ("B", 2), sizes)
+    _expect(op, "scale", scale, ("B", 2), sizes)
+    if rotation is None:
+        rotation = center.new_zeros(sizes["B"])
+    else:
+        _expect(op, "rotation", rotation, ("B",), sizes)
+    return center, scale, rotation
+
+
+# --------------------------------------------------------------------------
+# backend resolution
+# --------------------------------------------------------------------------
+def _triton_op(op: str):
+    from escape_fast import kernels
+
+    return kernels.load(op)
+
+
+def _triton_usable(device: torch.device) -> bool:
+    from escape_fast import kernels
+
+    return kernels.HAVE_TRITON and (device.type == "cuda" or kernels.INTERPRET)
+
+
+def available(op: str, backend: str, device: torch.device | str) -> bool:
+    """Whether ``backend`` can run ``op`` on tensors of ``device``."""
+    device = torch.device(device)
+    if backend == "reference":
+        return True
+    if op not in KERNEL_OPS:
+        return False
+    if backend == "cpu":
+        return device.type == "cpu" and _extension.has_kernel(op, "CPU")
+    if backend == "cuda":
+        return device.type == "cuda" and _extension.has_kernel(op, "CUDA")
+    if backend == "triton":
+        return _triton_usable(device) and _triton_op(op) is not None
+    return False
+
+
+def resolve(op: str, backend: str, device: torch.device | str) -> str:
+    """The backend that runs ``op`` for ``backend`` on ``device`` (never 'auto')."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        for candidate in order:
+            if available(op, candidate, device):
+                return candidate
+        return "reference"
+    if not available(op, backend, device):
+        raise BackendUnavailable(
+            f"{op}: backend {backend!r} is not available for {device.type} tensors "
+            f"(extension: {_extension.build_info()}; see escape_fast.info())"
+        )
+    return backend
+
+
+def _kernel(op: str, backend: str):
+    if backend == "triton":
+        return _triton_op(op)
+    return getattr(torch.ops.escape_fast, op)
+
+
+# --------------------------------------------------------------------------
+# autograd and fake kernels of the compiled and Triton ops
+# --------------------------------------------------------------------------
+def _register_sinkhorn(forward_op, backward_op):
+    def setup_context(ctx, inputs, output):
+        scores, bin_score, valid, _ = inputs
+        _, u_hist, v_hist = output
+        ctx.save_for_backward(scores, bin_score, valid, u_hist, v_hist)
+
+    def backward(ctx, grad_logp, _gu, _gv):
+        scores, bin_score, valid, u_hist, v_hist = ctx.saved_tensors
+        grad_scores, grad_bin = backward_op(grad_logp.contiguous(), scores, bin_score, valid, u_hist, v_hist)
+        return grad_scores, grad_bin, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def _register_pool(forward_op, backward_op):
+    def setup_context(ctx, inputs, output):
+        features, keypoints, visible, sigma = inputs
+        ctx.save_for_backward(keypoints, visible)
+        ctx.sigma = sigma
+        ctx.size = features.shape[-2:]
+
+    def backward(ctx, grad):
+        keypoints, visible = ctx.saved_tensors
+        h, w = ctx.size
+        return backward_op(grad.contiguous(), keypoints, visible, ctx.sigma, h, w), None, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def _register_heatmaps(forward_op):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        features, prototypes = ctx.saved_tensors
+        grad_features = torch.einsum("bkhw,bkc->bchw", grad, prototypes)
+        grad_prototypes = torch.einsum("bkhw,bchw->bkc", grad, features)
+        return grad_features, grad_prototypes
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def _register_fakes():
+    def decode_fake(maps, center, scale, rotation, kernel):
+        b, k = maps.shape[:2]
+        return maps.new_empty(b, k, 2), maps.new_empty(b, k)
+
+    def fused_fake(features, prototypes, center, scale, rotation, kernel):
+        b, k = prototypes.shape[:2]
+        return features.new_empty(b, k, 2), features.new_empty(b, k)
+
+    def heatmaps_fake(features, prototypes):
+        b, _, h, w = features.shape
+        return features.new_empty(b, prototypes.shape[1], h, w)
+
+    def pool_fake(features, keypoints, visible, sigma):
+        return features.new_empty(keypoints.shape[0], keypoints.shape[1], features.shape[1])
+
+    def pool_backward_fake(grad, keypoints, visible, sigma, height, width):
+        return grad.new_empty(grad.shape[0], grad.shape[2], height, width)
+
+    def sinkhorn_fake(scores, bin_score, valid, iters):
+        b, m, n = scores.shape
+        work = torch.promote_types(scores.dtype, torch.float32)
+        return (
+            scores.new_empty(b, m + 1, n, dtype=work),
+            scores.new_empty(b, iters, m + 1, dtype=work),
+            scores.new_empty(b, iters, n, dtype=work),
+        )
+
+    def sinkhorn_backward_fake(grad, scores, bin_score, valid, u_hist, v_hist):
+        return torch.empty_like(scores), torch.empty_like(bin_score)
+
+    fakes = {
+        "decode_heatmaps": decode_fake,
+        "heatmap_decode": fused_fake,
+        "prototype_heatmaps": heatmaps_fake,
+        "keypoint_pool": pool_fake,
+        "keypoint_pool_backward": pool_backward_fake,
+        "sinkhorn_log": sinkhorn_fake,
+        "sinkhorn_log_backward": sinkhorn_backward_fake,
+    }
+    for name, fn in fakes.items():
+        torch.library.register_fake(f"escape_fast::{name}", fn)
+
+
+def register_autograd(namespace: str) -> None:
+    """Attach autograd to the ops of ``namespace`` (escape_fast or escape_fast_triton).
+
+    Called once for the compiled ops below and by each Triton kernel module
+    after it defines its ops, so both backends share one backward definition.
+    """
+    ops = getattr(torch.ops, namespace)
+    pairs = (
+        ("sinkhorn_log", "sinkhorn_log_backward", _register_sinkhorn),
+        ("keypoint_pool", "keypoint_pool_backward", _register_pool),
+    )
+    for fwd, bwd, register in pairs:
+        if hasattr(ops, fwd) and hasattr(ops, bwd):
+            register(f"{namespace}::{fwd}", getattr(ops, bwd))
+    if hasattr(ops, "prototype_heatmaps"):
+        _register_heatmaps(f"{namespace}::prototype_heatmaps")
+
+
+if _extension.LOADED:
+    _register_fakes()
+    register_autograd("escape_fast")
+
+
+# --------------------------------------------------------------------------
+# public ops
+# --------------------------------------------------------------------------
+def prototype_heatmaps(features: torch.Tensor, prototypes: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Heatmaps of prototypes on feature maps (eq. 1), differentiable in both inputs.
+
+    Args:
+        features (Tensor[B, C, H, W]): dense features.
+        prototypes (Tensor[B, K, C]): one prototype per keypoint.
+    Returns:
+        Tensor[B, K, H, W]: ``H[b, k, y, x] = <features[b, :, y, x], prototypes[b, k]>``.
+    """
+    op, sizes = "prototype_heatmaps", {}
+    _expect(op, "features", features, ("B", "C", "H", "W"), sizes)
+    _expect(op, "prototypes", prototypes, ("B", "K", "C"), sizes)
+    _same_device(op, features=features, prototypes=prototypes)
+    _finite(op, features=features, prototypes=prototypes)
+    chosen = resolve(op, backend, features.device)
+    if chosen == "reference":
+        return reference.prototype_heatmaps(features, prototypes)
+    return _kernel(op, chosen)(features, prototypes)
+
+
+def decode_heatmaps(
+    heatmaps: torch.Tensor,
+    center: torch.Tensor,
+    scale: torch.Tensor,
+    kernel: int = 15,
+    backend: str = "auto",
+    rotation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keypoint locations from heatmaps (SPEC 7), in original image pixels.
+
+    Args:
+        heatmaps (Tensor[B, K, H, W]): one map per keypoint.
+        center (Tensor[B, 2]): crop center (x, y) in image pixels.
+        scale (Tensor[B, 2]): padded box size / 200 (mmpose convention).
+        kernel (int): odd side of the mean filter (15).
+        rotation (Tensor[B] | None): crop rotation in degrees (0 at test time).
+    Returns:
+        (Tensor[B, K, 2], Tensor[B, K]): coordinates (x, y) and smoothed peak values.
+    """
+    op, sizes = "decode_heatmaps", {}
+    _expect(op, "heatmaps", heatmaps, ("B", "K", "H", "W"), sizes)
+    center, scale, rotation = _crop_args(op, center, scale, rotation, sizes)
+    _check_kernel(op, kernel)
+    _same_device(op, heatmaps=heatmaps, center=center, scale=scale, rotation=rotation)
+    _finite(op, heatmaps=heatmaps, center=center, scale=scale)
+    chosen = resolve(op, backend, heatmaps.device)
+    if chosen == "reference":
+        return reference.decode_heatmaps(heatmaps, center, scale, kernel, rotation)
+    dtype = heatmaps.dtype
+    return _kernel(op, chosen)(heatmaps, center.to(dtype), scale.to(dtype), rotation.to(dtype), kernel)
+
+
+def heatmap_decode(
+    features: torch.Tensor,
+    prototypes: torch.Tensor,
+    center: torch.Tensor,
+    scale: torch.Tensor,
+    kernel: int = 15,
+    backend: str = "auto",
+    rotation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_heatmaps(prototype_heatmaps(features, prototypes), ...)``, fused.
+
+    Args:
+        features (Tensor[B, C, H, W]), prototypes (Tensor[B, K, C]),
+        center (Tensor[B, 2]), scale (Tensor[B, 2]), kernel (int),
+        rotation (Tensor[B] | None): as in the two ops above.
+    Returns:
+        (Tensor[B, K, 2], Tensor[B, K]): image coordinates and peak values.
+    """
+    op, sizes = "heatmap_decode", {}
+    _expect(op, "features", features, ("B", "C", "H", "W"), sizes)
+    _expect(op, "prototypes", prototypes, ("B", "K", "C"), sizes)
+    center, scale, rotation = _crop_args(op, center, scale, rotation, sizes)
+    _check_kernel(op, kernel)
+    _same_device(op, features=features, prototypes=prototypes, center=center, scale=scale, rotation=rotation)
+    _finite(op, features=features, prototypes=prototypes, center=center, scale=scale)
+    chosen = resolve(op, backend, features.device)
+    if chosen == "reference":
+        return reference.heatmap_decode(features, prototypes, center, scale, kernel, rotation)
+    dtype = features.dtype
+    return _kernel(op, chosen)(
+        features, prototypes.to(dtype), center.to(dtype), scale.to(dtype), rotation.to(dtype), kernel
+    )
+
+
+def _check_kernel(op: str, kernel: int):
+    if not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"{op}: kernel must be a positive odd int, got {kernel!r}")
+
+
+def keypoint_pool(
+    features: torch.Tensor,
+    keypoints: torch.Tensor,
+    visible: torch.Tensor,
+    sigma: float = 2.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Gaussian-weighted keypoint features (SPEC 2), differentiable in ``features``.
+
+    Args:
+        features (Tensor[B, C, H, W]): dense features.
+        keypoints (Tensor[B, K, 2]): (x, y) in heatmap-cell units.
+        visible (Tensor[B, K]): bool (or 0/1); invisible keypoints pool to 0.
+        sigma (float): Gaussian width in cells (window of +-3 sigma).
+    Returns:
+        Tensor[B, K, C]: ``sum_p F[:, p] G[p] / sum_p G[p]``.
+    """
+    op, sizes = "keypoint_pool", {}
+    _expect(op, "features", features, ("B", "C", "H", "W"), sizes)
+    _expect(op, "keypoints", keypoints, ("B", "K", 2), sizes)
+    _expect(op, "visible", visible, ("B", "K"), sizes, floating=False)
+    if not sigma > 0:
+        raise ValueError(f"{op}: sigma must be > 0, got {sigma!r}")
+    _same_device(op, features=features, keypoints=keypoints, visible=visible)
+    _finite(op, features=features, keypoints=keypoints)
+    chosen = resolve(op, backend, features.device)
+    if chosen == "reference":
+        return reference.keypoint_pool(features, keypoints, visible, float(sigma))
+    return _kernel(op, chosen)(features, keypoints.to(features.dtype), visible.bool(), float(sigma))
+
+
+def sinkhorn_log(
+    scores: torch.Tensor,
+    bin_score: torch.Tensor | float,
+    valid: torch.Tensor,
+    iters: int = 50,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Log-domain optimal transport with a dustbin row (SPEC 6), differentiable.
+
+    Args:
+        scores (Tensor[B, M, N]): keypoint x super-keypoint scores.
+        bin_score (Tensor[] | Tensor[B] | float): the dustbin row's score.
+        valid (Tensor[B, M]): bool; invalid rows are masked out.
+        iters (int): Sinkhorn iterations (50).
+    Returns:
+        Tensor[B, M + 1, N]: log assignment shifted by +log N (a valid row sums
+        to 1 at convergence); row M is the dustbin. At least float32.
+    """
+    op, sizes = "sinkhorn_log", {}
+    _expect(op, "scores", scores, ("B", "M", "N"), sizes)
+    _expect(op, "valid", valid, ("B", "M"), sizes, floating=False)
+    if not isinstance(bin_score, torch.Tensor):
+        bin_score = torch.tensor(float(bin_score), dtype=scores.dtype, device=scores.device)
+    if bin_score.numel() not in (1, sizes["B"]) or bin_score.dim() > 1:
+        raise ValueError(f"{op}: bin_score must be a scalar or [B] with B={sizes['B']}, got {_shape_str(bin_score)}")
+    if sizes["N"] == 0:
+        raise ValueError(f"{op}: scores must have at least one column (N >= 1), got {_shape_str(scores)}")
+    if not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"{op}: iters must be a non-negative int, got {iters!r}")
+    _same_device(op, scores=scores, bin_score=bin_score, valid=valid)
+    _finite(op, scores=scores, bin_score=bin_score)
+    chosen = resolve(op, backend, scores.device)
+    if chosen == "reference":
+        return reference.sinkhorn_log(scores, bin_score, valid, iters)
+    work = torch.promote_types(scores.dtype, torch.float32)
+    bins = bin_score.to(work).reshape(-1).expand(sizes["B"]) if bin_score.numel() == 1 else bin_score.to(work)
+    log_p, _, _ = _kernel(op, chosen)(scores.to(work), bins, valid.bool(), iters)
+    return log_p
+
+
+def fuse_shot_scores(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average score matrices over shots (keypoints visible in that shot only).
+
+    Args:
+        scores (Tensor[B, S, M, N]), visible (Tensor[B, S, M]).
+    Returns:
+        (Tensor[B, M, N], Tensor[B, M] bool): fused scores and row validity.
+    """
+    op, sizes = "fuse_shot_scores", {}
+    _expect(op, "scores", scores, ("B", "S", "M", "N"), sizes)
+    _expect(op, "visible", visible, ("B", "S", "M"), sizes, floating=False)
+    return reference.fuse_shot_scores(scores, visible)
+
+
+def knn(
+    queries: torch.Tensor,
+    base: torch.Tensor,
+    k: int,
+    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k cosine neighbours with an optional same-label exclusion.
+
+    Args:
+        queries (Tensor[N, C]), base (Tensor[M, C]): vectors (any norm).
+        k (int): neighbours per query.
+        exclude ((Tensor[N], Tensor[M]) | None): labels; equal labels never pair.
+    Returns:
+        (Tensor[N, k], Tensor[N, k] int64): similarities (descending) and base
+        indices; (-inf, -1) where fewer than k candidates exist.
+    """
+    op, sizes = "knn", {}
+    _expect(op, "queries", queries, ("N", "C"), sizes)
+    _expect(op, "base", base, ("M", "C"), sizes)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be a positive int, got {k!r}")
+    if exclude is not None:
+        _expect(op, "exclude[0] (query labels)", exclude[0], ("N",), sizes, floating=False)
+        _expect(op, "exclude[1] (base labels)", exclude[1], ("M",), sizes, floating=False)
+    _same_device(op, queries=queries, base=base)
+    _finite(op, queries=queries, base=base)
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return reference.knn(queries, base, k, exclude)
+    from escape_fast import cluster
+
+    return cluster.knn(queries, base, k, exclude, backend=backend)
+
+
+def cluster_keypoints(
+    vectors: torch.Tensor,
+    categories: torch.Tensor,
+    threshold: float = 0.8,
+    k: int = 6,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kNN density-peaks clustering into super-keypoints (SPEC 4).
+
+    Args:
+        vectors (Tensor[N, C]): one vector per keypoint.
+        categories (Tensor[N]): category of each vector; one category never
+            appears twice in a cluster.
+        threshold (float): cosine similarity a neighbour must exceed (0.8).
+        k (int): neighbours in the density estimate (6).
+    Returns:
+        (Tensor[L, C], Tensor[N] int64): super-keypoints (mean of members) and
+        the cluster of each vector.
+    """
+    op, sizes = "cluster_keypoints", {}
+    _expect(op, "vectors", vectors, ("N", "C"), sizes)
+    _expect(op, "categories", categories, ("N",), sizes, floating=False)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"{op}: k must be a positive int, got {k!r}")
+    if not -1.0 <= threshold <= 1.0 or math.isnan(threshold):
+        raise ValueError(f"{op}: threshold must be a cosine similarity in [-1, 1], got {threshold!r}")
+    _same_device(op, vectors=vectors, categories=categories)
+    _finite(op, vectors=vectors)
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return reference.cluster_keypoints(vectors, categories, threshold, k)
+    from escape_fast import cluster
+
+    return cluster.cluster_keypoints(vectors, categories, threshold, k, backend=backend)
