@@ -52,7 +52,7 @@ def _extensions():
         archs = os.environ.get("ESCAPE_FAST_CUDA_ARCHS", "8.0;9.0")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         define_macros.append(("ESCAPE_FAST_WITH_CUDA", None))
-        nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = CUDAExtension(
             "escape_fast._C",
             cpu_sources + cuda_sources,
