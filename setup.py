@@ -46,7 +46,7 @@ def _extensions():
 
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", "-std=c++20", *openmp]
-    define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+    define_macros = []
     extra_link = list(openmp)
     if want_cuda:
         archs = os.environ.get("ESCAPE_FAST_CUDA_ARCHS", "8.0;9.0")
