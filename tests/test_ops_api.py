@@ -1,0 +1,90 @@
+"""The public wrappers: input checks that say what they got, backend choice, info()."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import escape_fast
+from escape_fast import ops, reference
+
+
+def _pool_inputs(b=2, k=3, c=4, h=8, w=8):
+    return torch.randn(b, c, h, w), torch.rand(b, k, 2) * 8, torch.ones(b, k, dtype=torch.bool)
+
+
+def test_wrong_keypoint_shape_names_the_argument():
+    f, kp, vis = _pool_inputs()
+    with pytest.raises(ValueError, match=r"keypoints must be \[B, K, 2\].*\[2, 3, 3\]"):
+        ops.keypoint_pool(f, torch.rand(2, 3, 3), vis)
+
+
+def test_batch_mismatch_is_reported_with_its_origin():
+    f, kp, vis = _pool_inputs()
+    with pytest.raises(ValueError, match=r"B=2 \(from an earlier argument\)"):
+        ops.keypoint_pool(f, kp[:1], vis)
+
+
+def test_nan_in_features_is_reported():
+    f, kp, vis = _pool_inputs()
+    f[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="features contains NaN"):
+        ops.keypoint_pool(f, kp, vis)
+
+
+def test_mixed_devices_are_reported():
+    f, kp, vis = _pool_inputs()
+    with pytest.raises(ValueError, match="one device.*meta"):
+        ops.keypoint_pool(f, kp.to("meta"), vis)
+
+
+def test_integer_features_and_bad_arguments_are_rejected():
+    f, kp, vis = _pool_inputs()
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.keypoint_pool(f.long(), kp, vis)
+    with pytest.raises(ValueError, match="kernel must be a positive odd int"):
+        ops.decode_heatmaps(torch.rand(1, 2, 8, 8), torch.zeros(1, 2), torch.ones(1, 2), kernel=4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.prototype_heatmaps(f, torch.rand(2, 3, 4), backend="gpu")
+    with pytest.raises(ValueError, match="bin_score must be a scalar or \\[B\\]"):
+        ops.sinkhorn_log(torch.rand(2, 3, 4), torch.zeros(3), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least one column"):
+        ops.sinkhorn_log(torch.rand(2, 3, 0), 0.0, torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="threshold"):
+        ops.cluster_keypoints(torch.rand(5, 3), torch.arange(5), threshold=1.5)
+
+
+def test_unavailable_backend_raises_instead_of_falling_back():
+    f, kp, vis = _pool_inputs()
+    with pytest.raises(ops.BackendUnavailable, match="cuda"):
+        ops.keypoint_pool(f, kp, vis, backend="cuda")
+
+
+def test_reference_backend_equals_the_reference_module():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(2, 5, 9, 9, generator=g)
+    w = torch.randn(2, 3, 5, generator=g)
+    c, s = torch.rand(2, 2, generator=g) * 50, torch.rand(2, 2, generator=g) + 0.2
+    got = ops.heatmap_decode(f, w, c, s, backend="reference")
+    want = reference.heatmap_decode(f, w, c, s)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    scores = torch.randn(2, 4, 6, generator=g)
+    valid = torch.tensor([[1, 1, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(
+        ops.sinkhorn_log(scores, 0.5, valid, backend="reference"),
+        reference.sinkhorn_log(scores, torch.tensor(0.5), valid),
+    )
+
+
+def test_auto_backend_is_resolved_and_reported():
+    for op in ops.KERNEL_OPS:
+        chosen = ops.resolve(op, "auto", "cpu")
+        assert chosen in ("cpu", "reference")
+        assert (chosen == "cpu") == ops.available(op, "cpu", "cpu")
+    buf = io.StringIO()
+    table = escape_fast.info(file=buf)
+    text = buf.getvalue()
+    assert "escape_fast" in text and "torch" in text and "sinkhorn_log" in text
+    assert table["ops"]["sinkhorn_log@cpu"]["auto"] == ops.resolve("sinkhorn_log", "auto", "cpu")
