@@ -53,6 +53,8 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         define_macros.append(("ESCAPE_FAST_WITH_CUDA", None))
         nvcc_flags = ["-O3", "-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
+        if os.environ.get("ESCAPE_FAST_PTXAS_VERBOSE") == "1":
+            nvcc_flags.append("-Xptxas=-v")  # registers, shared memory and spills per kernel
         ext = CUDAExtension(
             "escape_fast._C",
             cpu_sources + cuda_sources,
