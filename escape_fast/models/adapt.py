@@ -1,0 +1,98 @@
+"""Keypoint prototypes for a novel category from its support set (SPEC 7).
+
+Three estimators of the prototype w_r of each support keypoint r:
+
+* MLE (eq. 2): the mean support feature over the shots where r is visible;
+* MAP (eq. 7): a Hungarian assignment of the keypoints to distinct
+  super-keypoints by squared distance, then ``alpha * mean + (1 - alpha) * mu``;
+* ESCAPE (eq. 10): ``alpha * mean + (1 - alpha) * sum_z Q_rz mu_z`` with Q the
+  soft assignment of the matching network.
+
+Shapes: B episodes, S shots, K keypoints, C channels, L super-keypoints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+METHODS = ("mle", "map", "escape")
+
+
+def support_mean(features: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean keypoint feature over the shots where it is visible.
+
+    Args:
+        features (Tensor[B, S, K, C]): pooled support keypoint features.
+        visible (Tensor[B, S, K]): bool.
+    Returns:
+        (Tensor[B, K, C], Tensor[B, K] bool): the means (0 where never visible)
+        and whether each keypoint is visible in at least one shot.
+    """
+    if features.dim() != 4 or visible.shape != features.shape[:3]:
+        raise ValueError(
+            f"support_mean: features must be [B, S, K, C] and visible [B, S, K], got "
+            f"{list(features.shape)} and {list(visible.shape)}"
+        )
+    vis = visible.to(features.dtype)[..., None]
+    count = vis.sum(1)
+    return (features * vis).sum(1) / count.clamp_min(1.0), count[..., 0] > 0
+
+
+def mle_prototypes(features: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """MLE prototypes [B, K, C] (eq. 2)."""
+    return support_mean(features, visible)[0]
+
+
+def hungarian_assignment(means: torch.Tensor, valid: torch.Tensor, super_keypoints: torch.Tensor) -> torch.Tensor:
+    """Assignment [B, K] of each valid keypoint to a distinct super-keypoint.
+
+    Minimizes the total squared distance between keypoint means [B, K, C] and
+    super-keypoints [L, C] (scipy's linear_sum_assignment, exact). Keypoints
+    that are invalid, or left over when more keypoints than super-keypoints
+    are valid, get -1.
+    """
+    dist = torch.cdist(means.double(), super_keypoints.double()[None].expand(means.shape[0], -1, -1)) ** 2
+    dist = dist.cpu().numpy()
+    valid_np = valid.cpu().numpy()
+    out = np.full(valid_np.shape, -1, dtype=np.int64)
+    for b in range(dist.shape[0]):
+        rows = np.flatnonzero(valid_np[b])
+        if rows.size == 0:
+            continue
+        r, c = linear_sum_assignment(dist[b, rows])
+        out[b, rows[r]] = c
+    return torch.from_numpy(out).to(means.device)
+
+
+def map_prototypes(
+    features: torch.Tensor, visible: torch.Tensor, super_keypoints: torch.Tensor, alpha: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAP prototypes [B, K, C] (eq. 7) and the assignment [B, K] used."""
+    means, valid = support_mean(features, visible)
+    assign = hungarian_assignment(means, valid, super_keypoints)
+    prior = super_keypoints[assign.clamp_min(0)]
+    matched = (assign >= 0)[..., None]
+    return torch.where(matched, alpha * means + (1 - alpha) * prior, means), assign
+
+
+def escape_prototypes(
+    features: torch.Tensor,
+    visible: torch.Tensor,
+    super_keypoints: torch.Tensor,
+    log_assignment: torch.Tensor,
+    alpha: float = 0.5,
+) -> torch.Tensor:
+    """ESCAPE prototypes [B, K, C] (eq. 10).
+
+    Args:
+        log_assignment (Tensor[B, K + 1, L]): the matching network's transport
+            output (ops.sinkhorn_log: a converged keypoint row sums to 1 in
+            probability); the dustbin row is not used.
+    """
+    means, valid = support_mean(features, visible)
+    k = means.shape[1]
+    q = log_assignment[:, :k].exp().to(means.dtype)
+    prior = q @ super_keypoints.to(means.dtype)
+    return torch.where(valid[..., None], alpha * means + (1 - alpha) * prior, means)

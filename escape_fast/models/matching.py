@@ -1,0 +1,165 @@
+"""The learnable matching network of ESCAPE (sec. 5.2, SPEC 6).
+
+Novel keypoints (tokens from a second feature extractor) and the L
+super-keypoints (learned tokens) attend to themselves and to each other for
+``blocks`` rounds; their inner products are the scores of a log-domain optimal
+transport with a dustbin row (escape_fast.ops.sinkhorn_log), whose output is
+the soft assignment Q used by escape_prototypes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from escape_fast import ops
+
+
+def sincos_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sine-cosine embedding [..., dim] of integer (or real) positions [...]."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angle = positions.to(torch.float32)[..., None] * freq
+    return torch.cat((angle.sin(), angle.cos()), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with pre-LayerNorm on queries and keys."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        inner = heads * head_dim
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_kv = nn.Linear(dim, 2 * inner)
+        self.out = nn.Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.to_q(self.norm_q(x))
+        k, v = self.to_kv(self.norm_kv(context)).chunk(2, dim=-1)
+
+        def split(t):
+            return t.reshape(b, -1, self.heads, self.head_dim).transpose(1, 2)
+
+        mask = None
+        if key_valid is not None:
+            # A query whose keys are all invalid would softmax over nothing: let
+            # it attend to everything (its output is ignored downstream).
+            usable = key_valid | ~key_valid.any(dim=1, keepdim=True)
+            mask = usable[:, None, None, :]
+        y = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class MatchingBlock(nn.Module):
+    """Self-attention + FF on each side, then cross-attention both ways + FF."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp: int):
+        super().__init__()
+        self.self_kp, self.self_sk = Attention(dim, heads, head_dim), Attention(dim, heads, head_dim)
+        self.ff_kp1, self.ff_sk1 = FeedForward(dim, mlp), FeedForward(dim, mlp)
+        self.cross_kp, self.cross_sk = Attention(dim, heads, head_dim), Attention(dim, heads, head_dim)
+        self.ff_kp2, self.ff_sk2 = FeedForward(dim, mlp), FeedForward(dim, mlp)
+
+    def forward(self, kp, sk, kp_valid):
+        kp = kp + self.self_kp(kp, kp, kp_valid)
+        kp = kp + self.ff_kp1(kp)
+        sk = sk + self.self_sk(sk, sk, None)
+        sk = sk + self.ff_sk1(sk)
+        kp_new = kp + self.cross_kp(kp, sk, None)
+        sk_new = sk + self.cross_sk(sk, kp, kp_valid)
+        return kp_new + self.ff_kp2(kp_new), sk_new + self.ff_sk2(sk_new)
+
+
+class MatchingNetwork(nn.Module):
+    """Scores and soft assignment of K keypoints to L super-keypoints.
+
+    Args:
+        num_super (int): L.
+        dim (int): token width C (256).
+        blocks, heads, head_dim, mlp: 6, 8, 64, 2048 in the paper.
+        grid (int): heatmap side, for the geometric encoding of row * grid + col.
+        iters (int): Sinkhorn iterations (50).
+    """
+
+    def __init__(self, num_super: int, dim: int = 256, blocks: int = 6, heads: int = 8, head_dim: int = 64,
+                 mlp: int = 2048, grid: int = 64, iters: int = 50, backend: str = "auto"):
+        super().__init__()
+        self.dim, self.grid, self.iters, self.backend = dim, grid, iters, backend
+        self.kp_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.sk_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.omega = nn.Parameter(torch.randn(num_super, dim) * 1e-3)
+        self.blocks = nn.ModuleList(MatchingBlock(dim, heads, head_dim, mlp) for _ in range(blocks))
+        self.bin_score = nn.Parameter(torch.tensor(1.0))
+
+    @property
+    def num_super(self) -> int:
+        return self.omega.shape[0]
+
+    def scores(self, features: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Scores [B, K, L] from keypoint features [B, K, C], cells [B, K, 2] (x, y), visible [B, K]."""
+        b = features.shape[0]
+        cell = keypoints.round().clamp(0, self.grid - 1)
+        index = cell[..., 1] * self.grid + cell[..., 0]
+        kp = self.kp_embed(features) + sincos_embedding(index, self.dim).to(features.dtype)
+        kp = kp * visible[..., None].to(kp.dtype)  # invisible keypoints are 0 tokens
+        z = torch.arange(self.num_super, device=features.device)
+        sk = self.sk_embed(self.omega) + sincos_embedding(z, self.dim).to(self.omega.dtype)
+        sk = sk.expand(b, -1, -1)
+        for block in self.blocks:
+            kp, sk = block(kp, sk, visible)
+        return kp @ sk.transpose(1, 2) / math.sqrt(self.dim)
+
+    def forward(self, features, keypoints, visible):
+        """Log assignment [B, K + 1, L] for one shot (inputs [B, K, C], [B, K, 2], [B, K])."""
+        s = self.scores(features, keypoints, visible)
+        return ops.sinkhorn_log(s, self.bin_score, visible.bool(), self.iters, backend=self.backend)
+
+    def assign_shots(self, features, keypoints, visible):
+        """Multi-shot log assignment [B, K + 1, L]: scores averaged over shots first.
+
+        Inputs [B, S, K, C], [B, S, K, 2], [B, S, K].
+        """
+        b, s = features.shape[:2]
+        flat = self.scores(features.flatten(0, 1), keypoints.flatten(0, 1), visible.flatten(0, 1))
+        fused, valid = ops.fuse_shot_scores(flat.unflatten(0, (b, s)), visible)
+        return ops.sinkhorn_log(fused, self.bin_score, valid, self.iters, backend=self.backend)
+
+
+def matching_loss(log_p: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and accuracy of a transport output against super-keypoint labels.
+
+    Args:
+        log_p (Tensor[B, K + 1, L]): ops.sinkhorn_log output.
+        labels (Tensor[B, K]): super-keypoint of each keypoint (from stage 2).
+        valid (Tensor[B, K]): keypoints that take part.
+    Returns:
+        (loss, accuracy): minus the mean log P at each valid keypoint's label,
+        plus minus the mean dustbin log P over super-keypoints that no valid
+        keypoint of the image uses; accuracy of the row argmax on valid rows.
+    """
+    b, k1, n = log_p.shape
+    k = k1 - 1
+    valid = valid.bool()
+    safe = labels.clamp(0, n - 1)
+    picked = log_p[:, :k].gather(2, safe[..., None]).squeeze(-1)
+    kp_loss = -(picked * valid).sum() / valid.sum().clamp_min(1)
+    used = torch.zeros(b, n, dtype=torch.bool, device=log_p.device)
+    used.scatter_(1, torch.where(valid, safe, torch.zeros_like(safe)), valid)
+    unused = ~used
+    bin_row = log_p[:, k].masked_fill(~unused, 0.0)
+    bin_loss = -bin_row.sum() / unused.sum().clamp_min(1)
+    correct = (log_p[:, :k].argmax(-1) == labels) & valid
+    accuracy = correct.sum().to(log_p.dtype) / valid.sum().clamp_min(1)
+    return kp_loss + bin_loss, accuracy

@@ -1,0 +1,106 @@
+"""Adaptation methods and the matching network."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from escape_fast.models import (
+    MatchingNetwork,
+    escape_prototypes,
+    hungarian_assignment,
+    map_prototypes,
+    matching_loss,
+    mle_prototypes,
+)
+
+
+def test_mle_is_the_mean_over_visible_shots():
+    f = torch.tensor([[[[1.0, 0.0]], [[3.0, 2.0]], [[100.0, 100.0]]]])  # [1, 3 shots, 1 kp, 2]
+    vis = torch.tensor([[[True], [True], [False]]])
+    assert mle_prototypes(f, vis).tolist() == [[[2.0, 1.0]]]
+
+
+def test_hungarian_is_the_optimal_distinct_assignment():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(1, 4, 3, generator=g)
+    sk = torch.randn(6, 3, generator=g)
+    valid = torch.tensor([[True, True, False, True]])
+    assign = hungarian_assignment(means, valid, sk)[0].tolist()
+    assert assign[2] == -1
+    rows = [0, 1, 3]
+    best = min(
+        itertools.permutations(range(6), 3),
+        key=lambda p: sum(float(((means[0, r] - sk[z]) ** 2).sum()) for r, z in zip(rows, p)),
+    )
+    assert [assign[r] for r in rows] == list(best)
+
+
+def test_map_and_escape_blend_with_alpha():
+    g = torch.Generator().manual_seed(1)
+    f = torch.randn(2, 1, 3, 4, generator=g)
+    vis = torch.ones(2, 1, 3, dtype=torch.bool)
+    sk = torch.randn(5, 4, generator=g)
+    w, assign = map_prototypes(f, vis, sk, alpha=0.25)
+    assert torch.allclose(w, 0.25 * f[:, 0] + 0.75 * sk[assign])
+    # a one-hot log assignment makes ESCAPE equal to MAP with the same matches
+    log_q = torch.full((2, 4, 5), -torch.inf)
+    log_q[:, :3].scatter_(2, assign[..., None], 0.0)
+    assert torch.allclose(escape_prototypes(f, vis, sk, log_q, alpha=0.25), w)
+    # alpha = 1 is MLE
+    assert torch.allclose(escape_prototypes(f, vis, sk, log_q.softmax(-1).log(), alpha=1.0), f[:, 0])
+
+
+def _small_net(num_super=7):
+    return MatchingNetwork(num_super, dim=32, blocks=2, heads=2, head_dim=8, mlp=64, grid=16, iters=20,
+                           backend="reference")
+
+
+def test_matching_network_shapes_masks_and_multi_shot():
+    torch.manual_seed(0)
+    net = _small_net()
+    feats = torch.randn(3, 5, 32)
+    kps = torch.rand(3, 5, 2) * 16
+    vis = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    log_p = net(feats, kps, vis)
+    assert log_p.shape == (3, 6, 7) and torch.isfinite(log_p).all()
+    # invisible keypoints do not change what the visible ones get
+    feats2 = feats.clone()
+    feats2[~vis] = torch.randn(int((~vis).sum()), 32) * 10
+    assert torch.allclose(net(feats2, kps, vis)[0, :3], log_p[0, :3], atol=1e-5)
+    # one shot through assign_shots equals the single-shot forward (on the
+    # rows that carry meaning: visible keypoints and the dustbin)
+    one = net.assign_shots(feats[:, None], kps[:, None], vis[:, None])
+    rows = torch.cat((vis, torch.ones(3, 1, dtype=torch.bool)), 1)
+    assert torch.allclose(one[rows], log_p[rows], atol=1e-5)
+
+
+def test_matching_network_learns_a_planted_assignment():
+    torch.manual_seed(0)
+    num_super, k = 7, 5
+    protos = torch.randn(num_super, 32)
+    net = _small_net(num_super)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for step in range(150):
+        labels = torch.stack([torch.randperm(num_super)[:k] for _ in range(16)])
+        feats = protos[labels] + 0.1 * torch.randn(16, k, 32)
+        vis = torch.rand(16, k) > 0.2
+        log_p = net(feats, torch.rand(16, k, 2) * 16, vis)
+        loss, acc = matching_loss(log_p, labels, vis)
+        if step == 0:
+            first = loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    assert acc.item() > 2.0 / num_super  # well above chance (1 / L)
+
+
+def test_matching_loss_hand_case():
+    log_p = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.3, 0.5]]]))
+    labels = torch.tensor([[0, 1]])
+    valid = torch.tensor([[True, True]])
+    loss, acc = matching_loss(log_p, labels, valid)
+    expect = -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.8))) / 2 - torch.log(torch.tensor(0.5))
+    assert torch.allclose(loss, expect) and acc.item() == 1.0
