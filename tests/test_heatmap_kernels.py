@@ -37,7 +37,7 @@ def _shapes(backend, device):
     """(B, C, H, W, K) cases."""
     if _tiny(backend, device):
         return [(2, 8, 16, 16, 3), (1, 8, 12, 20, 1)]
-    return [(2, 16, 64, 64, 17), (1, 8, 64, 64, 68), (3, 24, 20, 24, 1), (2, 40, 20, 24, 68)]
+    return [(2, 16, 64, 64, 17), (1, 8, 64, 64, 68), (3, 24, 20, 24, 1), (1, 40, 20, 24, 68)]
 
 
 def _crop(b, dtype, device):
@@ -122,8 +122,9 @@ def test_prototype_heatmaps_matches_reference(backend, dtype):
 @pytest.mark.parametrize("backend", kernel_backends("prototype_heatmaps"))
 def test_prototype_heatmaps_gradcheck(backend):
     name, device = backend
-    feats = torch.randn(2, 5, 4, 6, dtype=torch.float64, device=device, requires_grad=True)
-    protos = torch.randn(2, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    # small: the numerical Jacobian calls the op twice per input element
+    feats = torch.randn(2, 3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    protos = torch.randn(2, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda f, p: ops.prototype_heatmaps(f, p, backend=name), (feats, protos))
 
 

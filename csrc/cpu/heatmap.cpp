@@ -256,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmap
 
   const auto maps = heatmaps.contiguous();
   const auto cen = center.contiguous(), sca = scale.contiguous(), rot = rotation.contiguous();
-  const int64_t HW = H * W, r = kernel / 2;
+  const int64_t HW = H * W, r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
   ESCAPE_FAST_DISPATCH_FLOATING(maps.scalar_type(), "decode_heatmaps_cpu", [&] {
     const scalar_t* m = maps.data_ptr<scalar_t>();
     const scalar_t* cp = cen.data_ptr<scalar_t>();
@@ -293,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
 
   const auto feat = features.contiguous(), proto = prototypes.contiguous();
   const auto cen = center.contiguous(), sca = scale.contiguous(), rot = rotation.contiguous();
-  const int64_t HW = H * W, r = kernel / 2;
+  const int64_t HW = H * W, r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
   const int64_t tiles = (K + kTileK - 1) / kTileK;
   ESCAPE_FAST_DISPATCH_FLOATING(feat.scalar_type(), "heatmap_decode_cpu", [&] {
     const scalar_t* f = feat.data_ptr<scalar_t>();
