@@ -1,0 +1,333 @@
+// CPU kernels of escape_fast::prototype_heatmaps, decode_heatmaps and the
+// fused heatmap_decode (see escape_fast/reference.py for the specification).
+//
+// decode: per map, a separable in-image mean filter (row sums, then column
+// sums divided by the in-image cell count), the first maximum in row-major
+// order, the quarter-cell shift and the crop's inverse map.
+// fused: per (b, tile of KT prototypes), the tile's heatmaps are accumulated
+// in a thread-local buffer (features read once per tile, not once per
+// keypoint) and decoded there; the [B, K, H, W] heatmaps are never stored.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "escape_fast.h"
+
+namespace escape_fast {
+namespace {
+
+// Prototypes per tile of the fused kernel: KT heatmaps of a 64 x 64 grid
+// (128 KiB in float32) stay in L2 while the features stream through once.
+constexpr int64_t kTileK = 8;
+
+template <typename T>
+struct Crop {
+  T cx, cy;        // center (image pixels)
+  T fx, fy;        // 200 * scale / [W, H]: image pixels per heatmap cell
+  T cosr, sinr;    // rotation
+  T half_w, half_h;
+};
+
+template <typename T>
+Crop<T> make_crop(const T* center, const T* scale, T rotation, int64_t H, int64_t W) {
+  Crop<T> c;
+  c.cx = center[0];
+  c.cy = center[1];
+  // Same operation order as reference.heatmap_to_image: (200 * s) / size.
+  c.fx = (T(200) * scale[0]) / T(W);
+  c.fy = (T(200) * scale[1]) / T(H);
+  // torch.deg2rad multiplies by pi / 180 rounded to T.
+  const T theta = rotation * static_cast<T>(0.017453292519943295769236907684886);
+  c.cosr = std::cos(theta);
+  c.sinr = std::sin(theta);
+  c.half_w = T(W) / T(2);
+  c.half_h = T(H) / T(2);
+  return c;
+}
+
+// Separable in-image mean filter of one H x W map: out = box(in) / count.
+// Sums run over ascending x (then y) like a direct window sum; the inner
+// loops run over contiguous x so that the compiler vectorizes them.
+template <typename T>
+void box_filter(const T* in, T* tmp, T* out, int64_t H, int64_t W, int64_t r) {
+  const int64_t rx = std::min(r, W - 1);
+  for (int64_t y = 0; y < H; ++y) {
+    const T* row = in + y * W;
+    T* t = tmp + y * W;
+    std::fill(t, t + W, T(0));
+    for (int64_t dx = -rx; dx <= rx; ++dx) {
+      const int64_t x0 = std::max<int64_t>(0, -dx);
+      const int64_t x1 = std::min<int64_t>(W, W - dx);
+      for (int64_t x = x0; x < x1; ++x) t[x] += row[x + dx];
+    }
+  }
+  for (int64_t y = 0; y < H; ++y) {
+    const int64_t y0 = std::max<int64_t>(0, y - r);
+    const int64_t y1 = std::min<int64_t>(H - 1, y + r);
+    T* o = out + y * W;
+    std::fill(o, o + W, T(0));
+    for (int64_t yy = y0; yy <= y1; ++yy) {
+      const T* t = tmp + yy * W;
+      for (int64_t x = 0; x < W; ++x) o[x] += t[x];
+    }
+    const int64_t cy = y1 - y0 + 1;
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t cx = std::min<int64_t>(W - 1, x + r) - std::max<int64_t>(0, x - r) + 1;
+      o[x] /= static_cast<T>(cy * cx);  // the count is an exact integer in T
+    }
+  }
+}
+
+template <typename T>
+T sign(T v) {
+  return static_cast<T>((v > T(0)) - (v < T(0)));
+}
+
+// Argmax (first maximum), quarter-cell shift and inverse crop map of one
+// smoothed map; writes (x, y) image pixels and the peak value.
+template <typename T>
+void decode_smoothed(const T* s, int64_t H, int64_t W, const Crop<T>& crop, T* coord, T* value) {
+  int64_t best = 0;
+  T best_v = s[0];
+  for (int64_t i = 1; i < H * W; ++i) {
+    if (s[i] > best_v) {  // strictly greater: the smallest index wins ties
+      best_v = s[i];
+      best = i;
+    }
+  }
+  const int64_t x = best % W;
+  const int64_t y = best / W;
+  T px = static_cast<T>(x);
+  T py = static_cast<T>(y);
+  if (x > 1 && x < W - 1 && y > 1 && y < H - 1) {
+    px += T(0.25) * sign(s[best + 1] - s[best - 1]);
+    py += T(0.25) * sign(s[best + W] - s[best - W]);
+  }
+  const T ox = (px - crop.half_w) * crop.fx;
+  const T oy = (py - crop.half_h) * crop.fy;
+  coord[0] = ox * crop.cosr - oy * crop.sinr + crop.cx;
+  coord[1] = ox * crop.sinr + oy * crop.cosr + crop.cy;
+  *value = best_v;
+}
+
+// heat[t, p] = sum_c pt[c, t] * feat[c, p] for NK prototypes (pt: the
+// prototypes transposed to [C, NK]) on the pixels [p0, p0 + PJ). The NK x PJ
+// accumulators live in registers across the whole loop over channels (16
+// AVX-512 registers for NK = 8), so each feature vector loaded is used NK
+// times: a small GEMM micro-kernel written as plain loops.
+template <typename T, int NK, int PJ>
+__attribute__((always_inline)) inline void micro_tile(const T* feat, const T* pt, int64_t C, int64_t HW,
+                                                     int64_t p0, T* heat) {
+  T acc[NK][PJ] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    const T* f = feat + c * HW + p0;
+    const T* w = pt + c * NK;
+#pragma GCC unroll 16
+    for (int t = 0; t < NK; ++t) {
+#pragma GCC unroll 32
+      for (int j = 0; j < PJ; ++j) acc[t][j] += w[t] * f[j];
+    }
+  }
+  for (int t = 0; t < NK; ++t) {
+    for (int j = 0; j < PJ; ++j) heat[t * HW + p0 + j] = acc[t][j];
+  }
+}
+
+// The same for nk <= NK prototypes and the last np < PJ pixels.
+template <typename T, int NK, int PJ>
+inline void tail_tile(const T* feat, const T* pt, int64_t C, int64_t HW, int64_t p0, int64_t np, T* heat) {
+  T acc[NK][PJ] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    const T* f = feat + c * HW + p0;
+    for (int t = 0; t < NK; ++t) {
+      for (int64_t j = 0; j < np; ++j) acc[t][j] += pt[c * NK + t] * f[j];
+    }
+  }
+  for (int t = 0; t < NK; ++t) {
+    for (int64_t j = 0; j < np; ++j) heat[t * HW + p0 + j] = acc[t][j];
+  }
+}
+
+template <typename T, int NK>
+inline void heatmaps_nk(const T* feat, const T* proto, int64_t C, int64_t HW, T* heat, T* pt) {
+  constexpr int PJ = 128 / sizeof(T);  // two 64-byte vectors of pixels
+  for (int64_t c = 0; c < C; ++c) {
+    for (int t = 0; t < NK; ++t) pt[c * NK + t] = proto[t * C + c];
+  }
+  int64_t p0 = 0;
+  for (; p0 + PJ <= HW; p0 += PJ) micro_tile<T, NK, PJ>(feat, pt, C, HW, p0, heat);
+  if (p0 < HW) tail_tile<T, NK, PJ>(feat, pt, C, HW, p0, HW - p0, heat);
+}
+
+// heat[t] = sum_c proto[t, c] * feat[c] for nk <= kTileK prototypes, split
+// into register tiles of 8, 4, 2 and 1 prototypes. pt: C * kTileK scratch.
+template <typename T>
+__attribute__((always_inline)) inline void tile_heatmaps_body(const T* feat, const T* proto, int64_t nk,
+                                                             int64_t C, int64_t HW, T* heat, T* pt) {
+  static_assert(kTileK == 8, "the split below assumes tiles of 8 prototypes");
+  int64_t k = 0;
+  if (nk - k >= 8) heatmaps_nk<T, 8>(feat, proto + k * C, C, HW, heat + k * HW, pt), k += 8;
+  if (nk - k >= 4) heatmaps_nk<T, 4>(feat, proto + k * C, C, HW, heat + k * HW, pt), k += 4;
+  if (nk - k >= 2) heatmaps_nk<T, 2>(feat, proto + k * C, C, HW, heat + k * HW, pt), k += 2;
+  if (nk - k >= 1) heatmaps_nk<T, 1>(feat, proto + k * C, C, HW, heat + k * HW, pt);
+}
+
+// The extension is built for the baseline x86-64 ISA (SSE2); the heatmap
+// loop is where wider vectors pay, so GCC compiles it for AVX-512, AVX2 and
+// the baseline and picks one at load time (no fast-math, no FMA contraction).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define ESCAPE_FAST_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ESCAPE_FAST_ISA_CLONES
+#endif
+
+ESCAPE_FAST_ISA_CLONES void tile_heatmaps(const float* feat, const float* proto, int64_t nk, int64_t C,
+                                          int64_t HW, float* heat, float* pt) {
+  tile_heatmaps_body(feat, proto, nk, C, HW, heat, pt);
+}
+
+ESCAPE_FAST_ISA_CLONES void tile_heatmaps(const double* feat, const double* proto, int64_t nk, int64_t C,
+                                          int64_t HW, double* heat, double* pt) {
+  tile_heatmaps_body(feat, proto, nk, C, HW, heat, pt);
+}
+
+// --------------------------------------------------------------------------
+// argument checks (user errors surface as RuntimeError with the shapes)
+// --------------------------------------------------------------------------
+void check_crop(const char* op, const at::Tensor& ref, int64_t B, const at::Tensor& center,
+                const at::Tensor& scale, const at::Tensor& rotation, int64_t kernel) {
+  TORCH_CHECK(center.dim() == 2 && center.size(0) == B && center.size(1) == 2, op,
+              ": center must be [B, 2] with B=", B, ", got ", center.sizes());
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == B && scale.size(1) == 2, op,
+              ": scale must be [B, 2] with B=", B, ", got ", scale.sizes());
+  TORCH_CHECK(rotation.dim() == 1 && rotation.size(0) == B, op, ": rotation must be [B] with B=", B,
+              ", got ", rotation.sizes());
+  for (const at::Tensor* t : {&center, &scale, &rotation}) {
+    TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": center, scale and rotation must have dtype ",
+                ref.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == ref.device(), op, ": all tensors must be on ", ref.device(), ", got ",
+                t->device());
+  }
+  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, op, ": kernel must be a positive odd int, got ", kernel);
+}
+
+void check_features(const char* op, const at::Tensor& features, const at::Tensor& prototypes) {
+  TORCH_CHECK(features.dim() == 4, op, ": features must be [B, C, H, W], got ", features.sizes());
+  TORCH_CHECK(prototypes.dim() == 3 && prototypes.size(0) == features.size(0) &&
+                  prototypes.size(2) == features.size(1),
+              op, ": prototypes must be [B, K, C] with B=", features.size(0), " C=", features.size(1),
+              ", got ", prototypes.sizes());
+  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble, op,
+              ": features must be float32 or float64, got ", features.scalar_type());
+  TORCH_CHECK(prototypes.scalar_type() == features.scalar_type(), op, ": prototypes must have dtype ",
+              features.scalar_type(), ", got ", prototypes.scalar_type());
+  TORCH_CHECK(prototypes.device() == features.device(), op, ": features and prototypes must be on one device");
+}
+
+// --------------------------------------------------------------------------
+// ops
+// --------------------------------------------------------------------------
+at::Tensor prototype_heatmaps_cpu(const at::Tensor& features, const at::Tensor& prototypes) {
+  check_features("prototype_heatmaps", features, prototypes);
+  TORCH_CHECK(features.device().is_cpu(), "prototype_heatmaps: expected CPU tensors");
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t K = prototypes.size(1);
+  // A batched GEMM is the whole op: the BLAS kernel beats any loop here.
+  return at::matmul(prototypes, features.reshape({B, C, H * W})).reshape({B, K, H, W});
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmaps, const at::Tensor& center,
+                                                       const at::Tensor& scale, const at::Tensor& rotation,
+                                                       int64_t kernel) {
+  TORCH_CHECK(heatmaps.dim() == 4, "decode_heatmaps: heatmaps must be [B, K, H, W], got ", heatmaps.sizes());
+  TORCH_CHECK(heatmaps.device().is_cpu(), "decode_heatmaps: expected CPU tensors");
+  TORCH_CHECK(heatmaps.scalar_type() == at::kFloat || heatmaps.scalar_type() == at::kDouble,
+              "decode_heatmaps: heatmaps must be float32 or float64, got ", heatmaps.scalar_type());
+  const int64_t B = heatmaps.size(0), K = heatmaps.size(1), H = heatmaps.size(2), W = heatmaps.size(3);
+  check_crop("decode_heatmaps", heatmaps, B, center, scale, rotation, kernel);
+  TORCH_CHECK(B * K == 0 || H * W > 0, "decode_heatmaps: empty heatmaps ", heatmaps.sizes(), " have no maximum");
+  auto coords = at::empty({B, K, 2}, heatmaps.options());
+  auto values = at::empty({B, K}, heatmaps.options());
+  if (B * K == 0) return {coords, values};
+
+  const auto maps = heatmaps.contiguous();
+  const auto cen = center.contiguous(), sca = scale.contiguous(), rot = rotation.contiguous();
+  const int64_t HW = H * W, r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
+  ESCAPE_FAST_DISPATCH_FLOATING(maps.scalar_type(), "decode_heatmaps_cpu", [&] {
+    const scalar_t* m = maps.data_ptr<scalar_t>();
+    const scalar_t* cp = cen.data_ptr<scalar_t>();
+    const scalar_t* sp = sca.data_ptr<scalar_t>();
+    const scalar_t* rp = rot.data_ptr<scalar_t>();
+    scalar_t* co = coords.data_ptr<scalar_t>();
+    scalar_t* va = values.data_ptr<scalar_t>();
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> tmp(HW), smooth(HW);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / K;
+        const auto crop = make_crop<scalar_t>(cp + 2 * b, sp + 2 * b, rp[b], H, W);
+        box_filter(m + i * HW, tmp.data(), smooth.data(), H, W, r);
+        decode_smoothed(smooth.data(), H, W, crop, co + 2 * i, va + i);
+      }
+    });
+  });
+  return {coords, values};
+}
+
+std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features, const at::Tensor& prototypes,
+                                                      const at::Tensor& center, const at::Tensor& scale,
+                                                      const at::Tensor& rotation, int64_t kernel) {
+  check_features("heatmap_decode", features, prototypes);
+  TORCH_CHECK(features.device().is_cpu(), "heatmap_decode: expected CPU tensors");
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t K = prototypes.size(1);
+  check_crop("heatmap_decode", features, B, center, scale, rotation, kernel);
+  TORCH_CHECK(B * K == 0 || H * W > 0, "heatmap_decode: empty feature grid ", features.sizes(),
+              " has no maximum");
+  auto coords = at::empty({B, K, 2}, features.options());
+  auto values = at::empty({B, K}, features.options());
+  if (B * K == 0) return {coords, values};
+
+  const auto feat = features.contiguous(), proto = prototypes.contiguous();
+  const auto cen = center.contiguous(), sca = scale.contiguous(), rot = rotation.contiguous();
+  const int64_t HW = H * W, r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
+  const int64_t tiles = (K + kTileK - 1) / kTileK;
+  ESCAPE_FAST_DISPATCH_FLOATING(feat.scalar_type(), "heatmap_decode_cpu", [&] {
+    const scalar_t* f = feat.data_ptr<scalar_t>();
+    const scalar_t* p = proto.data_ptr<scalar_t>();
+    const scalar_t* cp = cen.data_ptr<scalar_t>();
+    const scalar_t* sp = sca.data_ptr<scalar_t>();
+    const scalar_t* rp = rot.data_ptr<scalar_t>();
+    scalar_t* co = coords.data_ptr<scalar_t>();
+    scalar_t* va = values.data_ptr<scalar_t>();
+    at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> heat(kTileK * HW), tmp(HW), smooth(HW), pt(kTileK * C);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / tiles;
+        const int64_t k0 = (i % tiles) * kTileK;
+        const int64_t nk = std::min(kTileK, K - k0);
+        tile_heatmaps(f + b * C * HW, p + (b * K + k0) * C, nk, C, HW, heat.data(), pt.data());
+        const auto crop = make_crop<scalar_t>(cp + 2 * b, sp + 2 * b, rp[b], H, W);
+        for (int64_t t = 0; t < nk; ++t) {
+          const int64_t bk = b * K + k0 + t;
+          box_filter(heat.data() + t * HW, tmp.data(), smooth.data(), H, W, r);
+          decode_smoothed(smooth.data(), H, W, crop, co + 2 * bk, va + bk);
+        }
+      }
+    });
+  });
+  return {coords, values};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(escape_fast, CPU, m) {
+  m.impl("prototype_heatmaps", &prototype_heatmaps_cpu);
+  m.impl("decode_heatmaps", &decode_heatmaps_cpu);
+  m.impl("heatmap_decode", &heatmap_decode_cpu);
+}
+
+}  // namespace escape_fast

@@ -1,0 +1,200 @@
+// Gaussian-weighted keypoint pooling (SPEC 2) on the CPU.
+//
+// The Gaussian of a keypoint at (x, y) lives on the cells with
+// |px - x| <= 3 sigma and |py - y| <= 3 sigma (escape_fast.reference). That
+// window is a rectangle, and exp(-(dx^2 + dy^2) / (2 sigma^2)) factors into
+// gx(px) * gy(py), so a keypoint is described by two short 1-D weight arrays
+// and its normalizer (sum gx) * (sum gy) over the in-image cells. Only the
+// window is read (forward) or written (backward).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "escape_fast.h"
+
+namespace escape_fast {
+namespace {
+
+// In-image window [lo, hi] along one axis: the cells p in [0, size) with
+// |p - center| <= radius, tested in scalar_t exactly as the reference does.
+// Returns false when the window has no in-image cell (or center is not finite).
+template <typename scalar_t>
+bool axis_window(scalar_t center, scalar_t radius, int64_t size, int64_t& lo, int64_t& hi) {
+  if (!std::isfinite(static_cast<double>(center))) return false;
+  const double c = static_cast<double>(center), r = static_cast<double>(radius);
+  // Candidate range in double (clamped before the int conversion so far-away
+  // keypoints cannot overflow), widened by one cell; the exact test decides.
+  const double first = std::max(std::ceil(c - r) - 1.0, 0.0);
+  const double last = std::min(std::floor(c + r) + 1.0, static_cast<double>(size - 1));
+  if (first > last) return false;
+  lo = static_cast<int64_t>(first);
+  hi = static_cast<int64_t>(last);
+  auto inside = [&](int64_t p) { return std::abs(static_cast<scalar_t>(p) - center) <= radius; };
+  while (lo <= hi && !inside(lo)) ++lo;
+  while (hi >= lo && !inside(hi)) --hi;
+  return lo <= hi;
+}
+
+// One keypoint's separable window: rows [y0, y0 + gy.size()), columns
+// [x0, x0 + gx.size()), weight gx[i] * gy[j] * inv_norm; empty when invalid.
+template <typename scalar_t>
+struct Window {
+  int64_t x0 = 0, y0 = 0;
+  std::vector<scalar_t> gx, gy;
+  scalar_t inv_norm = 0;
+  bool valid() const { return !gx.empty(); }
+};
+
+template <typename scalar_t>
+Window<scalar_t> make_window(scalar_t x, scalar_t y, bool visible, double sigma, int64_t height,
+                             int64_t width) {
+  Window<scalar_t> win;
+  const scalar_t radius = static_cast<scalar_t>(3.0 * sigma);
+  const scalar_t two_s2 = static_cast<scalar_t>(2.0 * sigma * sigma);
+  int64_t x0, x1, y0, y1;
+  if (!visible || !axis_window(x, radius, width, x0, x1) || !axis_window(y, radius, height, y0, y1)) {
+    return win;
+  }
+  win.x0 = x0;
+  win.y0 = y0;
+  scalar_t sx = 0, sy = 0;
+  for (int64_t p = x0; p <= x1; ++p) {
+    const scalar_t d = static_cast<scalar_t>(p) - x;
+    win.gx.push_back(std::exp(-(d * d) / two_s2));
+    sx += win.gx.back();
+  }
+  for (int64_t p = y0; p <= y1; ++p) {
+    const scalar_t d = static_cast<scalar_t>(p) - y;
+    win.gy.push_back(std::exp(-(d * d) / two_s2));
+    sy += win.gy.back();
+  }
+  // The window always holds its nearest cell, whose weight is >= exp(-9):
+  // the normalizer cannot underflow.
+  win.inv_norm = scalar_t(1) / (sx * sy);
+  return win;
+}
+
+void check_inputs(const char* op, const at::Tensor& keypoints, const at::Tensor& visible, double sigma,
+                  int64_t batch, c10::ScalarType dtype) {
+  TORCH_CHECK(keypoints.dim() == 3 && keypoints.size(0) == batch && keypoints.size(2) == 2, op,
+              ": keypoints must be [B, K, 2] with B=", batch, ", got ", keypoints.sizes());
+  TORCH_CHECK(visible.dim() == 2 && visible.size(0) == batch && visible.size(1) == keypoints.size(1), op,
+              ": visible must be [B, K] = ", keypoints.sizes().slice(0, 2), ", got ", visible.sizes());
+  TORCH_CHECK(keypoints.scalar_type() == dtype, op, ": keypoints must have dtype ", dtype, ", got ",
+              keypoints.scalar_type());
+  TORCH_CHECK(visible.scalar_type() == at::kBool, op, ": visible must be bool, got ", visible.scalar_type());
+  TORCH_CHECK(sigma > 0 && std::isfinite(sigma), op, ": sigma must be a positive finite float, got ", sigma);
+  TORCH_CHECK(keypoints.device().is_cpu() && visible.device().is_cpu(), op,
+              ": every tensor must be on the CPU");
+}
+
+at::Tensor keypoint_pool_cpu(const at::Tensor& features, const at::Tensor& keypoints, const at::Tensor& visible,
+                             double sigma) {
+  TORCH_CHECK(features.device().is_cpu(), "keypoint_pool: features must be a CPU tensor");
+  TORCH_CHECK(features.dim() == 4, "keypoint_pool: features must be [B, C, H, W], got ", features.sizes());
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  check_inputs("keypoint_pool", keypoints, visible, sigma, B, features.scalar_type());
+  const int64_t K = keypoints.size(1);
+  auto out = at::zeros({B, K, C}, features.options());
+  if (out.numel() == 0 || H == 0 || W == 0) return out;
+
+  const auto feat = features.contiguous();
+  const auto kp = keypoints.contiguous();
+  const auto vis = visible.contiguous();
+  ESCAPE_FAST_DISPATCH_FLOATING(features.scalar_type(), "keypoint_pool_cpu", [&] {
+    const scalar_t* f = feat.data_ptr<scalar_t>();
+    const scalar_t* p = kp.data_ptr<scalar_t>();
+    const bool* v = vis.data_ptr<bool>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    // One task per (b, k): independent outputs out[b, k, :].
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> rows;  // rows[c * hh + j]: window row j of channel c, weighted by gx
+      for (int64_t bk = begin; bk < end; ++bk) {
+        const int64_t b = bk / K;
+        const auto win = make_window<scalar_t>(p[bk * 2], p[bk * 2 + 1], v[bk], sigma, H, W);
+        if (!win.valid()) continue;
+        const int64_t ww = win.gx.size(), hh = win.gy.size();
+        const scalar_t* gx = win.gx.data();
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* plane = f + ((b * C + c) * H) * W;
+          scalar_t acc = 0;
+          for (int64_t j = 0; j < hh; ++j) {
+            const scalar_t* row = plane + (win.y0 + j) * W + win.x0;
+            scalar_t racc = 0;
+            for (int64_t i = 0; i < ww; ++i) racc += row[i] * gx[i];  // contiguous: vectorizes
+            acc += racc * win.gy[j];
+          }
+          o[bk * C + c] = acc * win.inv_norm;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor keypoint_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& keypoints,
+                                      const at::Tensor& visible, double sigma, int64_t height, int64_t width) {
+  TORCH_CHECK(grad.device().is_cpu(), "keypoint_pool_backward: grad must be a CPU tensor");
+  TORCH_CHECK(grad.dim() == 3, "keypoint_pool_backward: grad must be [B, K, C], got ", grad.sizes());
+  TORCH_CHECK(height >= 0 && width >= 0, "keypoint_pool_backward: height and width must be >= 0, got ", height,
+              " x ", width);
+  const int64_t B = grad.size(0), K = grad.size(1), C = grad.size(2);
+  check_inputs("keypoint_pool_backward", keypoints, visible, sigma, B, grad.scalar_type());
+  TORCH_CHECK(keypoints.size(1) == K, "keypoint_pool_backward: keypoints must be [B, K, 2] with K=", K,
+              " (from grad), got ", keypoints.sizes());
+  const int64_t H = height, W = width;
+  auto out = at::zeros({B, C, H, W}, grad.options());
+  if (out.numel() == 0 || K == 0) return out;
+
+  const auto g = grad.contiguous();
+  const auto kp = keypoints.contiguous();
+  const auto vis = visible.contiguous();
+  ESCAPE_FAST_DISPATCH_FLOATING(grad.scalar_type(), "keypoint_pool_backward_cpu", [&] {
+    const scalar_t* gr = g.data_ptr<scalar_t>();
+    const scalar_t* p = kp.data_ptr<scalar_t>();
+    const bool* v = vis.data_ptr<bool>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    // Windows first (B * K small objects), then one task per (b, c) plane
+    // that adds its keypoints' windows in order k = 0..K-1: each output
+    // cell is written by one thread in a fixed order, so the result is
+    // deterministic without atomics.
+    std::vector<Window<scalar_t>> wins(B * K);
+    at::parallel_for(0, B * K, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t bk = begin; bk < end; ++bk) {
+        wins[bk] = make_window<scalar_t>(p[bk * 2], p[bk * 2 + 1], v[bk], sigma, H, W);
+      }
+    });
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bc = begin; bc < end; ++bc) {
+        const int64_t b = bc / C, c = bc % C;
+        scalar_t* plane = o + bc * H * W;
+        for (int64_t k = 0; k < K; ++k) {
+          const auto& win = wins[b * K + k];
+          if (!win.valid()) continue;
+          const scalar_t scale = gr[(b * K + k) * C + c] * win.inv_norm;
+          const int64_t ww = win.gx.size(), hh = win.gy.size();
+          const scalar_t* gx = win.gx.data();
+          for (int64_t j = 0; j < hh; ++j) {
+            scalar_t* row = plane + (win.y0 + j) * W + win.x0;
+            const scalar_t s = scale * win.gy[j];
+            for (int64_t i = 0; i < ww; ++i) row[i] += s * gx[i];  // contiguous: vectorizes
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(escape_fast, CPU, m) {
+  m.impl("keypoint_pool", &keypoint_pool_cpu);
+  m.impl("keypoint_pool_backward", &keypoint_pool_backward_cpu);
+}
+
+}  // namespace escape_fast

@@ -1,0 +1,392 @@
+"""prototype_heatmaps, decode_heatmaps and the fused heatmap_decode against
+escape_fast.reference, on every backend (cpu / cuda / triton).
+
+Decoded keypoints are compared cell by cell: the integer argmax cell of each
+result is recovered by inverting the crop map (the quarter-cell shift never
+moves a point by half a cell). A cell that differs from the reference's (an
+argmax flip) is allowed only where the reference's smoothed map holds a
+near-tie there; everywhere else coordinates and values must match. Planted
+Gaussian peaks and exact ties must give no flip at all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from escape_fast import ops, reference
+from tests.conftest import HAS_CUDA, kernel_backends, tol
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Coordinates are image pixels (hundreds): absolute tolerance in pixels.
+COORD_TOL = {torch.float32: {"rtol": 1e-5, "atol": 2e-3}, torch.float64: {"rtol": 1e-10, "atol": 1e-8}}
+# Two smoothed values closer than this (relative to the peak) count as a tie.
+TIE_TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+
+def _tiny(backend, device) -> bool:
+    """Triton on the CPU runs in the interpreter: keep its cases tiny."""
+    return backend == "triton" and device.type == "cpu"
+
+
+def _shapes(backend, device):
+    """(B, C, H, W, K) cases."""
+    if _tiny(backend, device):
+        return [(2, 8, 16, 16, 3), (1, 8, 12, 20, 1)]
+    return [(2, 16, 64, 64, 17), (1, 8, 64, 64, 68), (3, 24, 20, 24, 1), (1, 40, 20, 24, 68)]
+
+
+def _crop(b, dtype, device):
+    center = torch.randn(b, 2, dtype=dtype, device=device) * 50 + 200
+    scale = torch.rand(b, 2, dtype=dtype, device=device) + 0.5
+    rotation = torch.randn(b, dtype=dtype, device=device) * 30  # nonzero
+    return center, scale, rotation
+
+
+def _cells(coords, center, scale, rotation, h, w):
+    """Integer heatmap cells [B, K, 2] (x, y) of image coordinates: inverts
+    reference.heatmap_to_image and rounds away the quarter-cell shift."""
+    c64 = coords.double()
+    off = c64 - center.double()[:, None, :]
+    theta = torch.deg2rad(rotation.double())[:, None]
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    ox = off[..., 0] * cos + off[..., 1] * sin
+    oy = -off[..., 0] * sin + off[..., 1] * cos
+    size = torch.tensor([w, h], dtype=torch.float64, device=coords.device)
+    p = torch.stack((ox, oy), dim=-1) / (200.0 * scale.double()[:, None, :] / size) + size / 2
+    return p.round().long()
+
+
+def _check_decoded(out, ref, smooth, center, scale, rotation, dtype, allow_ties=True):
+    """Compare (coords, values) with the reference; returns the flip count."""
+    coords, values = out
+    ref_coords, ref_values = ref
+    b, k, h, w = smooth.shape
+    assert coords.shape == (b, k, 2) and values.shape == (b, k)
+    assert coords.dtype == dtype and values.dtype == dtype
+    cells = _cells(coords, center, scale, rotation, h, w)
+    ref_cells = _cells(ref_coords, center, scale, rotation, h, w)
+    flip = (cells != ref_cells).any(-1)
+    n_flips = int(flip.sum())
+    if n_flips:
+        assert allow_ties, f"{n_flips} argmax flips where none is allowed"
+        x = cells[..., 0].clamp(0, w - 1)
+        y = cells[..., 1].clamp(0, h - 1)
+        inside = (cells[..., 0] >= 0) & (cells[..., 0] < w) & (cells[..., 1] >= 0) & (cells[..., 1] < h)
+        at = smooth.reshape(b, k, h * w).gather(-1, (y * w + x)[..., None])[..., 0]
+        gap = (ref_values - at).abs() / ref_values.abs().clamp_min(1.0)
+        tie = inside & (gap <= TIE_TOL[dtype])
+        assert bool(tie[flip].all()), f"{n_flips} argmax flips, not all at near-ties (gaps {gap[flip].tolist()})"
+    keep = ~flip
+    torch.testing.assert_close(coords[keep], ref_coords[keep], **COORD_TOL[dtype])
+    torch.testing.assert_close(values[keep], ref_values[keep], **tol(dtype))
+    return n_flips
+
+
+def _planted(b, k, h, w, dtype, device):
+    """Heatmaps with one Gaussian peak per map (off-grid centres, so the
+    quarter-cell shift is non-zero) on weak noise."""
+    ys = torch.arange(h, dtype=dtype, device=device)[:, None]
+    xs = torch.arange(w, dtype=dtype, device=device)[None, :]
+    cx = torch.randint(2, w - 2, (b, k, 1, 1), device=device).to(dtype) + 0.3
+    cy = torch.randint(2, h - 2, (b, k, 1, 1), device=device).to(dtype) - 0.3
+    amp = torch.rand(b, k, 1, 1, dtype=dtype, device=device) + 1.0
+    g = amp * torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * 2.0**2))
+    return g + 1e-3 * torch.rand(b, k, h, w, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------
+# prototype_heatmaps
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", kernel_backends("prototype_heatmaps"))
+def test_prototype_heatmaps_matches_reference(backend, dtype):
+    name, device = backend
+    for b, c, h, w, k in _shapes(name, device):
+        feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+        protos = torch.randn(b, k, c, dtype=dtype, device=device)
+        out = ops.prototype_heatmaps(feats, protos, backend=name)
+        ref = reference.prototype_heatmaps(feats, protos)
+        assert out.shape == ref.shape and out.dtype == dtype
+        torch.testing.assert_close(out, ref, **tol(dtype))
+        # non-contiguous inputs: channels-last features, transposed prototypes
+        feats_nc = feats.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+        protos_nc = protos.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not feats_nc.is_contiguous() and (k == 1 or not protos_nc.is_contiguous())
+        torch.testing.assert_close(ops.prototype_heatmaps(feats_nc, protos_nc, backend=name), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", kernel_backends("prototype_heatmaps"))
+def test_prototype_heatmaps_gradcheck(backend):
+    name, device = backend
+    # small: the numerical Jacobian calls the op twice per input element
+    feats = torch.randn(2, 3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    protos = torch.randn(2, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f, p: ops.prototype_heatmaps(f, p, backend=name), (feats, protos))
+
+
+# --------------------------------------------------------------------------
+# decode_heatmaps and heatmap_decode on random and planted inputs
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+@pytest.mark.parametrize("kernel", [15, 3, 1])
+def test_heatmap_decode_random(backend, kernel, dtype):
+    name, device = backend
+    flips = total = 0
+    for b, c, h, w, k in _shapes(name, device):
+        feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+        protos = torch.randn(b, k, c, dtype=dtype, device=device)
+        center, scale, rotation = _crop(b, dtype, device)
+        ref = reference.heatmap_decode(feats, protos, center, scale, kernel, rotation)
+        smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), kernel)
+        out = ops.heatmap_decode(feats, protos, center, scale, kernel, backend=name, rotation=rotation)
+        flips += _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
+        total += b * k
+    assert flips <= max(1, total // 100), f"{flips} of {total} argmaxes flipped"
+
+
+@pytest.mark.parametrize("backend", kernel_backends("decode_heatmaps"))
+@pytest.mark.parametrize("kernel", [15, 3, 1])
+def test_decode_heatmaps_random(backend, kernel, dtype):
+    name, device = backend
+    for b, _, h, w, k in _shapes(name, device):
+        maps = torch.randn(b, k, h, w, dtype=dtype, device=device)
+        center, scale, rotation = _crop(b, dtype, device)
+        ref = reference.decode_heatmaps(maps, center, scale, kernel, rotation)
+        smooth = reference.smooth_heatmaps(maps, kernel)
+        out = ops.decode_heatmaps(maps, center, scale, kernel, backend=name, rotation=rotation)
+        _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+@pytest.mark.parametrize("kernel", [15, 3])
+def test_planted_peaks_no_flips(backend, kernel, dtype):
+    """Features built so that the heatmaps are planted Gaussians: prototypes
+    with orthonormal rows P, features P^T G, so P (P^T G) = G."""
+    name, device = backend
+    for b, c, h, w, k in _shapes(name, device):
+        c = max(c, k)
+        maps = _planted(b, k, h, w, dtype, device)
+        q, _ = torch.linalg.qr(torch.randn(b, c, k, dtype=torch.float64, device=device))
+        protos = q.transpose(1, 2).to(dtype)  # [B, K, C], orthonormal rows
+        feats = torch.einsum("bkc,bkhw->bchw", q.transpose(1, 2), maps.double()).to(dtype)
+        center, scale, rotation = _crop(b, dtype, device)
+        ref = reference.heatmap_decode(feats, protos, center, scale, kernel, rotation)
+        smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), kernel)
+        fused = ops.heatmap_decode(feats, protos, center, scale, kernel, backend=name, rotation=rotation)
+        _check_decoded(fused, ref, smooth, center, scale, rotation, dtype, allow_ties=False)
+        ref_maps = reference.decode_heatmaps(maps, center, scale, kernel, rotation)
+        out = ops.decode_heatmaps(maps, center, scale, kernel, backend=name, rotation=rotation)
+        _check_decoded(out, ref_maps, reference.smooth_heatmaps(maps, kernel), center, scale, rotation, dtype,
+                       allow_ties=False)
+
+
+# --------------------------------------------------------------------------
+# ties, layouts, empty inputs
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+def test_ties_take_first_maximum(backend, dtype):
+    name, device = backend
+    h, w = (12, 20) if _tiny(name, device) else (20, 24)
+    center = torch.zeros(1, 2, dtype=dtype, device=device)
+    scale = torch.full((1, 2), 0.5, dtype=dtype, device=device)
+    rotation = torch.zeros(1, dtype=dtype, device=device)
+    size = torch.tensor([w, h], dtype=dtype, device=device)
+
+    def expect(x, y):  # image coordinates of heatmap point (x, y) with this crop
+        cell = torch.tensor([x, y], dtype=dtype, device=device)
+        return ((cell - size / 2) * (200.0 * scale[0] / size)).reshape(1, 1, 2)
+
+    # Map 0 constant: every cell ties -> cell (0, 0). Map 1: two equal
+    # isolated peaks; the first in row-major order has the larger x, so a
+    # column-major or last-index search picks the other. The sums are exact
+    # (integers), so the smoothed peaks tie exactly for every kernel size.
+    maps = torch.zeros(1, 2, h, w, dtype=dtype, device=device)
+    maps[0, 0] = 3.0
+    maps[0, 1, 3, w - 5] = 4.0
+    maps[0, 1, h - 4, 4] = 4.0
+    # Fused: features = the two maps as channels, identity prototypes, so the
+    # heatmaps are the maps exactly (products by 1 and 0).
+    eye = torch.eye(2, dtype=dtype, device=device)[None]
+    for kernel in (3, 1):
+        for out in (
+            ops.decode_heatmaps(maps, center, scale, kernel, backend=name, rotation=rotation),
+            ops.heatmap_decode(maps, eye, center, scale, kernel, backend=name, rotation=rotation),
+        ):
+            coords, values = out
+            torch.testing.assert_close(coords[:, 0:1], expect(0, 0), rtol=0, atol=1e-9)
+            # a kernel x kernel plateau of equal values: its top-left cell, then
+            # the quarter-cell shift towards the plateau (none for kernel 1)
+            r, q = kernel // 2, 0.25 if kernel > 1 else 0.0
+            torch.testing.assert_close(coords[:, 1:2], expect(w - 5 - r + q, 3 - r + q), rtol=0, atol=1e-9)
+            assert float(values[0, 0]) == 3.0
+            assert float(values[0, 1]) == float(torch.tensor(4.0, dtype=dtype) / kernel**2)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+def test_fused_ties_first_maximum(backend, dtype):
+    """Fused op: heatmap = channel 0 (prototype (1, 0, 0)), two equal peaks."""
+    name, device = backend
+    h, w = (12, 20) if _tiny(name, device) else (20, 24)
+    feats = torch.randn(1, 3, h, w, dtype=dtype, device=device)
+    feats[0, 0] = 0.0
+    feats[0, 0, 2, w - 3] = 2.0
+    feats[0, 0, h - 3, 3] = 2.0
+    protos = torch.tensor([[[1.0, 0.0, 0.0]]], dtype=dtype, device=device)
+    center = torch.zeros(1, 2, dtype=dtype, device=device)
+    scale = torch.full((1, 2), 0.5, dtype=dtype, device=device)
+    rotation = torch.zeros(1, dtype=dtype, device=device)
+    coords, values = ops.heatmap_decode(feats, protos, center, scale, 3, backend=name, rotation=rotation)
+    size = torch.tensor([w, h], dtype=dtype, device=device)
+    # the 3 x 3 plateau's top-left cell (w - 4, 1) is on the border row: no shift
+    expect = (torch.tensor([w - 4, 1], dtype=dtype, device=device) - size / 2) * (200.0 * scale[0] / size)
+    torch.testing.assert_close(coords[0, 0], expect, rtol=0, atol=1e-9)
+    assert float(values[0, 0]) == float(torch.tensor(2.0, dtype=dtype) / 9)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+def test_non_contiguous_inputs(backend, dtype):
+    name, device = backend
+    b, c, h, w, k = _shapes(name, device)[-1]
+    feats = torch.randn(b, h, w, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
+    protos = torch.randn(b, c, k, dtype=dtype, device=device).transpose(1, 2)
+    center = (torch.randn(b, 4, dtype=dtype, device=device) * 50)[:, ::2]
+    scale = (torch.rand(b, 4, dtype=dtype, device=device) + 0.5)[:, 1::2]
+    rotation = (torch.randn(b, 2, dtype=dtype, device=device) * 30)[:, 1]
+    assert not (feats.is_contiguous() or center.is_contiguous() or scale.is_contiguous())
+    for kernel in (15, 3):
+        ref = reference.heatmap_decode(feats, protos, center, scale, kernel, rotation)
+        smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), kernel)
+        out = ops.heatmap_decode(feats, protos, center, scale, kernel, backend=name, rotation=rotation)
+        _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
+        maps = reference.prototype_heatmaps(feats, protos).transpose(2, 3).contiguous().transpose(2, 3)
+        out = ops.decode_heatmaps(maps, center, scale, kernel, backend=name, rotation=rotation)
+        _check_decoded(out, reference.decode_heatmaps(maps, center, scale, kernel, rotation), smooth,
+                       center, scale, rotation, dtype)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+@pytest.mark.parametrize("b, k", [(0, 3), (2, 0)])
+def test_empty(backend, b, k, dtype):
+    name, device = backend
+    c, h, w = 8, 16, 16
+    feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+    protos = torch.randn(b, k, c, dtype=dtype, device=device)
+    center, scale, rotation = _crop(b, dtype, device)
+    coords, values = ops.heatmap_decode(feats, protos, center, scale, 15, backend=name, rotation=rotation)
+    assert coords.shape == (b, k, 2) and values.shape == (b, k)
+    maps = ops.prototype_heatmaps(feats, protos, backend=name)
+    assert maps.shape == (b, k, h, w)
+    coords, values = ops.decode_heatmaps(maps, center, scale, 15, backend=name, rotation=rotation)
+    assert coords.shape == (b, k, 2) and values.shape == (b, k)
+
+
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+def test_bad_arguments_raise(backend):
+    name, device = backend
+    op = _op_namespace(name)
+    feats = torch.randn(1, 4, 8, 8, device=device)
+    protos = torch.randn(1, 2, 4, device=device)
+    center, scale, rotation = _crop(1, torch.float32, device)
+    with pytest.raises((RuntimeError, ValueError)):
+        op.heatmap_decode(feats, protos, center, scale, rotation, 4)  # even kernel
+    with pytest.raises((RuntimeError, ValueError)):
+        op.heatmap_decode(feats, torch.randn(1, 2, 5, device=device), center, scale, rotation, 3)
+    with pytest.raises((RuntimeError, ValueError, TypeError)):
+        op.decode_heatmaps(feats, center.double(), scale, rotation, 3)
+
+
+# --------------------------------------------------------------------------
+# opcheck and torch.compile
+# --------------------------------------------------------------------------
+def _op_namespace(name):
+    return torch.ops.escape_fast_triton if name == "triton" else torch.ops.escape_fast
+
+
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+def test_opcheck(backend, dtype):
+    name, device = backend
+    ns = _op_namespace(name)
+    b, c, h, w, k = 2, 8, 16, 12, 3
+    feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+    protos = torch.randn(b, k, c, dtype=dtype, device=device)
+    center, scale, rotation = _crop(b, dtype, device)
+    maps = torch.randn(b, k, h, w, dtype=dtype, device=device)
+    # opcheck's default set of checks
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if _tiny(name, device):
+        # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted
+        # kernel itself, which then runs on the fake tensors of the fake /
+        # AOT checks and fails; those checks run for triton on CUDA instead.
+        utils = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(ns.heatmap_decode, (feats, protos, center, scale, rotation, 3), test_utils=utils)
+    torch.library.opcheck(ns.decode_heatmaps, (maps, center, scale, rotation, 5), test_utils=utils)
+    torch.library.opcheck(ns.prototype_heatmaps, (feats, protos), test_utils=utils)
+    torch.library.opcheck(
+        ns.prototype_heatmaps, (feats.clone().requires_grad_(), protos.clone().requires_grad_()), test_utils=utils
+    )
+
+
+def _compile_backends():
+    params = []
+    for p in kernel_backends("heatmap_decode"):
+        (name, device), marks = p.values[0], list(p.marks)
+        if name == "triton" and device.type == "cpu":
+            marks = [pytest.mark.skip(reason="inductor cannot launch Triton kernels on CPU tensors")]
+        params.append(pytest.param((name, device), id=p.id, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("backend", _compile_backends())
+def test_torch_compile_matches_eager(backend):
+    name, device = backend
+    dtype = torch.float32
+    b, c, h, w, k = 2, 8, 20, 24, 5
+    feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+    protos = torch.randn(b, k, c, dtype=dtype, device=device)
+    center, scale, rotation = _crop(b, dtype, device)
+    ns = _op_namespace(name)
+
+    def fn(f, p, cen, sc, rot):
+        fused = ns.heatmap_decode(f, p, cen, sc, rot, 15)
+        split = ns.decode_heatmaps(ns.prototype_heatmaps(f, p) * 2.0, cen, sc, rot, 3)
+        return fused, split
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    got = compiled(feats, protos, center, scale, rotation)
+    want = fn(feats, protos, center, scale, rotation)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_cuda_large_grid_falls_back():
+    """A grid whose tile does not fit in shared memory takes the unfused path."""
+    if not ops.available("heatmap_decode", "cuda", "cuda"):
+        pytest.skip("cuda backend of heatmap_decode not built")
+    dtype = torch.float64
+    b, c, h, w, k = 1, 4, 160, 140, 2  # 2 x 160 x 140 doubles > 227 KiB
+    feats = torch.randn(b, c, h, w, dtype=dtype, device="cuda")
+    protos = torch.randn(b, k, c, dtype=dtype, device="cuda")
+    center, scale, rotation = _crop(b, dtype, "cuda")
+    ref = reference.heatmap_decode(feats, protos, center, scale, 15, rotation)
+    smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), 15)
+    out = ops.heatmap_decode(feats, protos, center, scale, 15, backend="cuda", rotation=rotation)
+    assert _check_decoded(out, ref, smooth, center, scale, rotation, dtype) == 0
+    out = ops.decode_heatmaps(reference.prototype_heatmaps(feats, protos), center, scale, 15, backend="cuda",
+                              rotation=rotation)
+    assert _check_decoded(out, ref, smooth, center, scale, rotation, dtype) == 0
+
+
+def test_cells_inverse_is_exact():
+    """The test's own helper: _cells inverts reference.heatmap_to_image."""
+    b, k, h, w = 3, 4, 20, 24
+    cells = torch.stack((torch.randint(0, w, (b, k)), torch.randint(0, h, (b, k))), -1)
+    center, scale, rotation = _crop(b, torch.float32, "cpu")
+    shifted = cells.float() + 0.25 * torch.randint(-1, 2, (b, k, 2)).float()
+    coords = reference.heatmap_to_image(shifted, center, scale, (h, w), rotation)
+    assert torch.equal(_cells(coords, center, scale, rotation, h, w), cells)
+    assert math.isfinite(float(coords.abs().max()))
