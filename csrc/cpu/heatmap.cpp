@@ -4,9 +4,10 @@
 // decode: per map, a separable in-image mean filter (row sums, then column
 // sums divided by the in-image cell count), the first maximum in row-major
 // order, the quarter-cell shift and the crop's inverse map.
-// fused: per (b, tile of KT prototypes), the tile's heatmaps are accumulated
-// in a thread-local buffer (features read once per tile, not once per
-// keypoint) and decoded there; the [B, K, H, W] heatmaps are never stored.
+// fused: per (b, chunk of prototypes), the chunk's heatmaps are accumulated
+// by a register-blocked micro-kernel in a thread-local buffer (features read
+// once per chunk, not once per keypoint) and decoded there; the [B, K, H, W]
+// heatmaps are never stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,9 +21,9 @@
 namespace escape_fast {
 namespace {
 
-// Prototypes per tile of the fused kernel: KT heatmaps of a 64 x 64 grid
-// (128 KiB in float32) stay in L2 while the features stream through once.
-constexpr int64_t kTileK = 8;
+// Most prototypes per work item of the fused kernel: a chunk's heatmaps
+// (68 x 64 x 64 floats = 1.1 MiB) sit in a thread-local buffer.
+constexpr int64_t kChunkMax = 128;
 
 template <typename T>
 struct Crop {
@@ -152,28 +153,55 @@ inline void tail_tile(const T* feat, const T* pt, int64_t C, int64_t HW, int64_t
   }
 }
 
-template <typename T, int NK>
-inline void heatmaps_nk(const T* feat, const T* proto, int64_t C, int64_t HW, T* heat, T* pt) {
+// heat[k] = sum_c proto[k, c] * feat[c] for the nk prototypes of a chunk
+// (pt: C * nk scratch). The chunk is cut into register tiles of 8 prototypes
+// (then 4, 2, 1 for the rest); the pixel panel is the outer loop, so one
+// panel of features (C x PJ values, 32 KiB for C = 256 in float32) stays in
+// L1/L2 while every tile of the chunk consumes it: the features stream from
+// memory once per chunk instead of once per tile.
+template <typename T>
+__attribute__((always_inline)) inline void chunk_heatmaps_body(const T* feat, const T* proto, int64_t nk,
+                                                              int64_t C, int64_t HW, T* heat, T* pt) {
   constexpr int PJ = 128 / sizeof(T);  // two 64-byte vectors of pixels
-  for (int64_t c = 0; c < C; ++c) {
-    for (int t = 0; t < NK; ++t) pt[c * NK + t] = proto[t * C + c];
+  int64_t starts[64], sizes[64];       // register tiles; nk <= kChunkMax
+  int n_tiles = 0;
+  for (int64_t k = 0; k < nk; ++n_tiles) {
+    const int64_t rest = nk - k;
+    const int64_t nt = rest >= 8 ? 8 : rest >= 4 ? 4 : rest >= 2 ? 2 : 1;
+    starts[n_tiles] = k;
+    sizes[n_tiles] = nt;
+    for (int64_t c = 0; c < C; ++c) {  // transpose the tile's prototypes to [C, nt]
+      for (int64_t t = 0; t < nt; ++t) pt[k * C + c * nt + t] = proto[(k + t) * C + c];
+    }
+    k += nt;
   }
   int64_t p0 = 0;
-  for (; p0 + PJ <= HW; p0 += PJ) micro_tile<T, NK, PJ>(feat, pt, C, HW, p0, heat);
-  if (p0 < HW) tail_tile<T, NK, PJ>(feat, pt, C, HW, p0, HW - p0, heat);
-}
-
-// heat[t] = sum_c proto[t, c] * feat[c] for nk <= kTileK prototypes, split
-// into register tiles of 8, 4, 2 and 1 prototypes. pt: C * kTileK scratch.
-template <typename T>
-__attribute__((always_inline)) inline void tile_heatmaps_body(const T* feat, const T* proto, int64_t nk,
-                                                             int64_t C, int64_t HW, T* heat, T* pt) {
-  static_assert(kTileK == 8, "the split below assumes tiles of 8 prototypes");
-  int64_t k = 0;
-  if (nk - k >= 8) heatmaps_nk<T, 8>(feat, proto + k * C, C, HW, heat + k * HW, pt), k += 8;
-  if (nk - k >= 4) heatmaps_nk<T, 4>(feat, proto + k * C, C, HW, heat + k * HW, pt), k += 4;
-  if (nk - k >= 2) heatmaps_nk<T, 2>(feat, proto + k * C, C, HW, heat + k * HW, pt), k += 2;
-  if (nk - k >= 1) heatmaps_nk<T, 1>(feat, proto + k * C, C, HW, heat + k * HW, pt);
+  for (; p0 + PJ <= HW; p0 += PJ) {
+    for (int i = 0; i < n_tiles; ++i) {
+      const int64_t k = starts[i];
+      const T* w = pt + k * C;
+      T* h = heat + k * HW;
+      switch (sizes[i]) {
+        case 8: micro_tile<T, 8, PJ>(feat, w, C, HW, p0, h); break;
+        case 4: micro_tile<T, 4, PJ>(feat, w, C, HW, p0, h); break;
+        case 2: micro_tile<T, 2, PJ>(feat, w, C, HW, p0, h); break;
+        default: micro_tile<T, 1, PJ>(feat, w, C, HW, p0, h); break;
+      }
+    }
+  }
+  if (p0 < HW) {
+    for (int i = 0; i < n_tiles; ++i) {
+      const int64_t k = starts[i];
+      const T* w = pt + k * C;
+      T* h = heat + k * HW;
+      switch (sizes[i]) {
+        case 8: tail_tile<T, 8, PJ>(feat, w, C, HW, p0, HW - p0, h); break;
+        case 4: tail_tile<T, 4, PJ>(feat, w, C, HW, p0, HW - p0, h); break;
+        case 2: tail_tile<T, 2, PJ>(feat, w, C, HW, p0, HW - p0, h); break;
+        default: tail_tile<T, 1, PJ>(feat, w, C, HW, p0, HW - p0, h); break;
+      }
+    }
+  }
 }
 
 // The extension is built for the baseline x86-64 ISA (SSE2); the heatmap
@@ -185,14 +213,14 @@ __attribute__((always_inline)) inline void tile_heatmaps_body(const T* feat, con
 #define ESCAPE_FAST_ISA_CLONES
 #endif
 
-ESCAPE_FAST_ISA_CLONES void tile_heatmaps(const float* feat, const float* proto, int64_t nk, int64_t C,
+ESCAPE_FAST_ISA_CLONES void chunk_heatmaps(const float* feat, const float* proto, int64_t nk, int64_t C,
                                           int64_t HW, float* heat, float* pt) {
-  tile_heatmaps_body(feat, proto, nk, C, HW, heat, pt);
+  chunk_heatmaps_body(feat, proto, nk, C, HW, heat, pt);
 }
 
-ESCAPE_FAST_ISA_CLONES void tile_heatmaps(const double* feat, const double* proto, int64_t nk, int64_t C,
+ESCAPE_FAST_ISA_CLONES void chunk_heatmaps(const double* feat, const double* proto, int64_t nk, int64_t C,
                                           int64_t HW, double* heat, double* pt) {
-  tile_heatmaps_body(feat, proto, nk, C, HW, heat, pt);
+  chunk_heatmaps_body(feat, proto, nk, C, HW, heat, pt);
 }
 
 // --------------------------------------------------------------------------
@@ -294,7 +322,13 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
   const auto feat = features.contiguous(), proto = prototypes.contiguous();
   const auto cen = center.contiguous(), sca = scale.contiguous(), rot = rotation.contiguous();
   const int64_t HW = H * W, r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
-  const int64_t tiles = (K + kTileK - 1) / kTileK;
+  // Work items (b, chunk of prototypes): as few chunks as keep every thread
+  // busy, since each chunk streams the features of its b once.
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(K, (threads + B - 1) / B));
+  chunks = std::max(chunks, (K + kChunkMax - 1) / kChunkMax);
+  const int64_t chunk = (K + chunks - 1) / chunks;
+  chunks = (K + chunk - 1) / chunk;
   ESCAPE_FAST_DISPATCH_FLOATING(feat.scalar_type(), "heatmap_decode_cpu", [&] {
     const scalar_t* f = feat.data_ptr<scalar_t>();
     const scalar_t* p = proto.data_ptr<scalar_t>();
@@ -303,13 +337,13 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
     const scalar_t* rp = rot.data_ptr<scalar_t>();
     scalar_t* co = coords.data_ptr<scalar_t>();
     scalar_t* va = values.data_ptr<scalar_t>();
-    at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> heat(kTileK * HW), tmp(HW), smooth(HW), pt(kTileK * C);
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> heat(chunk * HW), tmp(HW), smooth(HW), pt(chunk * C);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / tiles;
-        const int64_t k0 = (i % tiles) * kTileK;
-        const int64_t nk = std::min(kTileK, K - k0);
-        tile_heatmaps(f + b * C * HW, p + (b * K + k0) * C, nk, C, HW, heat.data(), pt.data());
+        const int64_t b = i / chunks;
+        const int64_t k0 = (i % chunks) * chunk;
+        const int64_t nk = std::min(chunk, K - k0);
+        chunk_heatmaps(f + b * C * HW, p + (b * K + k0) * C, nk, C, HW, heat.data(), pt.data());
         const auto crop = make_crop<scalar_t>(cp + 2 * b, sp + 2 * b, rp[b], H, W);
         for (int64_t t = 0; t < nk; ++t) {
           const int64_t bk = b * K + k0 + t;
