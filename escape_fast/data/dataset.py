@@ -174,9 +174,11 @@ class KeypointDataset(Dataset):
         kc = inst.keypoints.shape[0]
         kp_img = inst.keypoints
         visible = inst.visible
-        # the heatmap grid is the input grid scaled by heatmap/input
-        m_hm = crop_matrix(center, scale, rotation, self.heatmap_size, flip=flip)
-        kp_hm = kp_img @ m_hm[:, :2].T + m_hm[:, 2]
+        # heatmap cells are input pixels times heatmap/input size (without a
+        # flip this is the crop map at the heatmap size; with one, the mirror
+        # x -> W_in - 1 - x of the input pixels carries over exactly)
+        ratio = np.array(self.heatmap_size, dtype=np.float64) / np.array(self.input_size, dtype=np.float64)
+        kp_hm = (kp_img @ m_in[:, :2].T + m_in[:, 2]) * ratio
         if flip:
             perm = self._flip_perm[inst.category_id]
             kp_hm, visible = kp_hm[perm], visible[perm]
@@ -304,8 +306,9 @@ def make_loader(
     """A DataLoader over ``dataset`` with worker processes.
 
     Each worker decodes with PIL, crops with cv2.warpAffine and builds the
-    targets with torch; OpenCV's own threads are turned off in workers so
-    that the processes do not oversubscribe the cores. ``sampler`` (e.g.
+    targets with torch (one thread each: OpenCV's pool is off, see
+    escape_fast.data.transforms, and torch uses one thread in workers).
+    ``sampler`` (e.g.
     :class:`BalancedCategorySampler`) overrides ``shuffle``.
     """
     if pin_memory is None:
@@ -316,7 +319,6 @@ def make_loader(
     if num_workers > 0:
         kwargs["prefetch_factor"] = prefetch_factor or 4
         kwargs["persistent_workers"] = persistent_workers
-        kwargs["worker_init_fn"] = _worker_init
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -327,9 +329,3 @@ def make_loader(
         pin_memory=pin_memory,
         **kwargs,
     )
-
-
-def _worker_init(_worker_id: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)

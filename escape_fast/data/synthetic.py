@@ -518,6 +518,8 @@ def generate(
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
+        cv2.setNumThreads(0)  # OpenCV's thread pool does not survive fork()
+
         with ProcessPoolExecutor(workers) as pool:
             for cid, images, anns in pool.map(_render_category, jobs):
                 results[cid] = (images, anns)

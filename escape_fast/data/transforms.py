@@ -42,6 +42,12 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 PIXEL_STD = 200.0  # mmpose's unit of scale
 
+# OpenCV's own thread pool does not survive fork(): a DataLoader worker forked
+# while the pool exists can deadlock in its first OpenCV call (seen in
+# pthread_cond_destroy). The crops are small and the loader's worker
+# processes give the parallelism, so the pool is turned off for the process.
+cv2.setNumThreads(0)
+
 
 def box_to_center_scale(bbox, aspect_ratio: float, padding: float = 1.25) -> tuple[np.ndarray, np.ndarray]:
     """Box [x, y, w, h] -> (center [2], scale [2]) of the top-down crop.
