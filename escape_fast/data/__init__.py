@@ -1,0 +1,102 @@
+"""Data for escape_fast: MP-100-format datasets, crops, episodes, PCK.
+
+Everything goes through one path, whether the data is MP-100, the small real
+fixture, a user's COCO-style keypoint dataset or the built-in synthetic
+benchmark (``python -m escape_fast.data.synthetic --out DIR``).
+
+Loading (escape_fast.data.coco)
+    ``load_coco(ann_file, image_root=None)`` -> :class:`CocoKeypoints`
+    (checked, cleaned instances; errors name the file and id, skipped
+    annotations are counted in a warning); ``mp100_split_files(root, split)``
+    finds ``annotations/mp100_split{split}_{train,val,test}.json``;
+    ``load_image`` decodes to RGB with EXIF orientation.
+
+Top-down pipeline (escape_fast.data.dataset, escape_fast.data.transforms)
+    ``KeypointDataset(coco, input_size=256, train=False, ...)``: crops,
+    ImageNet normalization, Gaussian targets and weights padded to the
+    largest category; ``make_loader`` (DataLoader with workers);
+    ``BalancedCategorySampler`` for training; ``crop_matrix``,
+    ``grid_to_image`` / ``image_to_grid``: the crop map of
+    escape_fast.reference.heatmap_to_image and its exact inverse.
+
+Protocol (escape_fast.data.episodes, escape_fast.data.metrics)
+    ``EpisodeSampler(coco, shots, queries=15, draws=200, seed)``: seeded
+    draws identical whatever the batching or number of processes;
+    ``draws_for_episodes(60000, 20) == 200``; ``valid_keypoints``,
+    ``pck_per_query``, ``pck_curve``, ``summarize_pck``,
+    ``PCKAccumulator``: PCK@0.2, per-category means, 95% CI, mPCK.
+"""
+
+from __future__ import annotations
+
+from escape_fast.data.coco import (
+    MP100_SPLITS,
+    Category,
+    CocoKeypoints,
+    DataError,
+    DataWarning,
+    ImageInfo,
+    Instance,
+    load_coco,
+    load_image,
+    mp100_split_files,
+)
+from escape_fast.data.dataset import BalancedCategorySampler, KeypointDataset, make_loader
+from escape_fast.data.episodes import Episode, EpisodeSampler, draws_for_episodes
+from escape_fast.data.metrics import (
+    THRESHOLDS,
+    PCKAccumulator,
+    PCKSummary,
+    pck_curve,
+    pck_per_query,
+    summarize_pck,
+    valid_keypoints,
+)
+from escape_fast.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    box_to_center_scale,
+    crop_matrix,
+    gaussian_targets,
+    grid_to_image,
+    image_to_grid,
+    normalize_batch,
+    normalize_image,
+    warp_crop,
+)
+
+__all__ = [
+    "MP100_SPLITS",
+    "Category",
+    "CocoKeypoints",
+    "DataError",
+    "DataWarning",
+    "ImageInfo",
+    "Instance",
+    "load_coco",
+    "load_image",
+    "mp100_split_files",
+    "KeypointDataset",
+    "BalancedCategorySampler",
+    "make_loader",
+    "Episode",
+    "EpisodeSampler",
+    "draws_for_episodes",
+    "THRESHOLDS",
+    "PCKAccumulator",
+    "PCKSummary",
+    "pck_curve",
+    "pck_per_query",
+    "summarize_pck",
+    "valid_keypoints",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "box_to_center_scale",
+    "crop_matrix",
+    "gaussian_targets",
+    "grid_to_image",
+    "image_to_grid",
+    "normalize_batch",
+    "normalize_image",
+    "warp_crop",
+]

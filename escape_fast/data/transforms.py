@@ -1,0 +1,164 @@
+"""Top-down crop geometry, the exact inverse map, normalization, targets.
+
+The crop follows escape_fast.reference.heatmap_to_image (mmpose 0.x): a crop
+is ``center`` [x, y] in original pixels, ``scale`` [sx, sy] = padded box size
+/ 200 and ``rotation`` in degrees, and a point p of an output grid of size
+(W, H) (the input crop or the heatmap) sits in the image at
+
+    center + R(rotation) @ ((p - [W/2, H/2]) * 200 * scale / [W, H]).
+
+:func:`crop_matrix` is the exact inverse of that map (image -> grid), which
+is what cv2.warpAffine needs; points come back with :func:`grid_to_image`.
+A flipped crop composes ``x -> W - 1 - x`` (a mirror of the pixel array)
+after the crop map.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import torch
+
+from escape_fast import reference
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "box_to_center_scale",
+    "crop_matrix",
+    "grid_to_image",
+    "image_to_grid",
+    "apply_affine",
+    "warp_crop",
+    "normalize_image",
+    "normalize_batch",
+    "gaussian_targets",
+]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+PIXEL_STD = 200.0  # mmpose's unit of scale
+
+# OpenCV's own thread pool does not survive fork(): a DataLoader worker forked
+# while the pool exists can deadlock in its first OpenCV call (seen in
+# pthread_cond_destroy). The crops are small and the loader's worker
+# processes give the parallelism, so the pool is turned off for the process.
+cv2.setNumThreads(0)
+
+
+def box_to_center_scale(bbox, aspect_ratio: float, padding: float = 1.25) -> tuple[np.ndarray, np.ndarray]:
+    """Box [x, y, w, h] -> (center [2], scale [2]) of the top-down crop.
+
+    The box is padded to ``aspect_ratio`` = crop width / height (the shorter
+    side grows), then both sides are multiplied by ``padding`` (1.25), and
+    scale = size / 200 (SPEC section 1).
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    center = np.array([x + 0.5 * w, y + 0.5 * h], dtype=np.float64)
+    if w > aspect_ratio * h:
+        h = w / aspect_ratio
+    else:
+        w = h * aspect_ratio
+    scale = np.array([w, h], dtype=np.float64) / PIXEL_STD * padding
+    return center, scale
+
+
+def _forward_linear(scale, rotation: float, size) -> np.ndarray:
+    """2 x 2 matrix A of grid -> image: x_img = A @ (p - size/2) + center."""
+    w, h = size
+    theta = math.radians(float(rotation))
+    c, s = math.cos(theta), math.sin(theta)
+    rot = np.array([[c, -s], [s, c]], dtype=np.float64)
+    return rot @ np.diag([PIXEL_STD * scale[0] / w, PIXEL_STD * scale[1] / h])
+
+
+def crop_matrix(center, scale, rotation: float, size, flip: bool = False, inverse: bool = False) -> np.ndarray:
+    """2 x 3 float64 affine matrix of the crop map.
+
+    ``size`` is the grid's (width, height). Default: image -> grid (what
+    cv2.warpAffine takes), the exact inverse of :func:`grid_to_image`; with
+    ``inverse=True``: grid -> image. ``flip`` mirrors the grid
+    (x -> width - 1 - x) after the crop map.
+    """
+    center = np.asarray(center, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    w, h = size
+    a = _forward_linear(scale, rotation, size)
+    half = np.array([w / 2.0, h / 2.0])
+    # grid -> image: x = A p + (center - A half)
+    fwd = np.concatenate([a, (center - a @ half)[:, None]], axis=1)
+    # image -> grid: p = A^-1 (x - center) + half, A^-1 = diag(size / (200 s)) R^T
+    theta = math.radians(float(rotation))
+    c, s = math.cos(theta), math.sin(theta)
+    a_inv = np.diag([w / (PIXEL_STD * scale[0]), h / (PIXEL_STD * scale[1])]) @ np.array(
+        [[c, s], [-s, c]], dtype=np.float64
+    )
+    inv = np.concatenate([a_inv, (half - a_inv @ center)[:, None]], axis=1)
+    if flip:
+        mirror = np.array([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        inv = (mirror @ np.vstack([inv, [0.0, 0.0, 1.0]]))[:2]
+        fwd = (np.vstack([fwd, [0.0, 0.0, 1.0]]) @ mirror)[:2]  # mirror is its own inverse
+    return fwd if inverse else inv
+
+
+def apply_affine(matrix: np.ndarray, points) -> np.ndarray:
+    """Apply a 2 x 3 matrix to points [..., 2] (float64)."""
+    pts = np.asarray(points, dtype=np.float64)
+    return pts @ matrix[:, :2].T + matrix[:, 2]
+
+
+def grid_to_image(points, center, scale, rotation: float, size, flip: bool = False) -> np.ndarray:
+    """Grid points [..., 2] -> original image pixels (reference.heatmap_to_image
+    for one crop, in float64 numpy; ``size`` is (width, height))."""
+    return apply_affine(crop_matrix(center, scale, rotation, size, flip=flip, inverse=True), points)
+
+
+def image_to_grid(points, center, scale, rotation: float, size, flip: bool = False) -> np.ndarray:
+    """Original image pixels [..., 2] -> grid points: inverse of grid_to_image."""
+    return apply_affine(crop_matrix(center, scale, rotation, size, flip=flip), points)
+
+
+def warp_crop(image: np.ndarray, matrix: np.ndarray, size) -> np.ndarray:
+    """Affine crop of an HxWx3 uint8 image to ``size`` (width, height):
+    bilinear, zero outside the image (cv2.warpAffine, C++ speed)."""
+    return cv2.warpAffine(
+        image,
+        matrix.astype(np.float64),
+        (int(size[0]), int(size[1])),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=(0, 0, 0),
+    )
+
+
+def normalize_image(crop: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] RGB -> float32 [3, H, W] with ImageNet mean/std."""
+    x = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    mean = torch.from_numpy(IMAGENET_MEAN)[:, None, None]
+    std = torch.from_numpy(IMAGENET_STD)[:, None, None]
+    return x.sub_(mean).div_(std)
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] (e.g. from a loader with ``normalize=False``, on
+    the GPU) -> float32 normalized like :func:`normalize_image`."""
+    mean = torch.as_tensor(IMAGENET_MEAN, device=images.device)[:, None, None]
+    std = torch.as_tensor(IMAGENET_STD, device=images.device)[:, None, None]
+    return (images.to(torch.float32) / 255.0 - mean) / std
+
+
+def gaussian_targets(
+    keypoints: np.ndarray, visible: np.ndarray, heatmap_size, sigma: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets [K, H, W] and weights [K] (float32) for keypoints [K, 2] in
+    heatmap cells; ``heatmap_size`` is (width, height). Calls
+    escape_fast.reference.gaussian_heatmaps so that targets are exactly the
+    Gaussians the pooling op reads."""
+    w, h = heatmap_size
+    kp = torch.from_numpy(np.asarray(keypoints, dtype=np.float32))[None]
+    vis = torch.from_numpy(np.asarray(visible, dtype=bool))[None]
+    g, weight = reference.gaussian_heatmaps(kp, vis, (int(h), int(w)), sigma)
+    return g[0], weight[0]
