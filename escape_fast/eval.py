@@ -1,0 +1,191 @@
+"""The standard CAPE evaluation, fast.
+
+    python -m escape_fast.eval --episodes 60000
+
+With no --data it evaluates the built-in synthetic benchmark (generated into
+a cache folder on first use) with the built-in checkpoint; with --data DIR
+--split N --checkpoint RUN_DIR it evaluates MP-100 or any dataset in its
+format. Episodes follow the standard protocol (SPEC 8): for each test
+category, seeded draws of S supports + Q queries; --episodes counts
+(support set, query) pairs, spread evenly over the categories.
+
+Under torchrun the categories are sharded over processes and the merged
+result equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import torch.distributed as dist
+
+from escape_fast import builtin
+from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
+from escape_fast.data.metrics import THRESHOLDS
+from escape_fast.evaluation import EvalResult, PairResults, evaluate, evaluate_reference, summarize
+from escape_fast.models.escape import EscapeModel
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m escape_fast.eval",
+        description="Evaluate a CAPE model on the standard episode protocol (PCK@0.2 and more). "
+                    "Without --data: the built-in synthetic benchmark and the built-in checkpoint.",
+    )
+    p.add_argument("--episodes", type=int, default=60000,
+                   help="(support set, query) pairs, spread evenly over the test categories (default 60000)")
+    p.add_argument("--data", help="dataset root in MP-100 layout (default: the built-in synthetic benchmark)")
+    p.add_argument("--split", type=int, default=1, help="MP-100 split 1..5 (default 1)")
+    p.add_argument("--annotations", help="a test annotation file to use instead of the split's")
+    p.add_argument("--checkpoint", help="run folder or model.pt (default: the built-in checkpoint)")
+    p.add_argument("--shots", type=int, default=1, help="supports per episode, 1 or 5 (default 1)")
+    p.add_argument("--queries", type=int, default=15, help="queries per support draw (default 15)")
+    p.add_argument("--method", choices=("mle", "map", "escape", "all"), default="escape",
+                   help="prototype estimate (default escape; all: the three side by side)")
+    p.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "reference"),
+                   help="op implementation (default auto)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes")
+    p.add_argument("--reference", action="store_true",
+                   help="the straightforward way: features recomputed per episode, reference ops, one episode "
+                        "at a time (a baseline for speed and a check of the fast path)")
+    p.add_argument("--out", help="write the report as JSON to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def resolve_model_path(path: str | None) -> str:
+    if path is None:
+        return builtin.checkpoint_path()
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    return path
+
+
+def check_compatible(model: EscapeModel, coco, path: str):
+    k_max = coco.max_keypoints
+    if model.matcher is not None and model.matcher.grid != model.config["input_size"] // 4:
+        raise ValueError(f"{path}: matcher grid {model.matcher.grid} does not match input size "
+                         f"{model.config['input_size']}")
+    if k_max > 512:
+        raise ValueError(f"{coco.path}: a category with {k_max} keypoints; at most 512 are supported")
+
+
+def format_report(results: dict[str, EvalResult], coco, shots: int) -> str:
+    methods = list(results)
+    first = results[methods[0]].summary
+    lines = [f"{first.num_pairs} (support set, query) pairs, {first.num_draws} support draws, {shots}-shot"]
+    head = f"{'category':<34}" + "".join(f"{m.upper():>10}" for m in methods)
+    lines += ["", head, "-" * len(head)]
+    for cat_id in sorted(first.per_category):
+        name = coco.categories[cat_id].name[:33]
+        lines.append(f"{name:<34}" + "".join(f"{100 * results[m].summary.per_category[cat_id][0.2]:>10.2f}"
+                                              for m in methods))
+    lines.append("-" * len(head))
+    lines.append(f"{'PCK@0.2 (mean over pairs)':<34}" + "".join(f"{100 * results[m].summary.pck_main:>10.2f}"
+                                                                 for m in methods))
+    lines.append(f"{'95% CI over draws':<34}" + "".join(
+        f"{'±' + format(100 * (results[m].summary.ci95[1] - results[m].summary.pck_main), '.2f'):>10}"
+        for m in methods))
+    for t in THRESHOLDS:
+        lines.append(f"{'PCK@' + str(t):<34}" + "".join(f"{100 * results[m].summary.pck[t]:>10.2f}"
+                                                        for m in methods))
+    lines.append(f"{'mPCK':<34}" + "".join(f"{100 * results[m].summary.mpck:>10.2f}" for m in methods))
+    lines.append("")
+    for m in methods:
+        sec = results[m].seconds
+        total = sum(sec.values())
+        phases = ", ".join(f"{k} {v:.2f}s" for k, v in sec.items())
+        lines.append(f"{m}: {total:.2f}s, {first.num_pairs / max(total, 1e-9):,.0f} pairs/s ({phases})")
+    return "\n".join(lines)
+
+
+def evaluate_sharded(model, coco, sampler, methods, device, args, rank, world):
+    """Categories dealt round-robin over the torchrun processes, results
+    gathered on rank 0 in the single-process order (bit for bit the same:
+    feature batches never mix categories)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    mine = sampler.category_ids[rank::world]
+    raw = evaluate(model, coco, sampler, methods, device, args.backend, args.batch_size, args.workers,
+                   progress=None, categories=mine, summarize_results=False)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, raw)
+    dist.destroy_process_group()
+    if rank != 0:
+        return None
+    results = {}
+    for m in methods:
+        pairs = PairResults.concat([g[m][0] for g in gathered])
+        order = torch.argsort(pairs.category_ids, stable=True)  # category id order, draws in order within
+        pairs = PairResults(pairs.scores[:, order], pairs.predictions[order], pairs.category_ids[order],
+                            pairs.draws[order])
+        seconds = {k: max(g[m][1][k] for g in gathered) for k in gathered[0][m][1]}
+        results[m] = summarize(m, pairs, seconds)
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    progress = None if args.quiet else tqdm
+    t_start = time.perf_counter()
+    if args.data is None:
+        root = builtin.dataset_root(progress=not args.quiet)
+    else:
+        root = args.data
+    ann = args.annotations or str(mp100_split_files(root, args.split)["test"])
+    coco = load_coco(ann)
+    path = resolve_model_path(args.checkpoint)
+    model = EscapeModel.from_checkpoint(path)
+    check_compatible(model, coco, path)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    methods = model.methods if args.method == "all" else (args.method,)
+    for m in methods:
+        if m not in model.methods:
+            raise SystemExit(f"{path}: method {m!r} needs stages this model lacks (it supports "
+                             f"{', '.join(model.methods)})")
+    draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
+    sampler = EpisodeSampler(coco, shots=args.shots, queries=args.queries, draws=draws, seed=args.seed)
+    setup_seconds = time.perf_counter() - t_start
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.reference:
+        if world > 1:
+            raise SystemExit("--reference runs in one process; start it without torchrun")
+        results = {m: evaluate_reference(model, coco, sampler.episodes, m, device, args.queries) for m in methods}
+    elif world == 1:
+        results = evaluate(model, coco, sampler, methods, device, args.backend, args.batch_size, args.workers,
+                           progress=progress)
+    else:
+        results = evaluate_sharded(model, coco, sampler, methods, device, args, rank, world)
+        if rank != 0:
+            return 0
+    print(format_report(results, coco, args.shots))
+    print(f"setup (data and model loading) {setup_seconds:.2f}s; total {time.perf_counter() - t_start:.2f}s")
+    if args.out:
+        report = {
+            "data": root, "annotations": ann, "checkpoint": path, "shots": args.shots, "queries": args.queries,
+            "episodes": sampler.num_pairs, "seed": args.seed, "backend": args.backend, "device": str(device),
+            "reference": args.reference, "setup_seconds": setup_seconds,
+            "results": {m: r.as_dict() for m, r in results.items()},
+            "category_names": {c: coco.categories[c].name for c in coco.category_ids},
+        }
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

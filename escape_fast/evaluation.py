@@ -1,0 +1,356 @@
+"""Episode evaluation, fast and reference (SPEC 8 and 9).
+
+Fast path (``evaluate``):
+1. every distinct instance that any episode uses is cropped and run through
+   the feature extractor(s) once; features, pooled keypoint features and the
+   crop parameters stay in device memory (:class:`InstanceBank`);
+2. episodes are processed a category at a time: prototypes of all its support
+   draws at once (MLE, MAP or ESCAPE), then every query instance's feature map
+   is decoded once against the prototypes of all draws that query it
+   (``ops.heatmap_decode`` with K x draws prototypes), so each feature map is
+   read about once per category rather than once per episode;
+3. PCK of every (support set, query) pair, vectorized.
+
+Reference path (``evaluate_reference``): the straightforward way, one
+episode at a time, features recomputed for every episode, reference ops.
+Both paths take the same episodes and give the same predictions.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from escape_fast import ops, reference
+from escape_fast.data import KeypointDataset, pck_curve, summarize_pck, valid_keypoints
+from escape_fast.data.metrics import THRESHOLDS
+from escape_fast.models.adapt import escape_prototypes, map_prototypes, mle_prototypes
+
+PHASES = ("data", "features", "adaptation", "heatmaps", "metric")
+
+
+class Timer:
+    """Wall time per phase (synchronizing CUDA so GPU work lands in its phase)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = {p: 0.0 for p in PHASES}
+
+    def phase(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if timer.device.type == "cuda":
+                    torch.cuda.synchronize(timer.device)
+                timer.seconds[name] += time.perf_counter() - self.t0
+
+        return _Phase()
+
+
+@dataclass
+class InstanceBank:
+    """Everything the episodes need of each distinct instance, on one device."""
+
+    rows: dict  # instance index (coco.instances) -> row
+    features: torch.Tensor  # [N, C, h, w]
+    pooled: torch.Tensor  # [N, K, C]
+    match_pooled: torch.Tensor | None  # [N, K, C] from the matcher's extractor
+    keypoints: torch.Tensor  # [N, K, 2] heatmap cells
+    visible: torch.Tensor  # [N, K] bool
+    keypoint_mask: torch.Tensor  # [N, K] bool: slots that exist for the category
+    keypoints_image: torch.Tensor  # [N, K, 2] float64 original pixels
+    center: torch.Tensor  # [N, 2]
+    scale: torch.Tensor  # [N, 2]
+    rotation: torch.Tensor  # [N]
+    bbox_size: torch.Tensor  # [N] float64
+    seconds: dict = field(default_factory=dict)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _category_batches(coco, instances, batch_size):
+    """Instances grouped by category (id order), in chunks of ``batch_size``.
+
+    Batches never mix categories, so a category's features do not depend on
+    which other categories are evaluated (sharding over processes gives the
+    same numbers bit for bit)."""
+    by_cat: dict[int, list[int]] = {}
+    for i in instances:
+        by_cat.setdefault(coco.instances[i].category_id, []).append(int(i))
+    order = []
+    for c in sorted(by_cat):
+        members = by_cat[c]
+        order += [members[j : j + batch_size] for j in range(0, len(members), batch_size)]
+    return order
+
+
+@torch.no_grad()
+def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=True, backend="auto",
+               timer: Timer | None = None, progress=None) -> InstanceBank:
+    """Crop, extract and pool every instance in ``instances`` once."""
+    timer = timer or Timer(device)
+    cfg = model.config
+    sigma = cfg.get("sigma", 2.0)
+    dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=False, sigma=sigma,
+                              num_keypoints=coco.max_keypoints)
+    batches = _category_batches(coco, instances, batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+    order = [i for b in batches for i in b]
+    model.eval()
+    feats, pooled, mpooled, meta = [], [], [], []
+    it = iter(loader)
+    bar = progress(total=len(batches), desc="features", unit="batch") if progress else None
+    while True:
+        with timer.phase("data"):
+            batch = next(it, None)
+        if batch is None:
+            break
+        with timer.phase("features"):
+            images = batch["image"].to(device, non_blocking=True)
+            kp = batch["keypoints"].to(device)
+            vis = batch["visible"].to(device)
+            with _autocast(device, amp):
+                f = model.extractor(images)
+            f = f.float().contiguous()
+            feats.append(f)
+            pooled.append(ops.keypoint_pool(f, kp, vis, sigma, backend=backend))
+            if model.matcher_extractor is not None:
+                with _autocast(device, amp):
+                    g = model.matcher_extractor(images)
+                mpooled.append(ops.keypoint_pool(g.float().contiguous(), kp, vis, sigma, backend=backend))
+            meta.append(batch)
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+
+    def cat(key, dtype=None):
+        t = torch.cat([m[key] for m in meta])
+        return t.to(device=device, dtype=dtype) if dtype else t.to(device)
+
+    return InstanceBank(
+        rows={i: r for r, i in enumerate(order)},
+        features=torch.cat(feats),
+        pooled=torch.cat(pooled),
+        match_pooled=torch.cat(mpooled) if mpooled else None,
+        keypoints=cat("keypoints"),
+        visible=cat("visible"),
+        keypoint_mask=cat("keypoint_mask"),
+        keypoints_image=cat("keypoints_image", torch.float64),
+        center=cat("center", torch.float32),
+        scale=cat("scale", torch.float32),
+        rotation=cat("rotation", torch.float32),
+        bbox_size=cat("bbox_size", torch.float64),
+    )
+
+
+def prototypes_for(model, method: str, pooled, visible, match_pooled=None, keypoints=None):
+    """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K])."""
+    if method == "mle":
+        return mle_prototypes(pooled, visible)
+    mu = model.super_keypoints.to(pooled.dtype)
+    if method == "map":
+        return map_prototypes(pooled, visible, mu, model.alpha)[0]
+    if method == "escape":
+        if model.matcher is None:
+            raise ValueError("method 'escape' needs a model trained through stage 4 (matching network)")
+        log_p = model.matcher.assign_shots(match_pooled, keypoints, visible)
+        return escape_prototypes(pooled, visible, mu, log_p, model.alpha)
+    raise ValueError(f"unknown method {method!r}; choose mle, map or escape")
+
+
+def _group_slots(query_rows: torch.Tensor):
+    """For pair p querying instance row r_p: (unique rows, group of p, slot of p in its group)."""
+    uniq, inv = torch.unique(query_rows, return_inverse=True)
+    order = torch.argsort(inv, stable=True)
+    counts = torch.bincount(inv, minlength=len(uniq))
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.empty_like(inv)
+    slot[order] = torch.arange(len(inv), device=inv.device) - starts[inv[order]]
+    return uniq, inv, slot, int(counts.max())
+
+
+@torch.no_grad()
+def predict_category(model, bank: InstanceBank, episodes, method: str, backend="auto", timer=None):
+    """Predictions [D * Q, K, 2] (image pixels) for the episodes of one category."""
+    timer = timer or Timer(bank.features.device)
+    dev = bank.features.device
+    sup = torch.tensor([[bank.rows[i] for i in e.supports] for e in episodes], device=dev)  # [D, S]
+    qry = torch.tensor([[bank.rows[i] for i in e.queries] for e in episodes], device=dev)  # [D, Q]
+    d, q = qry.shape
+    with timer.phase("adaptation"):
+        mp = bank.match_pooled[sup] if bank.match_pooled is not None else None
+        protos = prototypes_for(model, method, bank.pooled[sup], bank.visible[sup], mp, bank.keypoints[sup])
+    with timer.phase("heatmaps"):
+        k, c = protos.shape[1:]
+        pair_rows = qry.reshape(-1)
+        pair_draw = torch.arange(d, device=dev).repeat_interleave(q)
+        uniq, group, slot, width = _group_slots(pair_rows)
+        stacked = protos.new_zeros(len(uniq), width, k, c)
+        stacked[group, slot] = protos[pair_draw]
+        coords, _ = ops.heatmap_decode(
+            bank.features[uniq], stacked.reshape(len(uniq), width * k, c), bank.center[uniq], bank.scale[uniq],
+            backend=backend, rotation=bank.rotation[uniq],
+        )
+        coords = coords.reshape(len(uniq), width, k, 2)[group, slot]  # [D * Q, K, 2]
+    return coords, sup, pair_rows
+
+
+def score_pairs(bank: InstanceBank, coords, sup, pair_rows, queries: int):
+    """PCK at every threshold of each pair: float64 [T, P]."""
+    vis_sup = bank.visible[sup].repeat_interleave(queries, dim=0)  # [P, S, K]
+    valid = valid_keypoints(bank.visible[pair_rows], vis_sup, bank.keypoint_mask[pair_rows])
+    return pck_curve(coords.double(), bank.keypoints_image[pair_rows], valid, bank.bbox_size[pair_rows])
+
+
+@dataclass
+class EvalResult:
+    method: str
+    summary: object  # data.metrics.PCKSummary
+    scores: torch.Tensor  # [T, P] per pair
+    predictions: torch.Tensor  # [P, K, 2]
+    category_ids: torch.Tensor  # [P]
+    draws: torch.Tensor  # [P]
+    seconds: dict
+
+    def as_dict(self) -> dict:
+        out = {"method": self.method, **self.summary.as_dict(), "seconds": dict(self.seconds)}
+        total = sum(self.seconds.values())
+        out["pairs_per_second"] = self.summary.num_pairs / total if total > 0 else None
+        return out
+
+
+@dataclass
+class PairResults:
+    """Raw per-pair outputs of some categories (what processes exchange)."""
+
+    scores: torch.Tensor  # [T, P]
+    predictions: torch.Tensor  # [P, K, 2]
+    category_ids: torch.Tensor  # [P]
+    draws: torch.Tensor  # [P]
+
+    @staticmethod
+    def concat(parts: list["PairResults"]) -> "PairResults":
+        parts = [p for p in parts if p.scores.shape[1]]
+        k = max(p.predictions.shape[1] for p in parts)
+        preds = [torch.nn.functional.pad(p.predictions, (0, 0, 0, k - p.predictions.shape[1])) for p in parts]
+        return PairResults(torch.cat([p.scores for p in parts], 1), torch.cat(preds),
+                           torch.cat([p.category_ids for p in parts]), torch.cat([p.draws for p in parts]))
+
+
+def evaluate_pairs(model, coco, sampler, method, device, backend="auto", bank=None, categories=None,
+                   timer=None, progress=None) -> PairResults:
+    """Per-pair PCK and predictions of ``method`` for ``categories`` (default all)."""
+    groups = sampler.by_category()
+    cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
+    scores, preds, cat_ids, draws = [], [], [], []
+    bar = progress(total=len(cats), desc=f"episodes ({method})", unit="category") if progress else None
+    for cat_id in cats:
+        episodes = groups[cat_id]
+        coords, sup, pair_rows = predict_category(model, bank, episodes, method, backend, timer)
+        with timer.phase("metric"):
+            scores.append(score_pairs(bank, coords, sup, pair_rows, sampler.queries).cpu())
+            preds.append(coords.cpu())
+            cat_ids.append(torch.full((len(pair_rows),), cat_id, dtype=torch.int64))
+            draws.append(torch.tensor([e.draw for e in episodes]).repeat_interleave(sampler.queries))
+        if bar:
+            bar.update(1)
+    if bar:
+        bar.close()
+    if not cats:
+        return PairResults(torch.zeros(len(THRESHOLDS), 0, dtype=torch.float64), torch.zeros(0, 0, 2),
+                           torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+    return PairResults.concat([PairResults(s, p, c, d) for s, p, c, d in zip(scores, preds, cat_ids, draws)])
+
+
+def summarize(method: str, pairs: PairResults, seconds: dict) -> EvalResult:
+    summary = summarize_pck(pairs.scores, pairs.category_ids, pairs.draws, THRESHOLDS)
+    return EvalResult(method, summary, pairs.scores, pairs.predictions, pairs.category_ids, pairs.draws, seconds)
+
+
+def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto", batch_size=32, workers=0,
+             amp=True, progress=None, categories=None, summarize_results=True):
+    """Fast evaluation of ``sampler``'s episodes.
+
+    Returns {method: EvalResult}, or {method: (PairResults, seconds)} when
+    ``summarize_results`` is False (a shard of ``categories`` to be merged).
+    """
+    device = torch.device(device)
+    timer = Timer(device)
+    groups = sampler.by_category()
+    cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
+    needed = sorted({i for c in cats for e in groups[c] for i in (*e.supports, *e.queries)})
+    bank = build_bank(model, coco, needed, device, batch_size, workers, amp, backend, timer, progress)
+    bank_seconds = dict(timer.seconds)
+    results = {}
+    for method in methods:
+        timer.seconds = dict(bank_seconds)
+        pairs = evaluate_pairs(model, coco, sampler, method, device, backend, bank, cats, timer, progress)
+        if summarize_results:
+            with timer.phase("metric"):
+                results[method] = summarize(method, pairs, dict(timer.seconds))
+            results[method].seconds = dict(timer.seconds)
+        else:
+            results[method] = (pairs, dict(timer.seconds))
+    return results
+
+
+@torch.no_grad()
+def evaluate_reference(model, coco, episodes, method="mle", device="cpu", queries=15) -> EvalResult:
+    """The straightforward evaluation: one episode at a time, features
+    recomputed per episode, reference ops. Same outputs as ``evaluate``."""
+    device = torch.device(device)
+    timer = Timer(device)
+    cfg = model.config
+    sigma = cfg.get("sigma", 2.0)
+    dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=False, sigma=sigma,
+                              num_keypoints=coco.max_keypoints)
+    model.eval()
+    preds, scores, cats, draws = [], [], [], []
+    for e in episodes:
+        with timer.phase("data"):
+            items = [dataset[i] for i in (*e.supports, *e.queries)]
+            images = torch.stack([it["image"] for it in items]).to(device)
+            kp = torch.stack([it["keypoints"] for it in items]).to(device)
+            vis = torch.stack([it["visible"] for it in items]).to(device)
+        s = len(e.supports)
+        with timer.phase("features"):
+            f = model.extractor(images).float()
+            g = model.matcher_extractor(images[:s]).float() if model.matcher_extractor is not None else None
+        with timer.phase("adaptation"):
+            pooled = reference.keypoint_pool(f[:s], kp[:s], vis[:s], sigma)
+            mp = reference.keypoint_pool(g, kp[:s], vis[:s], sigma)[None] if g is not None else None
+            protos = prototypes_for(model, method, pooled[None], vis[None, :s], mp, kp[None, :s])[0]
+        with timer.phase("heatmaps"):
+            coords = []
+            for j in range(s, len(items)):
+                center = items[j]["center"].float()[None].to(device)
+                scale = items[j]["scale"].float()[None].to(device)
+                rot = items[j]["rotation"].float()[None].to(device)
+                c, _ = reference.heatmap_decode(f[j : j + 1], protos[None], center, scale, rotation=rot)
+                coords.append(c[0])
+            coords = torch.stack(coords)
+        with timer.phase("metric"):
+            gt = torch.stack([it["keypoints_image"] for it in items[s:]])
+            mask = torch.stack([it["keypoint_mask"] for it in items[s:]])
+            size = torch.stack([it["bbox_size"] for it in items[s:]])
+            valid = valid_keypoints(vis[s:].cpu(), vis[:s].cpu(), mask)
+            scores.append(pck_curve(coords.double().cpu(), gt, valid, size))
+            preds.append(coords.cpu())
+            cats.append(torch.full((len(items) - s,), e.category_id, dtype=torch.int64))
+            draws.append(torch.full((len(items) - s,), e.draw, dtype=torch.int64))
+    s_all, c_all, d_all = torch.cat(scores, 1), torch.cat(cats), torch.cat(draws)
+    summary = summarize_pck(s_all, c_all, d_all, THRESHOLDS)
+    return EvalResult(method, summary, s_all, torch.cat(preds), c_all, d_all, dict(timer.seconds))

@@ -1,0 +1,92 @@
+"""The whole ESCAPE model: what the evaluation and prediction need.
+
+* ``extractor`` (f_theta): features [B, C, h, w] of a crop (stages 1 and 3);
+* ``super_keypoints`` (mu): [L, C] from stages 2 and 3;
+* ``matcher_extractor`` (f_gamma) and ``matcher``: the matching network of
+  stage 4 (absent before stage 4: then only MLE and MAP are possible).
+
+``EscapeModel.from_checkpoint`` / ``to_checkpoint`` use escape_fast.checkpoint
+(weights_only loading; the config inside rebuilds the modules).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from escape_fast import checkpoint
+from escape_fast.models.backbone import build_extractor
+from escape_fast.models.matching import MatchingNetwork
+
+MODEL_KEYS = ("config", "extractor", "super_keypoints")
+
+
+def build_matcher(config: dict, num_super: int) -> MatchingNetwork:
+    m = config.get("matching", {})
+    return MatchingNetwork(
+        num_super, dim=config["channels"], blocks=m.get("blocks", 6), heads=m.get("heads", 8),
+        head_dim=m.get("head_dim", 64), mlp=m.get("mlp", 2048), grid=config["input_size"] // 4,
+        iters=m.get("iters", 50),
+    )
+
+
+class EscapeModel(nn.Module):
+    """f_theta + mu (+ f_gamma and the matching network after stage 4)."""
+
+    def __init__(self, config: dict, extractor: nn.Module, super_keypoints: torch.Tensor | None = None,
+                 matcher_extractor: nn.Module | None = None, matcher: MatchingNetwork | None = None):
+        super().__init__()
+        self.config = dict(config)
+        self.extractor = extractor
+        if super_keypoints is None:
+            super_keypoints = torch.zeros(0, config["channels"])
+        self.register_buffer("super_keypoints", super_keypoints.detach().clone())
+        self.matcher_extractor = matcher_extractor
+        self.matcher = matcher
+
+    @classmethod
+    def build(cls, config: dict, num_super: int = 0, with_matcher: bool = False) -> "EscapeModel":
+        """Modules from the config alone (random weights; load a checkpoint next)."""
+        c = config
+        extractor = build_extractor(c["backbone"], weights=None, channels=c["channels"])
+        matcher_extractor = matcher = None
+        if with_matcher:
+            matcher_extractor = build_extractor(c["backbone"], weights=None, channels=c["channels"])
+            matcher = build_matcher(c, num_super)
+        return cls(c, extractor, torch.zeros(num_super, c["channels"]), matcher_extractor, matcher)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config.get("alpha", 0.5))
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        if self.super_keypoints.shape[0] == 0:
+            return ("mle",)
+        return ("mle", "map", "escape") if self.matcher is not None else ("mle", "map")
+
+    def to_checkpoint(self) -> dict:
+        obj = {
+            "config": self.config,
+            "extractor": self.extractor.state_dict(),
+            "super_keypoints": self.super_keypoints.detach().cpu(),
+        }
+        if self.matcher is not None:
+            obj["matcher_extractor"] = self.matcher_extractor.state_dict()
+            obj["matcher"] = self.matcher.state_dict()
+        return obj
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu") -> "EscapeModel":
+        obj = checkpoint.load(path, required=MODEL_KEYS, map_location=map_location)
+        sk = obj["super_keypoints"]
+        model = cls.build(obj["config"], num_super=sk.shape[0], with_matcher="matcher" in obj)
+        try:
+            model.extractor.load_state_dict(obj["extractor"])
+            model.super_keypoints.copy_(sk)
+            if model.matcher is not None:
+                model.matcher_extractor.load_state_dict(obj["matcher_extractor"])
+                model.matcher.load_state_dict(obj["matcher"])
+        except (RuntimeError, KeyError) as exc:
+            raise checkpoint.CheckpointError(f"{path!r} does not match its own config: {exc}") from exc
+        return model

@@ -1,0 +1,529 @@
+"""Four-stage ESCAPE training (SPEC 3 to 6).
+
+    python -m escape_fast.train --stage all --data DIR --split 1 --backbone resnet50 --out runs/split1
+
+Stages (each resumable, each writing RUN_DIR/<stage>.pt):
+  baseline  f_theta + one prototype per base keypoint, MSE on Gaussian targets
+  cluster   mean keypoint feature of every base keypoint (eq. 4), kNN
+            density-peaks clustering into L super-keypoints
+  finetune  as baseline, but each base keypoint uses its super-keypoint's
+            prototype (initialized from the clusters); the result is mu
+  matching  f_gamma + the matching network, trained to assign base
+            keypoints to their super-keypoints
+and RUN_DIR/model.pt, the model that escape_fast.eval and predict load.
+
+Runs on one CPU, one GPU, or many through torchrun (DistributedDataParallel:
+NCCL on GPU, gloo on CPU); the global batch is split over the processes and
+batch-norm statistics are computed over the global batch, so N processes
+train the same model as one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from escape_fast import checkpoint, config as config_mod, ops
+from escape_fast.data import BalancedCategorySampler, KeypointDataset, load_coco, make_loader, mp100_split_files
+from escape_fast.models.backbone import build_extractor
+from escape_fast.models.escape import EscapeModel, build_matcher
+from escape_fast.models.matching import matching_loss
+
+STAGES = ("baseline", "cluster", "finetune", "matching")
+
+
+# --------------------------------------------------------------------------
+# processes and devices
+# --------------------------------------------------------------------------
+class Runtime:
+    """Rank, world size and device of this process (torchrun sets the env)."""
+
+    def __init__(self, device_arg: str = "auto"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg == "auto":
+            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_arg.startswith("cuda"):
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device(device_arg)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm over the global batch on CPU (gloo), where torch's
+    SyncBatchNorm is CUDA-only: sums and squared sums are all-reduced."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        count = torch.tensor([x.numel() // c], dtype=x.dtype, device=x.device)
+        stats = all_reduce(torch.cat((x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count)))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c : 2 * c] / n - mean * mean
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean)
+            self.running_var.mul_(1 - m).add_(m * var * n / (n - 1))
+            self.num_batches_tracked.add_(1)
+        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
+            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats).to(device)
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new)
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+# --------------------------------------------------------------------------
+# models trained by the stages
+# --------------------------------------------------------------------------
+class HeatmapModel(nn.Module):
+    """f_theta + prototypes; ``table[category_index, k]`` is the prototype row
+    of keypoint k of a category (-1: no prototype; its weight is zeroed)."""
+
+    def __init__(self, extractor: nn.Module, prototypes: torch.Tensor, table: torch.Tensor):
+        super().__init__()
+        self.extractor = extractor
+        self.prototypes = nn.Parameter(prototypes.clone())
+        self.register_buffer("table", table.clone())
+
+    def forward(self, images, category_index):
+        feats = self.extractor(images).float()
+        rows = self.table[category_index]  # [B, K]
+        protos = self.prototypes[rows.clamp_min(0)]
+        return ops.prototype_heatmaps(feats, protos), rows >= 0
+
+
+class MatchingModel(nn.Module):
+    """f_gamma + matching network: log assignment of an image's keypoints."""
+
+    def __init__(self, extractor: nn.Module, matcher: nn.Module, sigma: float):
+        super().__init__()
+        self.extractor, self.matcher, self.sigma = extractor, matcher, sigma
+
+    def forward(self, images, keypoints, visible):
+        feats = self.extractor(images).float()
+        pooled = ops.keypoint_pool(feats, keypoints, visible, self.sigma)
+        return self.matcher(pooled, keypoints, visible)
+
+
+def heatmap_loss(heatmaps, target, weight):
+    """0.5 x weighted MSE over every cell of every keypoint slot (mmpose's convention)."""
+    return 0.5 * (weight[..., None, None] * (heatmaps - target) ** 2).mean()
+
+
+def base_keypoint_table(coco) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(table [categories, Kpad] -> global base keypoint index, category of each
+    base keypoint [P], keys [(category_id, k)])."""
+    cats = coco.category_ids
+    table = torch.full((len(cats), coco.max_keypoints), -1, dtype=torch.long)
+    owner, keys = [], []
+    for ci, c in enumerate(cats):
+        for k in range(coco.categories[c].num_keypoints):
+            table[ci, k] = len(keys)
+            owner.append(c)
+            keys.append((c, k))
+    return table, torch.tensor(owner), keys
+
+
+# --------------------------------------------------------------------------
+# the training loop shared by the stages
+# --------------------------------------------------------------------------
+class CSVLog:
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(os.path.dirname(path), "tensorboard"))
+            except Exception:  # tensorboard not installed
+                self.tb = None
+
+    def write(self, **row):
+        if not self.enabled:
+            return
+        new = not os.path.exists(self.path)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["time", "stage", "epoch", "step", "name", "value"])
+            if new:
+                w.writeheader()
+            w.writerow({"time": f"{time.time():.1f}", **row})
+        if self.tb is not None:
+            self.tb.add_scalar(f"{row['stage']}/{row['name']}", row["value"], row["step"])
+
+
+def lr_schedule(stage_cfg: dict, steps_per_epoch: int):
+    """Linear warm-up over ``warmup`` steps, then x gamma at each milestone epoch."""
+    warm = max(1, int(stage_cfg.get("warmup", 0)))
+    milestones = [m * steps_per_epoch for m in stage_cfg.get("milestones", [])]
+    gamma = stage_cfg.get("gamma", 0.1)
+
+    def factor(step):
+        f = min(1.0, (step + 1) / warm)
+        return f * gamma ** sum(step >= m for m in milestones)
+
+    return factor
+
+
+def _autocast(rt: Runtime, cfg: dict):
+    if cfg["amp"] and rt.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def run_epochs(stage: str, model: nn.Module, loss_fn, coco, cfg: dict, rt: Runtime, run_dir: str, log: CSVLog,
+               validate=None, extra_state=None):
+    """Train ``model`` for cfg[stage]['epochs'] epochs with resume and validation.
+
+    ``loss_fn(model, batch) -> (loss, {name: value})``. The stage checkpoint
+    RUN_DIR/<stage>.pt holds the model, optimizer, schedule and epoch, and is
+    rewritten atomically after every epoch.
+    """
+    from tqdm.auto import tqdm
+
+    scfg = cfg[stage]
+    path = os.path.join(run_dir, f"{stage}.pt")
+    if rt.world > 1:
+        model = sync_batchnorm(model, rt.device)
+    model.to(rt.device)
+    if rt.device.type == "cuda" and cfg["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    if cfg["batch_size"] % rt.world:
+        raise ValueError(f"batch_size {cfg['batch_size']} is not divisible by {rt.world} processes")
+    per_rank = cfg["batch_size"] // rt.world
+    dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=True, sigma=cfg["sigma"], seed=cfg["seed"])
+    sampler = BalancedCategorySampler(coco, per_category=cfg["per_category"], seed=cfg["seed"], rank=rt.rank,
+                                      world_size=rt.world)
+    loader = make_loader(dataset, per_rank, sampler=sampler, num_workers=cfg["workers"], drop_last=True)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{coco.path}: fewer instances than one batch of {per_rank}")
+    opt = torch.optim.Adam(model.parameters(), lr=scfg["lr"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(scfg, steps_per_epoch))
+    start_epoch, step = 0, 0
+    if os.path.exists(path):
+        state = checkpoint.load(path, kind=stage, required=["model", "optimizer", "scheduler", "epoch", "step"],
+                                map_location=rt.device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, step = state["epoch"], state["step"]
+        if rt.main:
+            print(f"[{stage}] resuming after epoch {start_epoch} (step {step}) from {path}")
+    ddp = model
+    if rt.world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                  else None)
+    run_model = torch.compile(ddp) if cfg["compile"] else ddp
+
+    for epoch in range(start_epoch, scfg["epochs"]):
+        model.train()
+        sampler.set_epoch(epoch)
+        bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{scfg['epochs']}", disable=not rt.main, leave=False)
+        total, count = 0.0, 0
+        for batch in bar:
+            batch = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with _autocast(rt, cfg):
+                loss, metrics = loss_fn(run_model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            total += float(loss.detach())
+            count += 1
+            bar.set_postfix(loss=f"{total / count:.5f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            for name, value in {"loss": float(loss.detach()), **metrics}.items():
+                log.write(stage=stage, epoch=epoch + 1, step=step, name=name, value=f"{value:.6g}")
+        if rt.main:
+            msg = f"[{stage}] epoch {epoch + 1}: loss {total / max(count, 1):.6f}"
+            if validate is not None and ((epoch + 1) % cfg["val_every"] == 0 or epoch + 1 == scfg["epochs"]):
+                pck = validate(model)
+                msg += f", val PCK@0.2 {pck:.4f}"
+                log.write(stage=stage, epoch=epoch + 1, step=step, name="val_pck", value=f"{pck:.6f}")
+            print(msg, flush=True)
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch + 1, "step": step, "config": cfg, **(extra_state or {})}
+            checkpoint.save(state, path, kind=stage)
+        rt.barrier()
+    return model
+
+
+# --------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------
+def _validator(cfg, rt, val_coco, methods, make_model):
+    """Mean PCK@0.2 on the val categories (1-shot, seeded episodes)."""
+    if val_coco is None:
+        return None
+    from escape_fast.data import EpisodeSampler
+    from escape_fast.evaluation import evaluate
+
+    sampler = EpisodeSampler(val_coco, shots=1, queries=cfg["val_queries"], draws=cfg["val_draws"],
+                             seed=cfg["seed"], too_few="skip")
+    if not sampler.episodes:
+        return None
+
+    def validate(trained):
+        model = make_model(trained).to(rt.device)
+        res = evaluate(model, val_coco, sampler, methods=methods, device=rt.device, batch_size=cfg["batch_size"])
+        trained.train()
+        return res[methods[-1]].summary.pck_main
+
+    return validate
+
+
+def stage_baseline(cfg, rt, run_dir, train_coco, val_coco, log):
+    table, _, keys = base_keypoint_table(train_coco)
+    torch.manual_seed(cfg["seed"])  # the same initial weights in every process and every run
+    extractor = build_extractor(cfg["backbone"], weights=cfg["weights"], channels=cfg["channels"])
+    protos = torch.randn(len(keys), cfg["channels"]) * 1e-3
+    model = HeatmapModel(extractor, protos, table)
+    validate = _validator(cfg, rt, val_coco, ("mle",), lambda m: EscapeModel(cfg, m.extractor))
+    return run_epochs("baseline", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
+
+
+def _heatmap_step(model, batch):
+    heatmaps, has_proto = model(batch["image"], batch["category_index"])
+    weight = batch["target_weight"] * has_proto
+    return heatmap_loss(heatmaps, batch["target"], weight), {}
+
+
+@torch.no_grad()
+def stage_cluster(cfg, rt, run_dir, train_coco, log):
+    """Mean pooled feature of each base keypoint over its training instances
+    (eq. 4), then ops.cluster_keypoints."""
+    from tqdm.auto import tqdm
+
+    base = checkpoint.load(os.path.join(run_dir, "baseline.pt"), kind="baseline", required=["model"])
+    table, owner, keys = base_keypoint_table(train_coco)
+    extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
+    model = HeatmapModel(extractor, torch.zeros(len(keys), cfg["channels"]), table)
+    model.load_state_dict(base["model"])
+    model.to(rt.device).eval()
+    ccfg = cfg["cluster"]
+    if ccfg["source"] == "prototypes":
+        vectors = model.prototypes.detach().float()
+        seen = torch.ones(len(keys), dtype=torch.bool, device=vectors.device)
+    elif ccfg["source"] == "features":
+        dataset = KeypointDataset(train_coco, input_size=cfg["input_size"], train=False, sigma=cfg["sigma"])
+        loader = make_loader(dataset, cfg["batch_size"], num_workers=cfg["workers"])
+        sums = torch.zeros(len(keys), cfg["channels"], device=rt.device)
+        counts = torch.zeros(len(keys), device=rt.device)
+        for batch in tqdm(loader, desc="cluster: base features", disable=not rt.main, leave=False):
+            images = batch["image"].to(rt.device)
+            with _autocast(rt, cfg):
+                feats = model.extractor(images).float()
+            vis = batch["visible"].to(rt.device)
+            pooled = ops.keypoint_pool(feats, batch["keypoints"].to(rt.device), vis, cfg["sigma"])
+            rows = table.to(rt.device)[batch["category_index"].to(rt.device)]
+            use = vis & (rows >= 0)
+            sums.index_add_(0, rows[use], pooled[use])
+            counts.index_add_(0, rows[use], torch.ones_like(rows[use], dtype=counts.dtype))
+        seen = counts > 0
+        vectors = sums / counts.clamp_min(1)[:, None]
+    else:
+        raise config_mod.ConfigError(f"cluster.source must be 'features' or 'prototypes', got {ccfg['source']!r}")
+    idx = torch.nonzero(seen).squeeze(1)
+    super_kps, assign_seen = ops.cluster_keypoints(vectors[idx].cpu(), owner[idx.cpu()], ccfg["threshold"],
+                                                   ccfg["k"])
+    assignment = torch.full((len(keys),), -1, dtype=torch.long)
+    assignment[idx.cpu()] = assign_seen
+    if rt.main:
+        checkpoint.save({"super_keypoints": super_kps, "assignment": assignment, "vectors": vectors.cpu(),
+                         "keys": torch.tensor(keys), "config": cfg}, os.path.join(run_dir, "cluster.pt"),
+                        kind="cluster")
+        print(f"[cluster] {len(keys)} base keypoints ({int(seen.sum())} seen) -> {super_kps.shape[0]} "
+              f"super-keypoints (threshold {ccfg['threshold']}, k {ccfg['k']})", flush=True)
+        log.write(stage="cluster", epoch=0, step=0, name="super_keypoints", value=super_kps.shape[0])
+    rt.barrier()
+
+
+def _load_clusters(run_dir):
+    return checkpoint.load(os.path.join(run_dir, "cluster.pt"), kind="cluster",
+                           required=["super_keypoints", "assignment"])
+
+
+def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
+    clusters = _load_clusters(run_dir)
+    base = checkpoint.load(os.path.join(run_dir, "baseline.pt"), kind="baseline", required=["model"])
+    table, _, keys = base_keypoint_table(train_coco)
+    extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
+    extractor.load_state_dict({k[len("extractor."):]: v for k, v in base["model"].items()
+                               if k.startswith("extractor.")})
+    assignment = clusters["assignment"]
+    super_table = torch.where(table >= 0, assignment[table.clamp_min(0)], table)
+    model = HeatmapModel(extractor, clusters["super_keypoints"].float(), super_table)
+    validate = _validator(cfg, rt, val_coco, ("mle", "map"),
+                          lambda m: EscapeModel(cfg, m.extractor, m.prototypes.detach()))
+    return run_epochs("finetune", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
+
+
+def _finetuned(cfg, run_dir, train_coco):
+    ft = checkpoint.load(os.path.join(run_dir, "finetune.pt"), kind="finetune", required=["model"])
+    extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
+    extractor.load_state_dict({k[len("extractor."):]: v for k, v in ft["model"].items()
+                               if k.startswith("extractor.")})
+    return extractor, ft["model"]["prototypes"].float()
+
+
+def stage_matching(cfg, rt, run_dir, train_coco, val_coco, log):
+    clusters = _load_clusters(run_dir)
+    extractor, mu = _finetuned(cfg, run_dir, train_coco)
+    table, _, _ = base_keypoint_table(train_coco)
+    labels_table = torch.where(table >= 0, clusters["assignment"][table.clamp_min(0)], table)
+    # f_gamma starts from the fine-tuned f_theta: it already knows keypoints
+    gamma = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
+    gamma.load_state_dict(extractor.state_dict())
+    torch.manual_seed(cfg["seed"])
+    model = MatchingModel(gamma, build_matcher(cfg, mu.shape[0]), cfg["sigma"])
+    model.register_buffer("labels_table", labels_table)
+
+    def step_fn(run_model, batch):
+        log_p = run_model(batch["image"], batch["keypoints"], batch["visible"])
+        labels = model.labels_table[batch["category_index"]]
+        valid = batch["visible"] & (labels >= 0)
+        loss, acc = matching_loss(log_p, labels, valid)
+        return loss, {"accuracy": float(acc)}
+
+    validate = _validator(cfg, rt, val_coco, ("mle", "map", "escape"),
+                          lambda m: EscapeModel(cfg, extractor.to(rt.device), mu, m.extractor, m.matcher))
+    return run_epochs("matching", model, step_fn, train_coco, cfg, rt, run_dir, log, validate)
+
+
+def assemble(cfg, run_dir, train_coco) -> EscapeModel:
+    """model.pt from the stage checkpoints that exist."""
+    base = checkpoint.load(os.path.join(run_dir, "baseline.pt"), kind="baseline", required=["model"])
+    extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
+    mu, gamma, matcher = None, None, None
+    if os.path.exists(os.path.join(run_dir, "finetune.pt")):
+        extractor, mu = _finetuned(cfg, run_dir, train_coco)
+    else:
+        extractor.load_state_dict({k[len("extractor."):]: v for k, v in base["model"].items()
+                                   if k.startswith("extractor.")})
+    if mu is not None and os.path.exists(os.path.join(run_dir, "matching.pt")):
+        mstate = checkpoint.load(os.path.join(run_dir, "matching.pt"), kind="matching", required=["model"])
+        gamma = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
+        matcher = build_matcher(cfg, mu.shape[0])
+        gamma.load_state_dict({k[len("extractor."):]: v for k, v in mstate["model"].items()
+                               if k.startswith("extractor.")})
+        matcher.load_state_dict({k[len("matcher."):]: v for k, v in mstate["model"].items()
+                                 if k.startswith("matcher.")})
+    return EscapeModel(cfg, extractor, mu, gamma, matcher)
+
+
+# --------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------
+def annotation_files(cfg) -> dict:
+    if not cfg["data"]:
+        raise config_mod.ConfigError("no data: pass --data DIR (an MP-100-format root)")
+    return mp100_split_files(cfg["data"], cfg["split"])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m escape_fast.train",
+        description="Train ESCAPE in four stages (baseline, cluster, finetune, matching) on an MP-100-format "
+                    "dataset. Resumable; runs under torchrun for several processes or GPUs.",
+    )
+    p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default: all, in order)")
+    p.add_argument("--data", help="dataset root with annotations/ and images/ (MP-100 layout)")
+    p.add_argument("--split", type=int, help="MP-100 split 1..5")
+    p.add_argument("--backbone", help="resnet50 | resnet18 | efficientnet_lite0 | dinov2_vits14")
+    p.add_argument("--weights", help="trunk weights: imagenet, none, or a state-dict file")
+    p.add_argument("--out", required=True, help="run folder (created; config, checkpoints and log go there)")
+    p.add_argument("--config", help="YAML file of settings (see escape_fast.config.DEFAULTS)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set baseline.epochs=2 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training models")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    run_dir = args.out
+    saved = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(saved) and not args.resume:
+        print(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out",
+              file=sys.stderr)
+        return 2
+    overrides = [config_mod.parse_override(s) for s in args.set]
+    for key in ("data", "split", "backbone", "device"):
+        if getattr(args, key) is not None:
+            overrides.append({key: getattr(args, key)})
+    if args.weights is not None:
+        overrides.append({"weights": None if args.weights.lower() == "none" else args.weights})
+    if args.compile:
+        overrides.append({"compile": True})
+    base = config_mod.resolve(saved) if args.resume and os.path.exists(saved) else None
+    cfg = config_mod.resolve(args.config, overrides, base=base)
+    rt = Runtime(cfg["device"])
+    os.makedirs(run_dir, exist_ok=True)
+    if rt.main:
+        config_mod.save(cfg, saved)
+    files = annotation_files(cfg)
+    train_coco = load_coco(files["train"])
+    val_coco = load_coco(files["val"]) if os.path.exists(files["val"]) else None
+    log = CSVLog(os.path.join(run_dir, "log.csv"), rt.main)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    for stage in stages:
+        t0 = time.time()
+        if stage == "baseline":
+            stage_baseline(cfg, rt, run_dir, train_coco, val_coco, log)
+        elif stage == "cluster":
+            stage_cluster(cfg, rt, run_dir, train_coco, log)
+        elif stage == "finetune":
+            stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log)
+        elif stage == "matching":
+            stage_matching(cfg, rt, run_dir, train_coco, val_coco, log)
+        if rt.main:
+            model = assemble(cfg, run_dir, train_coco)
+            checkpoint.save(model.to_checkpoint(), os.path.join(run_dir, "model.pt"), kind="model")
+            print(f"[{stage}] done in {time.time() - t0:.1f}s; model.pt has methods {', '.join(model.methods)}",
+                  flush=True)
+        rt.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

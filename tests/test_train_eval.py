@@ -1,0 +1,188 @@
+"""Four-stage training and the evaluation driver on a tiny synthetic benchmark.
+
+One small benchmark (100 categories x 6 instances, 128 px) is generated per
+test session; the models are the 'tiny' backbone at 64 px with 16 channels,
+so every stage runs in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from escape_fast import checkpoint
+from escape_fast.data import EpisodeSampler, load_coco, mp100_split_files
+from escape_fast.data.synthetic import generate
+from escape_fast.evaluation import evaluate, evaluate_reference
+from escape_fast.models.escape import EscapeModel
+
+TINY = [
+    "--backbone", "tiny", "--weights", "none",
+    "--set", "input_size=64", "--set", "channels=16", "--set", "batch_size=8", "--set", "per_category=1",
+    "--set", "workers=0", "--set", "val_draws=1", "--set", "val_queries=3",
+    "--set", "baseline.epochs=3", "--set", "baseline.lr=2e-3", "--set", "baseline.warmup=5",
+    "--set", "finetune.epochs=2", "--set", "finetune.warmup=5", "--set", "finetune.lr=1e-3",
+    "--set", "matching.epochs=3", "--set", "matching.warmup=5", "--set", "matching.lr=1e-3",
+    "--set", "matching.blocks=1", "--set", "matching.heads=2", "--set", "matching.head_dim=8",
+    "--set", "matching.mlp=32", "--set", "matching.iters=20", "--set", "cluster.threshold=0.6",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, size="small", seed=1, progress=False, instances=6)
+    return root
+
+
+def _train(bench, out, *extra, stage="all", env=ENV, launcher=(sys.executable, "-m")):
+    cmd = [*launcher, "escape_fast.train", "--stage", stage, "--data", str(bench), "--split", "1",
+           "--out", str(out), *TINY, *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run, stage, name="loss"):
+    with open(run / "log.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["stage"] == stage and r["name"] == name]
+    by_epoch = {}
+    for r in rows:
+        by_epoch.setdefault(int(r["epoch"]), []).append(float(r["value"]))
+    return {e: sum(v) / len(v) for e, v in sorted(by_epoch.items())}
+
+
+@pytest.fixture(scope="session")
+def trained(bench, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run") / "all"
+    _train(bench, run)
+    return run
+
+
+def test_all_stages_run_and_losses_fall(trained):
+    for name in ("config.yaml", "baseline.pt", "cluster.pt", "finetune.pt", "matching.pt", "model.pt", "log.csv"):
+        assert (trained / name).exists(), name
+    for stage in ("baseline", "finetune", "matching"):
+        loss = _losses(trained, stage)
+        assert loss[max(loss)] < loss[1], (stage, loss)
+
+
+def test_clusters_feed_finetuning_and_the_model(trained):
+    clusters = checkpoint.load(trained / "cluster.pt", kind="cluster")
+    finetune = checkpoint.load(trained / "finetune.pt", kind="finetune")
+    n_super = clusters["super_keypoints"].shape[0]
+    assert finetune["model"]["prototypes"].shape[0] == n_super
+    assert (clusters["assignment"] < n_super).all()
+    model = EscapeModel.from_checkpoint(trained / "model.pt")
+    assert model.methods == ("mle", "map", "escape")
+    assert model.super_keypoints.shape[0] == n_super
+
+
+def test_matching_network_beats_chance(trained):
+    clusters = checkpoint.load(trained / "cluster.pt", kind="cluster")
+    acc = _losses(trained, "matching", "accuracy")
+    chance = 1.0 / clusters["super_keypoints"].shape[0]
+    assert acc[max(acc)] > 2 * chance, (acc, chance)
+
+
+def test_resume_equals_an_uninterrupted_run(bench, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    _train(bench, whole, "--set", "baseline.epochs=2", stage="baseline")
+    _train(bench, parts, "--set", "baseline.epochs=1", stage="baseline")
+    _train(bench, parts, "--resume", "--set", "baseline.epochs=2", stage="baseline")
+    a = checkpoint.load(whole / "baseline.pt")
+    b = checkpoint.load(parts / "baseline.pt")
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_existing_run_needs_resume(bench, tmp_path):
+    run = tmp_path / "run"
+    _train(bench, run, "--set", "baseline.epochs=1", stage="baseline")
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.train", "--stage", "baseline", "--data", str(bench),
+                           "--out", str(run)], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_two_gloo_processes_train_the_same_model_as_one(bench, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(bench, one, "--set", "baseline.epochs=1", stage="baseline")
+    _train(bench, two, "--set", "baseline.epochs=1", stage="baseline",
+           launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                     "29533", "-m"))
+    a = checkpoint.load(one / "baseline.pt")["model"]
+    b = checkpoint.load(two / "baseline.pt")["model"]
+    for k, v in a.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, b[k], rtol=1e-3, atol=1e-5), (k, (v - b[k]).abs().max())
+        else:
+            assert torch.equal(v, b[k]), k
+
+
+# --------------------------------------------------------------------------
+# evaluation
+# --------------------------------------------------------------------------
+def _sampler(bench, draws=5, queries=3, shots=1):
+    coco = load_coco(mp100_split_files(bench, 1)["test"])
+    return coco, EpisodeSampler(coco, shots=shots, queries=queries, draws=draws, seed=3)
+
+
+@pytest.mark.parametrize("method", ["mle", "map", "escape"])
+def test_fast_path_equals_reference_path(trained, bench, method):
+    coco, sampler = _sampler(bench)  # 20 categories x 5 draws x 3 queries = 300 pairs
+    model = EscapeModel.from_checkpoint(trained / "model.pt")
+    fast = evaluate(model, coco, sampler, (method,), "cpu")[method]
+    ref = evaluate_reference(model, coco, sampler.episodes, method, "cpu", sampler.queries)
+    assert fast.scores.shape == ref.scores.shape == (5, 300)
+    assert torch.equal(fast.category_ids, ref.category_ids) and torch.equal(fast.draws, ref.draws)
+    k = ref.predictions.shape[1]
+    diff = (fast.predictions[:, :k] - ref.predictions).abs().amax(-1)
+    # argmax ties can flip between float orderings; allow a handful, all else equal
+    flips = int((diff > 1e-3).sum())
+    assert flips <= max(2, diff.numel() // 200), (flips, diff.numel())
+    assert abs(fast.summary.pck_main - ref.summary.pck_main) < 0.01
+
+
+def test_eval_cli_report_and_all_methods(trained, bench, tmp_path):
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.eval", "--data", str(bench), "--checkpoint",
+                           str(trained), "--episodes", "300", "--queries", "3", "--method", "all", "--quiet",
+                           "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MLE" in proc.stdout and "ESCAPE" in proc.stdout and "mPCK" in proc.stdout
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"mle", "map", "escape"}
+    r = report["results"]["escape"]
+    assert r["num_pairs"] == 300 and 0.0 <= r["pck"]["0.20"] <= 1.0
+
+
+def test_eval_under_torchrun_equals_one_process(trained, bench, tmp_path):
+    base = ["escape_fast.eval", "--data", str(bench), "--checkpoint", str(trained), "--episodes", "300",
+            "--queries", "3", "--method", "escape", "--quiet", "--workers", "0"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    p1 = subprocess.run([sys.executable, "-m", *base, "--out", str(one)], env=ENV, capture_output=True, text=True)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                         "29534", "-m", *base, "--out", str(two)], env=ENV, capture_output=True, text=True)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    a = json.loads(one.read_text())["results"]["escape"]
+    b = json.loads(two.read_text())["results"]["escape"]
+    assert a["pck"] == b["pck"] and a["per_category"] == b["per_category"] and a["ci95"] == b["ci95"]
+
+
+def test_eval_rejects_a_model_without_the_method(bench, tmp_path):
+    model = EscapeModel.build({"backbone": "tiny", "channels": 8, "input_size": 64})
+    path = tmp_path / "mle_only.pt"
+    checkpoint.save(model.to_checkpoint(), path, kind="model")
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.eval", "--data", str(bench), "--checkpoint",
+                           str(path), "--episodes", "300", "--queries", "3", "--method", "escape", "--quiet"],
+                          env=ENV, capture_output=True, text=True)
+    assert proc.returncode != 0 and "escape" in proc.stderr and "mle" in proc.stderr
