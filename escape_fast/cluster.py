@@ -66,8 +66,9 @@ except ImportError as exc:  # optional at import time; "auto" then uses torch
 FAISS_GPU = HAVE_FAISS and hasattr(faiss, "StandardGpuResources")
 
 FLAT_MAX = 65536  # base vectors up to which FAISS searches exhaustively ("auto")
-DEFAULT_NPROBE = 8  # IVF lists visited per query
+DEFAULT_NPROBE = 2  # IVF lists visited per query (recall above 0.8 cosine: 99.99% on planted data)
 RERANK_MARGIN = 8  # extra FAISS candidates per row when re-ranking in float64
+TIE_MARGIN = 4  # extra FAISS candidates per row to see ties at the last place
 GPU_MAX_K = 2048  # largest k that FAISS GPU selection supports
 ENGINES = ("auto", "faiss", "cpu", "cuda", "triton")
 
@@ -185,17 +186,20 @@ class TorchSearcher:
     @staticmethod
     def _block_topk(sim: torch.Tensor, k: int):
         """The block's k best (value, column), in column order, ties to the lower column."""
-        kk = min(k, sim.shape[1])
-        top_v, top_i = sim.topk(kk, dim=1)
-        if kk == k:
-            # topk may pick any of several columns tied at the k-th value:
-            # rows with more ties than picks are redone with a stable sort.
-            kth = top_v[:, -1:]
-            short = ((sim == kth).sum(1) > (top_v == kth).sum(1)) & torch.isfinite(kth[:, 0])
-            if bool(short.any()):
-                rows = short.nonzero().squeeze(1)
-                v, i = sim[rows].sort(dim=1, descending=True, stable=True)
-                top_v[rows], top_i[rows] = v[:, :k], i[:, :k]
+        cols = sim.shape[1]
+        if cols <= k:  # every column is kept: no choice to get wrong
+            top_v, top_i = sim, torch.arange(cols, device=sim.device).expand_as(sim)
+            return top_v, top_i
+        # topk may keep any of several columns tied at the k-th value; one more
+        # value shows whether the tie reaches past the cut. Those rows (rare)
+        # are redone with a stable sort.
+        top_v, top_i = sim.topk(k + 1, dim=1)
+        short = (top_v[:, k] == top_v[:, k - 1]) & torch.isfinite(top_v[:, k])
+        top_v, top_i = top_v[:, :k], top_i[:, :k]
+        if bool(short.any()):
+            rows = short.nonzero().squeeze(1)
+            v, i = sim[rows].sort(dim=1, descending=True, stable=True)
+            top_v[rows], top_i[rows] = v[:, :k], i[:, :k]
         top_i, by_col = top_i.sort(dim=1)
         return top_v.gather(1, by_col), top_i
 
@@ -248,7 +252,7 @@ class FaissSearcher:
         self.xb = xb.contiguous()
 
         if self.gpu:
-            import faiss.contrib.torch_utils  # noqa: F401  (lets faiss.knn_gpu take torch tensors)
+            from faiss.contrib import torch_utils  # noqa: F401  (lets faiss.knn_gpu take torch tensors)
 
             self.res = faiss.StandardGpuResources()
         elif self.kind == "ivf":
@@ -297,12 +301,36 @@ class FaissSearcher:
         return torch.from_numpy(d), torch.from_numpy(i)
 
     def search(self, queries: torch.Tensor, qlabels: torch.Tensor | None, k: int):
-        n = queries.shape[0]
-        width = min(k + (RERANK_MARGIN if self.rerank else 0), self.m)
-        if self.gpu and width > GPU_MAX_K:  # beyond FAISS GPU selection (long re-queries)
+        need = min(k + (RERANK_MARGIN if self.rerank else 0), self.m)
+        if self.gpu and need + TIE_MARGIN > GPU_MAX_K:  # beyond FAISS GPU selection (long re-queries)
             if self._exact is None:
                 self._exact = TorchSearcher(*self._exact_args, self.dtype)
             return self._exact.search(queries, qlabels, k)
+        vals, idx = self._candidates(queries, qlabels, need)
+        vals, idx = vals.to(self.device), idx.to(self.device)
+        if self.rerank:
+            vals, idx = _sort_rows(self._rescore(queries, idx), idx)
+        return _pad(vals.to(self.dtype), idx, k)
+
+    def _candidates(self, queries: torch.Tensor, qlabels: torch.Tensor | None, need: int):
+        """Best ``need`` (float32 similarity, original id) per row, ties to the lower id.
+
+        FAISS keeps an arbitrary subset of the candidates tied at the last
+        place, so TIE_MARGIN more are fetched; rows whose last fetched value
+        still equals the need-th are fetched again, twice as wide."""
+        width = min(need + TIE_MARGIN, self.m)
+        vals, idx = self._search_sorted(queries, qlabels, width)
+        if width < self.m:
+            kth, last = vals[:, need - 1], vals[:, -1]
+            short = (torch.isfinite(kth) & (last == kth)).nonzero().squeeze(1)
+            if len(short):
+                sub_labels = None if qlabels is None else qlabels[short.to(qlabels.device)]
+                v, i = self._candidates(queries[short.to(queries.device)], sub_labels, min(2 * width, self.m))
+                vals[short], idx[short] = v[:, :width], i[:, :width]
+        return vals[:, :need], idx[:, :need]
+
+    def _search_sorted(self, queries: torch.Tensor, qlabels: torch.Tensor | None, width: int):
+        n = queries.shape[0]
         xq = _normalized(queries, self.dtype).to(device=self.work, dtype=torch.float32).contiguous()
         vals = torch.full((n, width), -math.inf, dtype=torch.float32, device=self.work)
         idx = torch.full((n, width), -1, dtype=torch.long, device=self.work)
@@ -326,10 +354,7 @@ class FaissSearcher:
                 i = torch.where(i >= 0, self.perm[i.clamp_min(0)], i)
             d, i = _sort_rows(d, i) if merged else _fix_ties(d, i)
             vals[rows], idx[rows] = _pad(d, i, width)
-        vals, idx = vals.to(self.device), idx.to(self.device)
-        if self.rerank:
-            vals, idx = _sort_rows(self._rescore(queries, idx), idx)
-        return _pad(vals.to(self.dtype), idx, k)
+        return vals, idx
 
     def _rescore(self, queries: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Similarities of the candidates in the input precision (-inf where idx < 0)."""

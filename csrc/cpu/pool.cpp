@@ -110,17 +110,24 @@ at::Tensor keypoint_pool_cpu(const at::Tensor& features, const at::Tensor& keypo
     const scalar_t* p = kp.data_ptr<scalar_t>();
     const bool* v = vis.data_ptr<bool>();
     scalar_t* o = out.data_ptr<scalar_t>();
-    // One task per (b, k): independent outputs out[b, k, :].
-    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> rows;  // rows[c * hh + j]: window row j of channel c, weighted by gx
+    // Windows first, then one task per (b, c) plane: the plane (H * W
+    // values, 16 KiB at 64 x 64) stays in L1 while all K windows read it, so
+    // the features stream through memory once.
+    std::vector<Window<scalar_t>> wins(B * K);
+    at::parallel_for(0, B * K, 16, [&](int64_t begin, int64_t end) {
       for (int64_t bk = begin; bk < end; ++bk) {
-        const int64_t b = bk / K;
-        const auto win = make_window<scalar_t>(p[bk * 2], p[bk * 2 + 1], v[bk], sigma, H, W);
-        if (!win.valid()) continue;
-        const int64_t ww = win.gx.size(), hh = win.gy.size();
-        const scalar_t* gx = win.gx.data();
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* plane = f + ((b * C + c) * H) * W;
+        wins[bk] = make_window<scalar_t>(p[bk * 2], p[bk * 2 + 1], v[bk], sigma, H, W);
+      }
+    });
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bc = begin; bc < end; ++bc) {
+        const int64_t b = bc / C, c = bc % C;
+        const scalar_t* plane = f + bc * H * W;
+        for (int64_t k = 0; k < K; ++k) {
+          const auto& win = wins[b * K + k];
+          if (!win.valid()) continue;
+          const int64_t ww = win.gx.size(), hh = win.gy.size();
+          const scalar_t* gx = win.gx.data();
           scalar_t acc = 0;
           for (int64_t j = 0; j < hh; ++j) {
             const scalar_t* row = plane + (win.y0 + j) * W + win.x0;
@@ -128,7 +135,7 @@ at::Tensor keypoint_pool_cpu(const at::Tensor& features, const at::Tensor& keypo
             for (int64_t i = 0; i < ww; ++i) racc += row[i] * gx[i];  // contiguous: vectorizes
             acc += racc * win.gy[j];
           }
-          o[bk * C + c] = acc * win.inv_norm;
+          o[(b * K + k) * C + c] = acc * win.inv_norm;
         }
       }
     });
@@ -147,8 +154,10 @@ at::Tensor keypoint_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   TORCH_CHECK(keypoints.size(1) == K, "keypoint_pool_backward: keypoints must be [B, K, 2] with K=", K,
               " (from grad), got ", keypoints.sizes());
   const int64_t H = height, W = width;
-  auto out = at::zeros({B, C, H, W}, grad.options());
-  if (out.numel() == 0 || K == 0) return out;
+  if (B * C * H * W == 0 || K == 0) return at::zeros({B, C, H, W}, grad.options());
+  // Each task zeroes its own plane just before adding to it (while it is in
+  // cache) instead of a separate zero-fill pass over the whole output.
+  auto out = at::empty({B, C, H, W}, grad.options());
 
   const auto g = grad.contiguous();
   const auto kp = keypoints.contiguous();
@@ -172,6 +181,7 @@ at::Tensor keypoint_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;
         scalar_t* plane = o + bc * H * W;
+        std::fill(plane, plane + H * W, scalar_t(0));
         for (int64_t k = 0; k < K; ++k) {
           const auto& win = wins[b * K + k];
           if (!win.valid()) continue;
