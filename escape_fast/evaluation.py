@@ -293,11 +293,15 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
     cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
     needed = sorted({i for c in cats for e in groups[c] for i in (*e.supports, *e.queries)})
     bank = build_bank(model, coco, needed, device, batch_size, workers, amp, backend, timer, progress)
+    with timer.phase("features"):
+        if not bool(torch.isfinite(bank.features).all()):
+            raise ValueError("the feature extractor produced NaN or Inf features (a broken checkpoint?)")
     bank_seconds = dict(timer.seconds)
     results = {}
     for method in methods:
         timer.seconds = dict(bank_seconds)
-        pairs = evaluate_pairs(model, coco, sampler, method, device, backend, bank, cats, timer, progress)
+        with ops.finite_checks(False):  # checked once above; no per-call host sync in the episode loop
+            pairs = evaluate_pairs(model, coco, sampler, method, device, backend, bank, cats, timer, progress)
         if summarize_results:
             with timer.phase("metric"):
                 results[method] = summarize(method, pairs, dict(timer.seconds))

@@ -18,6 +18,7 @@ super-keypoints.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -26,6 +27,8 @@ import torch
 from escape_fast import _extension, reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
+# knn and cluster_keypoints: "cpu"/"cuda" are the blocked torch path, "faiss" the FAISS index
+SEARCH_BACKENDS = ("auto", "cpu", "cuda", "faiss", "reference")
 
 # Ops that have compiled / Triton kernels (the others are Python only).
 KERNEL_OPS = (
@@ -37,8 +40,20 @@ KERNEL_OPS = (
 )
 
 # Finite checks read the data on the host (one sync per call); the evaluation
-# driver turns them off in its hot loop after checking the features once.
+# driver turns them off in its hot loop (``finite_checks(False)``) after the
+# features were checked once.
 CHECK_FINITE = True
+
+
+@contextlib.contextmanager
+def finite_checks(enabled: bool):
+    """Temporarily turn the NaN/Inf input checks on or off."""
+    global CHECK_FINITE
+    before, CHECK_FINITE = CHECK_FINITE, enabled
+    try:
+        yield
+    finally:
+        CHECK_FINITE = before
 
 
 class BackendUnavailable(RuntimeError):
@@ -473,8 +488,8 @@ def knn(
         _expect(op, "exclude[1] (base labels)", exclude[1], ("M",), sizes, floating=False)
     _same_device(op, queries=queries, base=base)
     _finite(op, queries=queries, base=base)
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return reference.knn(queries, base, k, exclude)
     from escape_fast import cluster
@@ -510,8 +525,8 @@ def cluster_keypoints(
         raise ValueError(f"{op}: threshold must be a cosine similarity in [-1, 1], got {threshold!r}")
     _same_device(op, vectors=vectors, categories=categories)
     _finite(op, vectors=vectors)
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return reference.cluster_keypoints(vectors, categories, threshold, k)
     from escape_fast import cluster
