@@ -42,6 +42,9 @@ def save(obj: dict, path: str | os.PathLike, kind: str) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

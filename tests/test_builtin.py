@@ -1,0 +1,42 @@
+"""The built-in benchmark cache and the out-of-the-box evaluation command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from escape_fast import builtin
+from escape_fast.data import synthetic
+
+
+def test_interrupted_generation_leaves_no_partial_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESCAPE_FAST_CACHE", str(tmp_path))
+
+    def interrupted(out, **kwargs):
+        (out / "annotations").mkdir()
+        (out / "annotations" / "half.json").write_text("{")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        builtin.dataset_root(progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_of_the_commands():
+    for module in ("escape_fast.eval", "escape_fast.train", "escape_fast.data.synthetic"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage" in proc.stdout.lower(), module
+
+
+def test_eval_runs_out_of_the_box(tmp_path):
+    env = {**os.environ, "ESCAPE_FAST_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.eval", "--episodes", "300", "--method", "all",
+                           "--quiet", "--out", str(tmp_path / "r.json")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ESCAPE" in proc.stdout and (tmp_path / "synthetic-small-seed0" / "COMPLETE").exists()
+    assert (tmp_path / "r.json").exists()
