@@ -104,16 +104,26 @@ SINKHORN_INLINE T pow2i(T k) {
   return std::bit_cast<T>(Bits(std::bit_cast<Bits>(k + (C::kMagic + T(C::kBias))) << C::kMantissa));
 }
 
+// c ? a : b on the bit patterns. GCC turns a floating-point ?: whose arm is
+// a constant into a branch around the arithmetic it feeds, which only
+// AVX-512 (masked operations) can vectorise again; integer masks keep the
+// loops straight-line for AVX2 and SSE2 as well.
+template <typename T>
+SINKHORN_INLINE T select(bool c, T a, T b) {
+  using Bits = typename MathConsts<T>::Bits;
+  const Bits m = Bits(0) - Bits(c);
+  return std::bit_cast<T>((std::bit_cast<Bits>(a) & m) | (std::bit_cast<Bits>(b) & ~m));
+}
+
 // exp(x) to ~1.2 ulp, branch-free: x = n ln2 + r with |r| <= ln2 / 2,
 // exp(r) by its Taylor polynomial, times 2^n applied as two factors
 // 2^h 2^(n-h) so that results in the subnormal range come out right.
 // exp(-inf) = 0, exp(+inf) = inf, NaN propagates (it passes the clamp and
-// the polynomial). Only the lower clamp is needed to keep 2^n in range; the
-// overflow side is a select (cheaper than a second clamp in GCC's code).
+// the polynomial).
 template <typename T>
 SINKHORN_INLINE T vexp(T x) {
   using C = MathConsts<T>;
-  const T xc = x < C::kExpLo ? C::kExpLo : x;
+  const T xc = select(x < C::kExpLo, C::kExpLo, x);  // keeps 2^n in range
   const T n = (xc * T(1.4426950408889634) + C::kMagic) - C::kMagic;  // round(x / ln2)
   const T r = (xc - n * C::kLn2Hi) - n * C::kLn2Lo;
   T inv_fact[C::kExpDegree + 1];  // 1 / k!, folded to constants by the compiler
@@ -123,7 +133,7 @@ SINKHORN_INLINE T vexp(T x) {
   for (int k = C::kExpDegree - 1; k >= 0; --k) p = p * r + inv_fact[k];
   const T h = (n * T(0.5) + C::kMagic) - C::kMagic;
   const T y = p * pow2i(h) * pow2i(n - h);
-  return x > C::kExpHi ? std::numeric_limits<T>::infinity() : y;
+  return select(x > C::kExpHi, std::numeric_limits<T>::infinity(), y);
 }
 
 // log(x) to ~1 ulp for a positive normal finite x (callers route the other
