@@ -9,8 +9,7 @@
 // the batch is split over threads with at::parallel_for; every inner loop
 // runs along the contiguous column axis.
 //
-// Speed: the cost is exp, (M + 1) x N of them per pass. Three things make
-// it cheap:
+// Speed: the cost is exp, (M + 1) x N of them per pass. What makes it cheap:
 //  * exp (and log) are written as branch-free range reduction + polynomial
 //    (vexp/vlog below), so GCC vectorises the loops that call them; the
 //    libm calls it would otherwise make are scalar. The hot functions are
@@ -25,7 +24,10 @@
 //    each is used only where it cannot lose accuracy to underflow (checked
 //    per iteration), otherwise the direct two-exp computation runs.
 //  * reductions keep kLanes independent partial results, so they vectorise
-//    without -ffast-math (which the build does not use).
+//    without -ffast-math (which the build does not use), over rows padded
+//    to whole vectors (no scalar tails); the forward's row max is skipped
+//    when the previous iteration's LSE is a safe shift.
+//  * problems are handed to the threads one at a time (2 shared cores).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -54,8 +56,8 @@ namespace {
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
 
-// Independent partial results per reduction: 128 bytes, i.e. two AVX-512 or
-// four AVX2 vectors, enough to hide the add/max latency.
+// Independent partial results per reduction, and the unit rows are padded
+// to: 64 bytes, one AVX-512 or two AVX2 vectors.
 template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
 
@@ -172,21 +174,6 @@ SINKHORN_INLINE T reduce_lanes(T* acc, Op op) {
   return acc[0];
 }
 
-// max_c (x_c + y_c); NaN terms are skipped like std::max does (they reach
-// the sum that follows anyway).
-template <typename T>
-SINKHORN_INLINE T max_of_sum(const T* x, const T* y, int64_t n) {
-  constexpr int64_t W = kLanes<T>;
-  T acc[W];
-  for (int64_t j = 0; j < W; ++j) acc[j] = kNegInf<T>;
-  int64_t c = 0;
-  for (; c + W <= n; c += W) {
-    for (int64_t j = 0; j < W; ++j) acc[j] = std::max(acc[j], x[c + j] + y[c + j]);
-  }
-  for (int64_t j = 0; j < n - c; ++j) acc[j] = std::max(acc[j], x[c + j] + y[c + j]);
-  return reduce_lanes(acc, [](T a, T b) { return std::max(a, b); });
-}
-
 // sum_c x_c
 template <typename T>
 SINKHORN_INLINE T sum(const T* x, int64_t n) {
@@ -213,6 +200,19 @@ SINKHORN_INLINE T sum_padded(const T* x, int64_t n) {
     for (int64_t j = 0; j < W; ++j) acc[j] += x[c + j];
   }
   return reduce_lanes(acc, [](T a, T b) { return a + b; });
+}
+
+// max_c (x_c + y_c) for n a multiple of kLanes; NaN terms are skipped like
+// std::max does (they reach the sum that follows anyway).
+template <typename T>
+SINKHORN_INLINE T max_of_sum(const T* x, const T* y, int64_t n) {
+  constexpr int64_t W = kLanes<T>;
+  T acc[W];
+  for (int64_t j = 0; j < W; ++j) acc[j] = kNegInf<T>;
+  for (int64_t c = 0; c < n; c += W) {
+    for (int64_t j = 0; j < W; ++j) acc[j] = std::max(acc[j], x[c + j] + y[c + j]);
+  }
+  return reduce_lanes(acc, [](T a, T b) { return std::max(a, b); });
 }
 
 // sum_c x_c y_c for n a multiple of kLanes
