@@ -28,7 +28,7 @@ from escape_fast import _extension, reference
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 # knn and cluster_keypoints: "cpu"/"cuda" are the blocked torch path, "faiss" the FAISS index
-SEARCH_BACKENDS = ("auto", "cpu", "cuda", "faiss", "reference")
+SEARCH_BACKENDS = ("auto", "cpu", "cuda", "triton", "faiss", "reference")  # triton: BackendUnavailable
 
 # Ops that have compiled / Triton kernels (the others are Python only).
 KERNEL_OPS = (
