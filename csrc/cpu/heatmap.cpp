@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "escape_fast.h"
+#include "checks.h"
 
 namespace escape_fast {
 namespace {
@@ -228,32 +229,11 @@ ESCAPE_FAST_ISA_CLONES void chunk_heatmaps(const double* feat, const double* pro
 // --------------------------------------------------------------------------
 void check_crop(const char* op, const at::Tensor& ref, int64_t B, const at::Tensor& center,
                 const at::Tensor& scale, const at::Tensor& rotation, int64_t kernel) {
-  TORCH_CHECK(center.dim() == 2 && center.size(0) == B && center.size(1) == 2, op,
-              ": center must be [B, 2] with B=", B, ", got ", center.sizes());
-  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == B && scale.size(1) == 2, op,
-              ": scale must be [B, 2] with B=", B, ", got ", scale.sizes());
-  TORCH_CHECK(rotation.dim() == 1 && rotation.size(0) == B, op, ": rotation must be [B] with B=", B,
-              ", got ", rotation.sizes());
-  for (const at::Tensor* t : {&center, &scale, &rotation}) {
-    TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": center, scale and rotation must have dtype ",
-                ref.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == ref.device(), op, ": all tensors must be on ", ref.device(), ", got ",
-                t->device());
-  }
-  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, op, ": kernel must be a positive odd int, got ", kernel);
+  checks::crop(op, ref, B, center, scale, rotation, kernel);
 }
 
 void check_features(const char* op, const at::Tensor& features, const at::Tensor& prototypes) {
-  TORCH_CHECK(features.dim() == 4, op, ": features must be [B, C, H, W], got ", features.sizes());
-  TORCH_CHECK(prototypes.dim() == 3 && prototypes.size(0) == features.size(0) &&
-                  prototypes.size(2) == features.size(1),
-              op, ": prototypes must be [B, K, C] with B=", features.size(0), " C=", features.size(1),
-              ", got ", prototypes.sizes());
-  TORCH_CHECK(features.scalar_type() == at::kFloat || features.scalar_type() == at::kDouble, op,
-              ": features must be float32 or float64, got ", features.scalar_type());
-  TORCH_CHECK(prototypes.scalar_type() == features.scalar_type(), op, ": prototypes must have dtype ",
-              features.scalar_type(), ", got ", prototypes.scalar_type());
-  TORCH_CHECK(prototypes.device() == features.device(), op, ": features and prototypes must be on one device");
+  checks::features_prototypes(op, features, prototypes);
 }
 
 // --------------------------------------------------------------------------

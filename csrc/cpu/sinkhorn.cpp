@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "escape_fast.h"
+#include "checks.h"
 
 namespace escape_fast {
 namespace {
@@ -542,18 +543,7 @@ void for_each_problem(int64_t B, const F& work) {
 // ops
 // --------------------------------------------------------------------------
 void check_inputs(const char* op, const at::Tensor& scores, const at::Tensor& bin_score, const at::Tensor& valid) {
-  TORCH_CHECK(scores.dim() == 3, op, ": scores must be [B, M, N], got ", scores.sizes());
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble, op,
-              ": scores must be float32 or float64, got ", scores.scalar_type());
-  const int64_t B = scores.size(0), M = scores.size(1);
-  TORCH_CHECK(scores.size(2) >= 1, op, ": scores needs at least one column, got ", scores.sizes());
-  TORCH_CHECK(bin_score.dim() == 1 && bin_score.size(0) == B, op, ": bin_score must be [B] with B=", B, ", got ",
-              bin_score.sizes());
-  TORCH_CHECK(bin_score.scalar_type() == scores.scalar_type(), op, ": bin_score must have the dtype of scores (",
-              scores.scalar_type(), "), got ", bin_score.scalar_type());
-  TORCH_CHECK(valid.dim() == 2 && valid.size(0) == B && valid.size(1) == M, op, ": valid must be [B, M] = [", B,
-              ", ", M, "], got ", valid.sizes());
-  TORCH_CHECK(valid.scalar_type() == at::kBool, op, ": valid must be bool, got ", valid.scalar_type());
+  checks::sinkhorn_inputs(op, scores, bin_score, valid);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& scores_in,
@@ -585,20 +575,7 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cpu(const at::Tensor& g
                                                              const at::Tensor& u_in, const at::Tensor& v_in) {
   check_inputs("sinkhorn_log_backward", scores_in, bin_in, valid_in);
   const int64_t B = scores_in.size(0), M = scores_in.size(1), N = scores_in.size(2);
-  TORCH_CHECK(grad_in.dim() == 3 && grad_in.size(0) == B && grad_in.size(1) == M + 1 && grad_in.size(2) == N,
-              "sinkhorn_log_backward: grad must be [B, M + 1, N] = [", B, ", ", M + 1, ", ", N, "], got ",
-              grad_in.sizes());
-  TORCH_CHECK(u_in.dim() == 3 && u_in.size(0) == B && u_in.size(2) == M + 1,
-              "sinkhorn_log_backward: u_history must be [B, iters, M + 1], got ", u_in.sizes());
-  const int64_t iters = u_in.size(1);
-  TORCH_CHECK(v_in.dim() == 3 && v_in.size(0) == B && v_in.size(1) == iters && v_in.size(2) == N,
-              "sinkhorn_log_backward: v_history must be [B, iters, N] = [", B, ", ", iters, ", ", N, "], got ",
-              v_in.sizes());
-  for (const auto* t : {&grad_in, &u_in, &v_in}) {
-    TORCH_CHECK(t->scalar_type() == scores_in.scalar_type(),
-                "sinkhorn_log_backward: grad and histories must have the dtype of scores (", scores_in.scalar_type(),
-                "), got ", t->scalar_type());
-  }
+  checks::sinkhorn_backward_inputs(grad_in, scores_in, u_in, v_in);
   for (const auto* t : {&grad_in, &scores_in, &bin_in, &valid_in, &u_in, &v_in}) {
     TORCH_CHECK(t->device().is_cpu(), "sinkhorn_log_backward (CPU kernel): all tensors must be on the CPU");
   }

@@ -1,0 +1,90 @@
+// Argument checks shared by the CPU and CUDA implementations of each op, so
+// that both backends reject bad input with the same message. Device checks
+// (CPU or CUDA) stay in each backend's file.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+
+namespace escape_fast::checks {
+
+inline void floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void same_device(const char* op, const at::Tensor& ref, std::initializer_list<const at::Tensor*> others) {
+  for (const at::Tensor* t : others) {
+    TORCH_CHECK(t->device() == ref.device(), op, ": all tensors must be on ", ref.device(), ", got ", t->device());
+  }
+}
+
+// center [B, 2], scale [B, 2], rotation [B] in the dtype and on the device of ref; odd kernel.
+inline void crop(const char* op, const at::Tensor& ref, int64_t B, const at::Tensor& center, const at::Tensor& scale,
+                 const at::Tensor& rotation, int64_t kernel) {
+  TORCH_CHECK(center.dim() == 2 && center.size(0) == B && center.size(1) == 2, op,
+              ": center must be [B, 2] with B=", B, ", got ", center.sizes());
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == B && scale.size(1) == 2, op,
+              ": scale must be [B, 2] with B=", B, ", got ", scale.sizes());
+  TORCH_CHECK(rotation.dim() == 1 && rotation.size(0) == B, op, ": rotation must be [B] with B=", B, ", got ",
+              rotation.sizes());
+  for (const at::Tensor* t : {&center, &scale, &rotation}) {
+    TORCH_CHECK(t->scalar_type() == ref.scalar_type(), op, ": center, scale and rotation must have dtype ",
+                ref.scalar_type(), ", got ", t->scalar_type());
+  }
+  same_device(op, ref, {&center, &scale, &rotation});
+  TORCH_CHECK(kernel >= 1 && kernel % 2 == 1, op, ": kernel must be a positive odd int, got ", kernel);
+}
+
+// features [B, C, H, W] and prototypes [B, K, C] of one floating dtype, on one device.
+inline void features_prototypes(const char* op, const at::Tensor& features, const at::Tensor& prototypes) {
+  TORCH_CHECK(features.dim() == 4, op, ": features must be [B, C, H, W], got ", features.sizes());
+  TORCH_CHECK(prototypes.dim() == 3 && prototypes.size(0) == features.size(0) &&
+                  prototypes.size(2) == features.size(1),
+              op, ": prototypes must be [B, K, C] with B=", features.size(0), " C=", features.size(1), ", got ",
+              prototypes.sizes());
+  floating(op, "features", features);
+  TORCH_CHECK(prototypes.scalar_type() == features.scalar_type(), op, ": prototypes must have dtype ",
+              features.scalar_type(), ", got ", prototypes.scalar_type());
+  TORCH_CHECK(prototypes.device() == features.device(), op, ": features and prototypes must be on one device");
+}
+
+// scores [B, M, N] (N >= 1), bin_score [B] of the dtype of scores, valid [B, M] bool.
+inline void sinkhorn_inputs(const char* op, const at::Tensor& scores, const at::Tensor& bin_score,
+                            const at::Tensor& valid) {
+  TORCH_CHECK(scores.dim() == 3, op, ": scores must be [B, M, N], got ", scores.sizes());
+  floating(op, "scores", scores);
+  const int64_t B = scores.size(0), M = scores.size(1);
+  TORCH_CHECK(scores.size(2) >= 1, op, ": scores needs at least one column, got ", scores.sizes());
+  TORCH_CHECK(bin_score.dim() == 1 && bin_score.size(0) == B, op, ": bin_score must be [B] with B=", B, ", got ",
+              bin_score.sizes());
+  TORCH_CHECK(bin_score.scalar_type() == scores.scalar_type(), op, ": bin_score must have the dtype of scores (",
+              scores.scalar_type(), "), got ", bin_score.scalar_type());
+  TORCH_CHECK(valid.dim() == 2 && valid.size(0) == B && valid.size(1) == M, op, ": valid must be [B, M] = [", B,
+              ", ", M, "], got ", valid.sizes());
+  TORCH_CHECK(valid.scalar_type() == at::kBool, op, ": valid must be bool, got ", valid.scalar_type());
+}
+
+// grad [B, M + 1, N], u_history [B, T, M + 1], v_history [B, T, N] of the dtype of scores; returns T.
+inline int64_t sinkhorn_backward_inputs(const at::Tensor& grad, const at::Tensor& scores, const at::Tensor& u,
+                                        const at::Tensor& v) {
+  const int64_t B = scores.size(0), M = scores.size(1), N = scores.size(2);
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == M + 1 && grad.size(2) == N,
+              "sinkhorn_log_backward: grad must be [B, M + 1, N] = [", B, ", ", M + 1, ", ", N, "], got ",
+              grad.sizes());
+  TORCH_CHECK(u.dim() == 3 && u.size(0) == B && u.size(2) == M + 1,
+              "sinkhorn_log_backward: u_history must be [B, iters, M + 1], got ", u.sizes());
+  const int64_t iters = u.size(1);
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == B && v.size(1) == iters && v.size(2) == N,
+              "sinkhorn_log_backward: v_history must be [B, iters, N] = [", B, ", ", iters, ", ", N, "], got ",
+              v.sizes());
+  for (const at::Tensor* t : {&grad, &u, &v}) {
+    TORCH_CHECK(t->scalar_type() == scores.scalar_type(),
+                "sinkhorn_log_backward: grad and histories must have the dtype of scores (", scores.scalar_type(),
+                "), got ", t->scalar_type());
+  }
+  return iters;
+}
+
+}  // namespace escape_fast::checks
