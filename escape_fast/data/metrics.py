@@ -189,8 +189,9 @@ class PCKAccumulator:
         s = pck_curve(pred, gt, valid, bbox_size, self.thresholds)
         n = s.shape[1]
         self._scores.append(s.cpu())
-        self._cats.append(_t(category_id, torch.int64).expand(n) if np.ndim(category_id) == 0 else _t(category_id, torch.int64))
-        self._draws.append(_t(draw, torch.int64).expand(n) if np.ndim(draw) == 0 else _t(draw, torch.int64))
+        # one category and draw for all Q queries, or one per query
+        self._cats.append(_t(category_id, torch.int64).reshape(-1).expand(n))
+        self._draws.append(_t(draw, torch.int64).reshape(-1).expand(n))
         return s
 
     def __len__(self) -> int:

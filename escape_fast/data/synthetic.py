@@ -49,7 +49,6 @@ import argparse
 import io
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
