@@ -384,8 +384,7 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     base = checkpoint.load(os.path.join(run_dir, "baseline.pt"), kind="baseline", required=["model"])
     table, _, keys = base_keypoint_table(train_coco)
     extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
-    extractor.load_state_dict({k[len("extractor."):]: v for k, v in base["model"].items()
-                               if k.startswith("extractor.")})
+    extractor.load_state_dict(_sub_state(base["model"], "extractor"))
     assignment = clusters["assignment"]
     super_table = torch.where(table >= 0, assignment[table.clamp_min(0)], table)
     model = HeatmapModel(extractor, clusters["super_keypoints"].float(), super_table)
@@ -394,17 +393,21 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     return run_epochs("finetune", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
 
 
-def _finetuned(cfg, run_dir, train_coco):
+def _sub_state(state: dict, prefix: str) -> dict:
+    """The entries of ``state`` under ``prefix.`` (a sub-module's state dict)."""
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def _finetuned(cfg, run_dir):
     ft = checkpoint.load(os.path.join(run_dir, "finetune.pt"), kind="finetune", required=["model"])
     extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
-    extractor.load_state_dict({k[len("extractor."):]: v for k, v in ft["model"].items()
-                               if k.startswith("extractor.")})
+    extractor.load_state_dict(_sub_state(ft["model"], "extractor"))
     return extractor, ft["model"]["prototypes"].float()
 
 
 def stage_matching(cfg, rt, run_dir, train_coco, val_coco, log):
     clusters = _load_clusters(run_dir)
-    extractor, mu = _finetuned(cfg, run_dir, train_coco)
+    extractor, mu = _finetuned(cfg, run_dir)
     table, _, _ = base_keypoint_table(train_coco)
     labels_table = torch.where(table >= 0, clusters["assignment"][table.clamp_min(0)], table)
     # f_gamma starts from the fine-tuned f_theta: it already knows keypoints
@@ -432,18 +435,15 @@ def assemble(cfg, run_dir, train_coco) -> EscapeModel:
     extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
     mu, gamma, matcher = None, None, None
     if os.path.exists(os.path.join(run_dir, "finetune.pt")):
-        extractor, mu = _finetuned(cfg, run_dir, train_coco)
+        extractor, mu = _finetuned(cfg, run_dir)
     else:
-        extractor.load_state_dict({k[len("extractor."):]: v for k, v in base["model"].items()
-                                   if k.startswith("extractor.")})
+        extractor.load_state_dict(_sub_state(base["model"], "extractor"))
     if mu is not None and os.path.exists(os.path.join(run_dir, "matching.pt")):
         mstate = checkpoint.load(os.path.join(run_dir, "matching.pt"), kind="matching", required=["model"])
         gamma = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
         matcher = build_matcher(cfg, mu.shape[0])
-        gamma.load_state_dict({k[len("extractor."):]: v for k, v in mstate["model"].items()
-                               if k.startswith("extractor.")})
-        matcher.load_state_dict({k[len("matcher."):]: v for k, v in mstate["model"].items()
-                                 if k.startswith("matcher.")})
+        gamma.load_state_dict(_sub_state(mstate["model"], "extractor"))
+        matcher.load_state_dict(_sub_state(mstate["model"], "matcher"))
     return EscapeModel(cfg, extractor, mu, gamma, matcher)
 
 
