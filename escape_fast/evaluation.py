@@ -62,7 +62,7 @@ class InstanceBank:
     rows: dict  # instance index (coco.instances) -> row
     features: torch.Tensor  # [N, C, h, w]
     pooled: torch.Tensor  # [N, K, C]
-    match_pooled: torch.Tensor | None  # [N, K, C] from the matcher's extractor
+    match_scores: torch.Tensor | None  # [N, K, L] matching-network scores of each instance as a shot
     keypoints: torch.Tensor  # [N, K, 2] heatmap cells
     visible: torch.Tensor  # [N, K] bool
     keypoint_mask: torch.Tensor  # [N, K] bool: slots that exist for the category
@@ -109,7 +109,7 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
     order = [i for b in batches for i in b]
     model.eval()
-    feats, pooled, mpooled, meta = [], [], [], []
+    feats, pooled, mscores, meta = [], [], [], []
     it = iter(loader)
     bar = progress(total=len(batches), desc="features", unit="batch") if progress else None
     while True:
@@ -129,7 +129,8 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
             if model.matcher_extractor is not None:
                 with _autocast(device, amp):
                     g = model.matcher_extractor(images)
-                mpooled.append(ops.keypoint_pool(g.float().contiguous(), kp, vis, sigma, backend=backend))
+                tokens = ops.keypoint_pool(g.float().contiguous(), kp, vis, sigma, backend=backend)
+                mscores.append(model.matcher.scores(tokens, kp, vis))
             meta.append(batch)
         if bar:
             bar.update(1)
@@ -144,7 +145,7 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
         rows={i: r for r, i in enumerate(order)},
         features=torch.cat(feats),
         pooled=torch.cat(pooled),
-        match_pooled=torch.cat(mpooled) if mpooled else None,
+        match_scores=torch.cat(mscores) if mscores else None,
         keypoints=cat("keypoints"),
         visible=cat("visible"),
         keypoint_mask=cat("keypoint_mask"),
@@ -156,8 +157,13 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
     )
 
 
-def prototypes_for(model, method: str, pooled, visible, match_pooled=None, keypoints=None):
-    """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K])."""
+def prototypes_for(model, method: str, pooled, visible, match_pooled=None, keypoints=None, match_scores=None):
+    """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K]).
+
+    ESCAPE needs the matcher's view of the shots: either its scores
+    ``match_scores`` [D, S, K, L] (precomputed per instance) or its pooled
+    tokens ``match_pooled`` [D, S, K, C] with the ``keypoints`` [D, S, K, 2].
+    """
     if method == "mle":
         return mle_prototypes(pooled, visible)
     mu = model.super_keypoints.to(pooled.dtype)
@@ -166,7 +172,10 @@ def prototypes_for(model, method: str, pooled, visible, match_pooled=None, keypo
     if method == "escape":
         if model.matcher is None:
             raise ValueError("method 'escape' needs a model trained through stage 4 (matching network)")
-        log_p = model.matcher.assign_shots(match_pooled, keypoints, visible)
+        if match_scores is not None:
+            log_p = model.matcher.assign_scores(match_scores, visible)
+        else:
+            log_p = model.matcher.assign_shots(match_pooled, keypoints, visible)
         return escape_prototypes(pooled, visible, mu, log_p, model.alpha)
     raise ValueError(f"unknown method {method!r}; choose mle, map or escape")
 
@@ -191,8 +200,8 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, backend="
     qry = torch.tensor([[bank.rows[i] for i in e.queries] for e in episodes], device=dev)  # [D, Q]
     d, q = qry.shape
     with timer.phase("adaptation"):
-        mp = bank.match_pooled[sup] if bank.match_pooled is not None else None
-        protos = prototypes_for(model, method, bank.pooled[sup], bank.visible[sup], mp, bank.keypoints[sup])
+        ms = bank.match_scores[sup] if bank.match_scores is not None else None
+        protos = prototypes_for(model, method, bank.pooled[sup], bank.visible[sup], match_scores=ms)
     with timer.phase("heatmaps"):
         k, c = protos.shape[1:]
         pair_rows = qry.reshape(-1)

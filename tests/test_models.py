@@ -8,6 +8,7 @@ import torch
 
 from escape_fast.models import (
     MatchingNetwork,
+    blend,
     escape_prototypes,
     hungarian_assignment,
     map_prototypes,
@@ -30,11 +31,30 @@ def test_hungarian_is_the_optimal_distinct_assignment():
     assign = hungarian_assignment(means, valid, sk)[0].tolist()
     assert assign[2] == -1
     rows = [0, 1, 3]
-    best = min(
+    unit = torch.nn.functional.normalize
+    best = min(  # the cost is the squared distance of directions: norms do not count
         itertools.permutations(range(6), 3),
-        key=lambda p: sum(float(((means[0, r] - sk[z]) ** 2).sum()) for r, z in zip(rows, p)),
+        key=lambda p: sum(float(((unit(means[0, r], dim=0) - unit(sk[z], dim=0)) ** 2).sum())
+                          for r, z in zip(rows, p)),
     )
     assert [assign[r] for r in rows] == list(best)
+    # rescaling the super-keypoints (prototypes live at the heatmap's scale) changes nothing
+    assert hungarian_assignment(means, valid, sk * 0.03)[0].tolist() == assign
+
+
+def test_blend_brings_the_prior_to_the_support_scale():
+    g = torch.Generator().manual_seed(2)
+    means = torch.randn(3, 4, 8, generator=g) * 5.0
+    prior = torch.randn(3, 4, 8, generator=g) * 0.1
+    w = blend(means, prior, 0.5)
+    unit = torch.nn.functional.normalize
+    expected = 0.5 * means + 0.5 * unit(prior, dim=-1) * means.norm(dim=-1, keepdim=True)
+    assert torch.allclose(w, expected, atol=1e-6)
+    # prior and support of equal norm: eq. 7 as written
+    same = prior / prior.norm(dim=-1, keepdim=True) * means.norm(dim=-1, keepdim=True)
+    assert torch.allclose(blend(means, same, 0.3), 0.3 * means + 0.7 * same, atol=1e-5)
+    # the prior's own scale does not matter
+    assert torch.allclose(blend(means, prior * 40.0, 0.5), w, atol=1e-5)
 
 
 def test_map_and_escape_blend_with_alpha():
@@ -43,7 +63,7 @@ def test_map_and_escape_blend_with_alpha():
     vis = torch.ones(2, 1, 3, dtype=torch.bool)
     sk = torch.randn(5, 4, generator=g)
     w, assign = map_prototypes(f, vis, sk, alpha=0.25)
-    assert torch.allclose(w, 0.25 * f[:, 0] + 0.75 * sk[assign])
+    assert torch.allclose(w, blend(f[:, 0], sk[assign], 0.25))
     # a one-hot log assignment makes ESCAPE equal to MAP with the same matches
     log_q = torch.full((2, 4, 5), -torch.inf)
     log_q[:, :3].scatter_(2, assign[..., None], 0.0)
@@ -74,6 +94,13 @@ def test_matching_network_shapes_masks_and_multi_shot():
     one = net.assign_shots(feats[:, None], kps[:, None], vis[:, None])
     rows = torch.cat((vis, torch.ones(3, 1, dtype=torch.bool)), 1)
     assert torch.allclose(one[rows], log_p[rows], atol=1e-5)
+    # scores computed once per image and gathered into support sets (what the
+    # evaluation does) give the same multi-shot assignment as assign_shots
+    per_image = net.scores(feats, kps, vis)  # [3, 5, L]
+    sets = torch.tensor([[0, 1], [2, 0], [1, 1]])
+    direct = net.assign_shots(feats[sets], kps[sets], vis[sets])
+    gathered = net.assign_scores(per_image[sets], vis[sets])
+    assert torch.allclose(direct, gathered, atol=1e-5, equal_nan=True)
 
 
 def test_matching_network_learns_a_planted_assignment():

@@ -2,6 +2,7 @@
 
 from escape_fast.models.adapt import (
     METHODS,
+    blend,
     escape_prototypes,
     hungarian_assignment,
     map_prototypes,
@@ -12,6 +13,7 @@ from escape_fast.models.matching import MatchingNetwork, matching_loss
 
 __all__ = [
     "METHODS",
+    "blend",
     "MatchingNetwork",
     "escape_prototypes",
     "hungarian_assignment",

@@ -9,6 +9,19 @@ Three estimators of the prototype w_r of each support keypoint r:
   soft assignment of the matching network.
 
 Shapes: B episodes, S shots, K keypoints, C channels, L super-keypoints.
+
+Scale. The paper's Gaussian model puts support features and super-keypoints
+in one space, but SPEC 5 takes mu from the trained prototypes of stage 3,
+and those live at the heatmap's scale: ``<F, w>`` peaks near 1, so
+``|w| ~ 1 / |F|``. On the built-in model the pooled support features have a
+median norm of 3.7 and mu one of 0.15; a plain ``0.5 * mean + 0.5 * mu`` is
+then 96% the support mean and MAP / ESCAPE cannot differ from MLE, and a
+squared-distance Hungarian matching compares norms rather than parts. A
+heatmap's argmax only depends on the prototype's direction, so both the
+matching and the blend work on directions: the matching cost is the cosine
+distance, and the prior is brought to the norm of the support mean before
+blending (``blend``), which leaves eq. 7 and 10 unchanged when the two
+already share a scale.
 """
 
 from __future__ import annotations
@@ -45,15 +58,25 @@ def mle_prototypes(features: torch.Tensor, visible: torch.Tensor) -> torch.Tenso
     return support_mean(features, visible)[0]
 
 
+def blend(means: torch.Tensor, prior: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * means + (1 - alpha) * prior`` with the prior rescaled to the
+    norm of the support mean (see the module's note on scale); [..., C]."""
+    scale = means.norm(dim=-1, keepdim=True) / prior.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return alpha * means + (1 - alpha) * prior * scale
+
+
 def hungarian_assignment(means: torch.Tensor, valid: torch.Tensor, super_keypoints: torch.Tensor) -> torch.Tensor:
     """Assignment [B, K] of each valid keypoint to a distinct super-keypoint.
 
-    Minimizes the total squared distance between keypoint means [B, K, C] and
-    super-keypoints [L, C] (scipy's linear_sum_assignment, exact). Keypoints
-    that are invalid, or left over when more keypoints than super-keypoints
-    are valid, get -1.
+    Minimizes the total squared distance between the L2-normalized keypoint
+    means [B, K, C] and super-keypoints [L, C] (that is, the total cosine
+    distance; scipy's linear_sum_assignment, exact). Keypoints that are
+    invalid, or left over when more keypoints than super-keypoints are
+    valid, get -1.
     """
-    dist = torch.cdist(means.double(), super_keypoints.double()[None].expand(means.shape[0], -1, -1)) ** 2
+    unit = torch.nn.functional.normalize
+    mu = unit(super_keypoints.double(), dim=-1)
+    dist = torch.cdist(unit(means.double(), dim=-1), mu[None].expand(means.shape[0], -1, -1)) ** 2
     dist = dist.cpu().numpy()
     valid_np = valid.cpu().numpy()
     out = np.full(valid_np.shape, -1, dtype=np.int64)
@@ -74,7 +97,7 @@ def map_prototypes(
     assign = hungarian_assignment(means, valid, super_keypoints)
     prior = super_keypoints[assign.clamp_min(0)]
     matched = (assign >= 0)[..., None]
-    return torch.where(matched, alpha * means + (1 - alpha) * prior, means), assign
+    return torch.where(matched, blend(means, prior, alpha), means), assign
 
 
 def escape_prototypes(
@@ -95,4 +118,4 @@ def escape_prototypes(
     k = means.shape[1]
     q = log_assignment[:, :k].exp().to(means.dtype)
     prior = q @ super_keypoints.to(means.dtype)
-    return torch.where(valid[..., None], alpha * means + (1 - alpha) * prior, means)
+    return torch.where(valid[..., None], blend(means, prior, alpha), means)

@@ -133,7 +133,16 @@ class MatchingNetwork(nn.Module):
         """
         b, s = features.shape[:2]
         flat = self.scores(features.flatten(0, 1), keypoints.flatten(0, 1), visible.flatten(0, 1))
-        fused, valid = ops.fuse_shot_scores(flat.unflatten(0, (b, s)), visible)
+        return self.assign_scores(flat.unflatten(0, (b, s)), visible)
+
+    def assign_scores(self, scores, visible):
+        """Multi-shot log assignment [B, K + 1, L] from per-shot scores [B, S, K, L].
+
+        A shot's scores depend on that image alone, so an evaluation computes
+        them once per distinct support instance and gathers them here for
+        every support set that uses it.
+        """
+        fused, valid = ops.fuse_shot_scores(scores, visible)
         return ops.sinkhorn_log(fused, self.bin_score, valid, self.iters, backend=self.backend)
 
 
