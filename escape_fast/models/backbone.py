@@ -143,17 +143,57 @@ class _TinyBlock(nn.Module):
 TINY_WIDTHS = (24, 32, 64, 128, 192)
 
 
+class _TinyTrunk(nn.Sequential):
+    """Stem + 4 residual blocks; returns the maps at strides 4, 8, 16 and 32."""
+
+    def forward(self, x):
+        outs = []
+        for i, layer in enumerate(self):
+            x = layer(x)
+            if i >= 3:  # after each residual block (the stem is layers 0-2)
+                outs.append(x)
+        return outs
+
+
+class _SkipHead(nn.Module):
+    """The deconvolution head plus lateral 1x1 projections of the trunk's
+    stride-16, 8 and 4 maps, added after each upsampling (FPN style).
+
+    Why: at the built-in 128 px input the stride-32 map is 4 x 4, so a plain
+    deconvolution head sees a part's own appearance (a motif of ~8 pixels)
+    only through a 32-pixel cell and learns *where* a keypoint sits on the
+    body more than *what* it looks like. Features without the look of the
+    part do not cluster by part across categories, and the super-keypoint
+    prior (MAP, ESCAPE) then has nothing to add. The lateral inputs bring the
+    high-resolution appearance back at the cost of three 1x1 convolutions.
+    """
+
+    def __init__(self, widths, channels: int):
+        super().__init__()
+        self.deconv = DeconvHead(widths[-1], channels)
+        self.lateral = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(w, channels, 1, bias=False), nn.BatchNorm2d(channels)) for w in widths[-2::-1]
+        )
+
+    def forward(self, maps):
+        x = maps[-1]
+        for i, lateral in enumerate(self.lateral):
+            up = self.deconv[3 * i + 1](self.deconv[3 * i](x))  # transposed conv + BN (its ReLU comes after the sum)
+            x = torch.relu(up + lateral(maps[-2 - i]))
+        return x
+
+
 def _tiny(weights):
     if weights == "imagenet":
         raise ValueError("the tiny backbone has no ImageNet weights; use weights=None or a file")
     w = TINY_WIDTHS
-    trunk = nn.Sequential(
+    trunk = _TinyTrunk(
         nn.Conv2d(3, w[0], 3, 2, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True),
         *[_TinyBlock(a, b) for a, b in zip(w[:-1], w[1:])],
     )
     if weights is not None:
         _load_into(trunk, _load_state(weights, "tiny"), "tiny", weights)
-    return trunk, w[-1]
+    return trunk, w
 
 
 def _efficientnet_lite0(weights):
@@ -227,8 +267,8 @@ def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str |
         trunk, width = _efficientnet_lite0(weights)
         head = DeconvHead(width, channels)
     elif name == "tiny":
-        trunk, width = _tiny(weights)
-        head = DeconvHead(width, channels)
+        trunk, widths = _tiny(weights)
+        head = _SkipHead(widths[1:], channels)
     elif name.startswith("dinov2_"):
         trunk, width, patch = _dinov2(name, weights, hub_dir)
         head = _DinoHead(width, channels, patch)
