@@ -22,6 +22,16 @@ BUILTIN_SEED = 0
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
+class CacheError(RuntimeError):
+    """The cache folder cannot be written, or holds a damaged benchmark."""
+
+
+def expected_files(root: Path) -> list[Path]:
+    """The files a complete benchmark holds besides its images."""
+    ann = [root / "annotations" / f"mp100_split{s}_{m}.json" for s in range(1, 6) for m in ("train", "val", "test")]
+    return [*ann, root / "synthetic_parts.json"]
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ESCAPE_FAST_CACHE", Path.home() / ".cache" / "escape_fast"))
 
@@ -33,11 +43,23 @@ def dataset_root(progress: bool = True, size: str = BUILTIN_SIZE, seed: int = BU
     root = cache_dir() / f"synthetic-{size}-seed{seed}"
     marker = root / "COMPLETE"
     if marker.exists():
+        missing = [str(p) for p in expected_files(root) if not p.is_file()]
+        if missing:
+            raise CacheError(
+                f"the built-in benchmark cache {root} is damaged ({len(missing)} files missing, e.g. {missing[0]}); "
+                f"delete that folder and it is generated again on the next run"
+            )
         return str(root)
     if root.exists():  # an old partial folder (should not happen: we rename atomically)
         shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    except OSError as exc:
+        raise CacheError(
+            f"cannot write the built-in benchmark cache under {root.parent} ({exc}); set ESCAPE_FAST_CACHE to a "
+            "writable folder"
+        ) from exc
     try:
         if progress:
             print(f"generating the built-in synthetic benchmark into {root} (once)")

@@ -26,7 +26,9 @@ import torch
 import torch.distributed as dist
 
 from escape_fast import builtin
-from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
+from escape_fast.builtin import CacheError
+from escape_fast.checkpoint import CheckpointError
+from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
 from escape_fast.data.metrics import THRESHOLDS
 from escape_fast.evaluation import EvalResult, PairResults, evaluate, evaluate_reference, summarize
 from escape_fast.models.escape import EscapeModel
@@ -57,6 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--reference", action="store_true",
                    help="the straightforward way: features recomputed per episode, reference ops, one episode "
                         "at a time (a baseline for speed and a check of the fast path)")
+    p.add_argument("--too-few", choices=("raise", "skip"), default="raise",
+                   help="a test category with fewer than shots + queries instances: stop with an error (default) "
+                        "or leave it out with a warning")
+    p.add_argument("--allow-base-categories", action="store_true",
+                   help="evaluate even if some test categories were training (base) categories of the checkpoint; "
+                        "the result is then not a novel-category result")
     p.add_argument("--out", help="write the report as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -124,8 +132,30 @@ def evaluate_sharded(model, coco, sampler, methods, device, args, rank, world):
     return results
 
 
+def check_novel(model: EscapeModel, coco, path: str) -> None:
+    """A CAPE result counts only on categories the model has not been trained
+    on; the checkpoint's config lists its base categories (checkpoints made
+    before that field existed are not checked)."""
+    base = set(model.config.get("base_categories", ()))
+    seen = sorted(coco.categories[c].name for c in coco.category_ids if coco.categories[c].name in base)
+    if seen:
+        raise DataError(
+            f"{path} was trained on {len(seen)} of the test categories of {coco.path} ({', '.join(seen[:8])}"
+            f"{', ...' if len(seen) > 8 else ''}): wrong --split or --checkpoint? Pass --allow-base-categories "
+            "to evaluate anyway"
+        )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (DataError, CheckpointError, CacheError, FileNotFoundError) as exc:
+        print(f"escape_fast.eval: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     from tqdm.auto import tqdm
 
     progress = None if args.quiet else tqdm
@@ -138,6 +168,8 @@ def main(argv=None) -> int:
     coco = load_coco(ann)
     path = resolve_model_path(args.checkpoint)
     model = EscapeModel.from_checkpoint(path)
+    if not args.allow_base_categories:
+        check_novel(model, coco, path)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     methods = model.methods if args.method == "all" else (args.method,)
@@ -146,7 +178,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"{path}: method {m!r} needs stages this model lacks (it supports "
                              f"{', '.join(model.methods)})")
     draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
-    sampler = EpisodeSampler(coco, shots=args.shots, queries=args.queries, draws=draws, seed=args.seed)
+    sampler = EpisodeSampler(coco, shots=args.shots, queries=args.queries, draws=draws, seed=args.seed,
+                             too_few=args.too_few)
     setup_seconds = time.perf_counter() - t_start
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.reference:

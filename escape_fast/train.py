@@ -387,10 +387,29 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     extractor.load_state_dict(_sub_state(base["model"], "extractor"))
     assignment = clusters["assignment"]
     super_table = torch.where(table >= 0, assignment[table.clamp_min(0)], table)
-    model = HeatmapModel(extractor, clusters["super_keypoints"].float(), super_table)
+    init = member_mean(base["model"]["prototypes"].float(), assignment, clusters["super_keypoints"].shape[0])
+    model = HeatmapModel(extractor, init, super_table)
     validate = _validator(cfg, rt, val_coco, ("mle", "map"),
                           lambda m: EscapeModel(cfg, m.extractor, m.prototypes.detach()))
     return run_epochs("finetune", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
+
+
+def member_mean(prototypes: torch.Tensor, assignment: torch.Tensor, num_super: int) -> torch.Tensor:
+    """Initial super-keypoint prototypes [L, C]: the mean of the members'
+    stage-1 prototypes (``assignment`` [P], -1 for keypoints left out).
+
+    This is SPEC 5's "initialized from the cluster vectors" when the clusters
+    were made from the prototypes. When they were made from mean features
+    (cluster.source: features), those vectors are at the features' scale,
+    ~20x the prototypes' on the built-in model, and heatmaps that start 400x
+    too large wreck the first epochs; the members' prototypes have the
+    heatmap's scale by construction.
+    """
+    used = assignment >= 0
+    sums = torch.zeros(num_super, prototypes.shape[1], dtype=prototypes.dtype)
+    sums.index_add_(0, assignment[used], prototypes[used])
+    counts = torch.bincount(assignment[used], minlength=num_super).clamp_min(1)
+    return sums / counts[:, None].to(prototypes.dtype)
 
 
 def _sub_state(state: dict, prefix: str) -> dict:
@@ -444,6 +463,8 @@ def assemble(cfg, run_dir, train_coco) -> EscapeModel:
         matcher = build_matcher(cfg, mu.shape[0])
         gamma.load_state_dict(_sub_state(mstate["model"], "extractor"))
         matcher.load_state_dict(_sub_state(mstate["model"], "matcher"))
+    # the test categories must be novel: eval refuses a test set that shares categories with these
+    cfg = {**cfg, "base_categories": sorted(train_coco.categories[c].name for c in train_coco.category_ids)}
     return EscapeModel(cfg, extractor, mu, gamma, matcher)
 
 

@@ -40,3 +40,24 @@ def test_eval_runs_out_of_the_box(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ESCAPE" in proc.stdout and (tmp_path / "synthetic-small-seed0" / "COMPLETE").exists()
     assert (tmp_path / "r.json").exists()
+
+
+def test_damaged_cache_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ESCAPE_FAST_CACHE", str(tmp_path))
+    root = tmp_path / "synthetic-small-seed0"
+    root.mkdir()
+    (root / "COMPLETE").write_text("ok\n")  # marked complete, but the files are gone
+    with pytest.raises(builtin.CacheError, match="damaged.*delete that folder"):
+        builtin.dataset_root(progress=False)
+    env = {**os.environ, "ESCAPE_FAST_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.eval", "--episodes", "300", "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unwritable_cache_names_the_folder(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("ESCAPE_FAST_CACHE", str(blocker / "cache"))  # a folder inside a file cannot exist
+    with pytest.raises(builtin.CacheError, match="ESCAPE_FAST_CACHE"):
+        builtin.dataset_root(progress=False)

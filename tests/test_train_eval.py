@@ -186,3 +186,34 @@ def test_eval_rejects_a_model_without_the_method(bench, tmp_path):
                            str(path), "--episodes", "300", "--queries", "3", "--method", "escape", "--quiet"],
                           env=ENV, capture_output=True, text=True)
     assert proc.returncode != 0 and "escape" in proc.stderr and "mle" in proc.stderr
+
+
+def _eval(bench, run, *extra):
+    return subprocess.run([sys.executable, "-m", "escape_fast.eval", "--data", str(bench), "--checkpoint", str(run),
+                           "--episodes", "60", "--queries", "3", "--method", "mle", "--quiet", "--workers", "0",
+                           *extra], env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_eval_refuses_a_test_set_of_base_categories(trained, bench):
+    model = EscapeModel.from_checkpoint(trained / "model.pt")
+    train_file = mp100_split_files(bench, 1)["train"]
+    assert set(model.config["base_categories"]) == {c.name for c in load_coco(train_file).categories.values()}
+    proc = _eval(bench, trained, "--annotations", str(train_file))
+    assert proc.returncode == 2 and "--allow-base-categories" in proc.stderr and "Traceback" not in proc.stderr
+    assert _eval(bench, trained, "--annotations", str(train_file), "--allow-base-categories").returncode == 0
+    assert _eval(bench, trained).returncode == 0  # the split's own test set is novel
+
+
+def test_eval_too_few_instances_is_a_clear_error(trained, bench):
+    proc = _eval(bench, trained, "--queries", "10")  # the bench has 6 instances per category
+    assert proc.returncode == 2 and "fewer than S + Q = 11 instances" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_finetuning_starts_from_the_members_prototypes():
+    from escape_fast.train import member_mean
+
+    protos = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [0.0, 4.0]])
+    assignment = torch.tensor([1, 1, -1, 0])
+    out = member_mean(protos, assignment, 3)
+    assert out.tolist() == [[0.0, 4.0], [2.0, 1.0], [0.0, 0.0]]  # an empty cluster stays 0
