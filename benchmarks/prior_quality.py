@@ -1,0 +1,105 @@
+"""How much the learned super-keypoints know about parts (issue 6, point 7).
+
+    python benchmarks/prior_quality.py --run RUN_DIR --data SYNTHETIC_DIR
+
+The built-in synthetic benchmark knows the truth: ``synthetic_parts.json``
+gives the ground-truth super-keypoint (family part + side) of every keypoint.
+This script reads the stage-2 output of a training run (``cluster.pt``: the
+vector of every base keypoint, eq. 4, and its cluster) and reports
+
+* nearest-neighbour purity: for each base keypoint, its most similar (cosine)
+  keypoint of *another* category; how often it is the same ground-truth
+  super-keypoint, the same part type (either side) and the same family;
+* the adjusted Rand index (ARI) of the clusters against the truth, with the
+  number of clusters and how many keypoints are left alone;
+* cluster purity: the share of each cluster's members that carry its most
+  common ground-truth label (weighted by size).
+
+A prior can only help MAP and ESCAPE when these are high: if a keypoint's
+neighbours in feature space are other parts, the super-keypoint it is
+matched to says nothing about where that part is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+
+import numpy as np
+import torch
+
+
+def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
+    """ARI of two labelings (Hubert and Arabie 1985), from the contingency table."""
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    table = np.zeros((ai.max() + 1, bi.max() + 1), dtype=np.int64)
+    np.add.at(table, (ai, bi), 1)
+
+    def pairs(x):
+        return (x * (x - 1) // 2).sum()
+
+    n = len(a)
+    index = pairs(table)
+    rows, cols = pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / (n * (n - 1) / 2)
+    top = (rows + cols) / 2
+    return float((index - expected) / (top - expected)) if top != expected else 1.0
+
+
+def truth(parts_json: str, keys: np.ndarray) -> dict[str, np.ndarray]:
+    with open(parts_json) as f:
+        meta = {c["id"]: c for c in json.load(f)["categories"]}
+    out = {"super": [], "type": [], "family": []}
+    for cat, k in keys:
+        c = meta[int(cat)]
+        out["super"].append(c["keypoint_super_keypoint"][k])
+        out["type"].append(c["keypoint_part_type"][k])
+        out["family"].append(c["family"])
+    return {name: np.asarray(v) for name, v in out.items()}
+
+
+def report(vectors: torch.Tensor, keys: np.ndarray, assignment: np.ndarray, gt: dict) -> dict:
+    x = torch.nn.functional.normalize(vectors.double(), dim=1)
+    sim = x @ x.T
+    cats = torch.as_tensor(keys[:, 0])
+    sim[cats[:, None] == cats[None, :]] = -np.inf  # neighbours from other categories only
+    nn_idx = sim.argmax(1).numpy()
+    out = {f"nn_same_{name}": float((v[nn_idx] == v).mean()) for name, v in gt.items()}
+    clustered = assignment >= 0
+    out["clusters"] = int(len(np.unique(assignment[clustered])))
+    out["base_keypoints"] = int(len(assignment))
+    out["ari"] = adjusted_rand_index(assignment[clustered], gt["super"][clustered])
+    out["ari_part_type"] = adjusted_rand_index(assignment[clustered], gt["type"][clustered])
+    majority = 0
+    for c in np.unique(assignment[clustered]):
+        members = gt["super"][assignment == c]
+        majority += Counter(members.tolist()).most_common(1)[0][1]
+    out["cluster_purity"] = majority / max(1, int(clustered.sum()))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="training run folder with cluster.pt")
+    parser.add_argument("--data", required=True, help="synthetic benchmark folder with synthetic_parts.json")
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+    obj = torch.load(os.path.join(args.run, "cluster.pt"), map_location="cpu", weights_only=True)
+    keys = obj["keys"].numpy()
+    res = report(obj["vectors"], keys, obj["assignment"].numpy(), truth(os.path.join(args.data,
+                                                                                     "synthetic_parts.json"), keys))
+    res["cluster_config"] = obj["config"]["cluster"]
+    for k, v in res.items():
+        print(f"{k:>16}: {v:.3f}" if isinstance(v, float) else f"{k:>16}: {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
