@@ -211,11 +211,14 @@ def load_members(checkpoint_arg: str | None, model, annotations: str | None, dev
     """Membership of ``model``'s super-keypoints (see the module docstring)."""
     if model.super_keypoints.shape[0] == 0:
         raise ValueError("the model has no super-keypoints (trained through stage 1 only)")
-    if checkpoint_arg and os.path.isdir(checkpoint_arg) and os.path.exists(os.path.join(checkpoint_arg, "cluster.pt")):
-        members = members_from_run(checkpoint_arg, annotations)
+    run = None
+    if checkpoint_arg:  # a run folder, or the model.pt inside one
+        run = checkpoint_arg if os.path.isdir(checkpoint_arg) else os.path.dirname(os.path.abspath(checkpoint_arg))
+    if run and os.path.exists(os.path.join(run, "cluster.pt")):
+        members = members_from_run(run, annotations)
         if members.centers.shape[0] != model.super_keypoints.shape[0]:
-            raise DataError(f"{checkpoint_arg}: cluster.pt has {members.centers.shape[0]} super-keypoints but "
-                            f"model.pt {model.super_keypoints.shape[0]}")
+            raise DataError(f"{run}: cluster.pt has {members.centers.shape[0]} super-keypoints but the model "
+                            f"{model.super_keypoints.shape[0]}")
         return members
     if annotations is None:
         annotations = str(mp100_split_files(builtin.dataset_root(progress=show_progress), 1)["train"])

@@ -20,7 +20,7 @@ from escape_fast import eval as eval_cli
 from escape_fast.data import load_coco
 from escape_fast.evaluation import evaluate, predict_episodes
 from escape_fast.models.escape import EscapeModel
-from escape_fast.plot import episodes_from_settings, main, members_from_run
+from escape_fast.plot import episodes_from_settings, load_members, main, members_from_run
 from escape_fast.train import base_keypoint_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +121,9 @@ def test_super_keypoint_map_from_a_run_folder(run_dir, tmp_path):
     z = int(stored["assignment"][0])
     assert 0 in members.of(z) and all(int(stored["assignment"][i]) == z for i in members.of(z))
     assert members.name(0) == ("human_body", "nose")  # category 1, keypoint 0 of the training file
+    model = EscapeModel.from_checkpoint(run_dir / "model.pt")
+    for ckpt in (str(run_dir), str(run_dir / "model.pt")):
+        assert "stage-2 clustering" in load_members(ckpt, model, str(TRAIN), "cpu", show_progress=False).source
     assert main(["super-keypoints", "--checkpoint", str(run_dir), "--annotations", str(TRAIN), "--device", "cpu",
                  "--quiet", "--out", str(tmp_path / "run_map.png")]) == 0
     _png(tmp_path / "run_map.png")

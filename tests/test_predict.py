@@ -103,6 +103,8 @@ def test_batches_arrays_and_several_supports_agree(predictor, tmp_path):
     for a, b in zip(one, many):
         np.testing.assert_allclose(a, b.keypoints, atol=1e-3)
     assert many[0].image == "query #0"
+    boxed = predictor.predict([str(QUERY)], boxes=[np.array([10, 20, 200, 150])])[0]  # numpy ints are numbers
+    assert boxed.ok and boxed.box.tolist() == [10, 20, 199, 149]
     # two shots (5-shot works the same way): the keypoint file names the annotations
     two = Predictor(device="cpu").adapt([str(SUPPORT), str(IMAGES / "000000196141.jpg")],
                                         [str(ALL), f"{ALL}#4"])
