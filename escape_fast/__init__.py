@@ -1,8 +1,10 @@
 """escape_fast: ESCAPE (CVPR 2024) category-agnostic pose estimation, fast.
 
 ``escape_fast.ops`` holds the public ops (with ``backend=``),
-``escape_fast.reference`` their plain-PyTorch specification, and
-``escape_fast.info()`` prints what was built and which backend each op uses.
+``escape_fast.reference`` their plain-PyTorch specification,
+``escape_fast.Predictor`` predicts keypoints on your own images (see
+escape_fast.predict), and ``escape_fast.info()`` prints what was built and
+which backend each op uses.
 """
 
 from __future__ import annotations
@@ -11,7 +13,16 @@ __version__ = "0.1.0"
 
 from escape_fast import _extension, ops, reference  # noqa: E402
 
-__all__ = ["__version__", "info", "ops", "reference"]
+__all__ = ["__version__", "Predictor", "info", "ops", "reference"]
+
+
+def __getattr__(name):
+    # Predictor pulls in the models and the data pipeline: imported on first use only
+    if name == "Predictor":
+        from escape_fast.predict import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'escape_fast' has no attribute {name!r}")
 
 
 def info(file=None) -> dict:

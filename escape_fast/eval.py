@@ -160,9 +160,9 @@ def run(args) -> int:
 
     progress = None if args.quiet else tqdm
     t_start = time.perf_counter()
-    if args.data is None:
+    if args.data is None and args.annotations is None:
         root = builtin.dataset_root(progress=not args.quiet)
-    else:
+    else:  # with --annotations alone there is no need for the built-in benchmark
         root = args.data
     ann = args.annotations or str(mp100_split_files(root, args.split)["test"])
     coco = load_coco(ann)

@@ -97,6 +97,30 @@ def _category_batches(coco, instances, batch_size):
 
 
 @torch.no_grad()
+def extract(model, images, keypoints=None, visible=None, amp=True, backend="auto"):
+    """Features of normalized crops, as the evaluation and the predictor use them.
+
+    Returns (features [B, C, h, w] float32 contiguous, pooled [B, K, C],
+    matcher-pooled [B, K, C]): the last two need ``keypoints`` (heatmap
+    cells [B, K, 2]) and ``visible`` [B, K]; they are None without them, and
+    the matcher's is None for a model without a matching network.
+    """
+    sigma = model.config.get("sigma", 2.0)
+    with _autocast(images.device, amp):
+        f = model.extractor(images)
+    f = f.float().contiguous()
+    if keypoints is None:
+        return f, None, None
+    pooled = ops.keypoint_pool(f, keypoints, visible, sigma, backend=backend)
+    mpooled = None
+    if model.matcher_extractor is not None:
+        with _autocast(images.device, amp):
+            g = model.matcher_extractor(images)
+        mpooled = ops.keypoint_pool(g.float().contiguous(), keypoints, visible, sigma, backend=backend)
+    return f, pooled, mpooled
+
+
+@torch.no_grad()
 def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=True, backend="auto",
                timer: Timer | None = None, progress=None) -> InstanceBank:
     """Crop, extract and pool every instance in ``instances`` once."""
@@ -119,18 +143,12 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
             break
         with timer.phase("features"):
             images = batch["image"].to(device, non_blocking=True)
-            kp = batch["keypoints"].to(device)
-            vis = batch["visible"].to(device)
-            with _autocast(device, amp):
-                f = model.extractor(images)
-            f = f.float().contiguous()
+            f, p, mp = extract(model, images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
+                               backend)
             feats.append(f)
-            pooled.append(ops.keypoint_pool(f, kp, vis, sigma, backend=backend))
-            if model.matcher_extractor is not None:
-                with _autocast(device, amp):
-                    g = model.matcher_extractor(images)
-                tokens = ops.keypoint_pool(g.float().contiguous(), kp, vis, sigma, backend=backend)
-                mscores.append(model.matcher.scores(tokens, kp, vis))
+            pooled.append(p)
+            if mp is not None:  # the matcher's scores of this instance as a shot, kept instead of its tokens
+                mscores.append(model.matcher.scores(mp, batch["keypoints"].to(device), batch["visible"].to(device)))
             meta.append(batch)
         if bar:
             bar.update(1)
@@ -318,6 +336,32 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
         else:
             results[method] = (pairs, dict(timer.seconds))
     return results
+
+
+def predict_episodes(model, coco, episodes, method="escape", device="cpu", backend="auto", batch_size=32,
+                     amp=True) -> list[torch.Tensor]:
+    """Predictions of a few chosen episodes (for figures), on the fast path.
+
+    ``episodes`` are :class:`escape_fast.data.Episode` (e.g. some entries of
+    an ``EpisodeSampler``'s list, so that they are the draws an evaluation
+    made). Only their instances are extracted. Returns, per episode in
+    order, its queries' predictions [Q, K_pad, 2] in image pixels on the CPU:
+    what ``evaluate`` computes for those episodes (up to the float rounding
+    of other feature batches).
+    """
+    device = torch.device(device)
+    needed = sorted({i for e in episodes for i in (*e.supports, *e.queries)})
+    bank = build_bank(model, coco, needed, device, batch_size, 0, amp, backend)
+    by_cat: dict[int, list[int]] = {}
+    for n, e in enumerate(episodes):
+        by_cat.setdefault(e.category_id, []).append(n)
+    out: list[torch.Tensor | None] = [None] * len(episodes)
+    for positions in by_cat.values():
+        group = [episodes[n] for n in positions]
+        coords, _, _ = predict_category(model, bank, group, method, backend)
+        for n, c in zip(positions, coords.cpu().split(len(group[0].queries))):
+            out[n] = c
+    return out
 
 
 @torch.no_grad()

@@ -325,11 +325,37 @@ def _heatmap_step(model, batch):
 
 
 @torch.no_grad()
+def base_keypoint_means(extractor, coco, cfg, device, instances=None, workers=None, show_progress=True):
+    """Mean pooled feature of every base keypoint over the instances where it
+    is visible (eq. 4): (vectors [P, C], seen [P] bool), in the order of
+    :func:`base_keypoint_table`. ``instances`` limits the instances used."""
+    from tqdm.auto import tqdm
+
+    table, _, keys = base_keypoint_table(coco)
+    dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=False, sigma=cfg["sigma"])
+    if instances is not None:
+        dataset = torch.utils.data.Subset(dataset, list(instances))
+    loader = make_loader(dataset, cfg["batch_size"], num_workers=cfg["workers"] if workers is None else workers)
+    sums = torch.zeros(len(keys), cfg["channels"], device=device)
+    counts = torch.zeros(len(keys), device=device)
+    table = table.to(device)
+    for batch in tqdm(loader, desc="base keypoint features", disable=not show_progress, leave=False):
+        images = batch["image"].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg["amp"]) and device.type == "cuda"):
+            feats = extractor(images).float()
+        vis = batch["visible"].to(device)
+        pooled = ops.keypoint_pool(feats, batch["keypoints"].to(device), vis, cfg["sigma"])
+        rows = table[batch["category_index"].to(device)]
+        use = vis & (rows >= 0)
+        sums.index_add_(0, rows[use], pooled[use])
+        counts.index_add_(0, rows[use], torch.ones_like(rows[use], dtype=counts.dtype))
+    return sums / counts.clamp_min(1)[:, None], counts > 0
+
+
+@torch.no_grad()
 def stage_cluster(cfg, rt, run_dir, train_coco, log):
     """Mean pooled feature of each base keypoint over its training instances
     (eq. 4), then ops.cluster_keypoints."""
-    from tqdm.auto import tqdm
-
     base = checkpoint.load(os.path.join(run_dir, "baseline.pt"), kind="baseline", required=["model"])
     table, owner, keys = base_keypoint_table(train_coco)
     extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
@@ -341,22 +367,7 @@ def stage_cluster(cfg, rt, run_dir, train_coco, log):
         vectors = model.prototypes.detach().float()
         seen = torch.ones(len(keys), dtype=torch.bool, device=vectors.device)
     elif ccfg["source"] == "features":
-        dataset = KeypointDataset(train_coco, input_size=cfg["input_size"], train=False, sigma=cfg["sigma"])
-        loader = make_loader(dataset, cfg["batch_size"], num_workers=cfg["workers"])
-        sums = torch.zeros(len(keys), cfg["channels"], device=rt.device)
-        counts = torch.zeros(len(keys), device=rt.device)
-        for batch in tqdm(loader, desc="cluster: base features", disable=not rt.main, leave=False):
-            images = batch["image"].to(rt.device)
-            with _autocast(rt, cfg):
-                feats = model.extractor(images).float()
-            vis = batch["visible"].to(rt.device)
-            pooled = ops.keypoint_pool(feats, batch["keypoints"].to(rt.device), vis, cfg["sigma"])
-            rows = table.to(rt.device)[batch["category_index"].to(rt.device)]
-            use = vis & (rows >= 0)
-            sums.index_add_(0, rows[use], pooled[use])
-            counts.index_add_(0, rows[use], torch.ones_like(rows[use], dtype=counts.dtype))
-        seen = counts > 0
-        vectors = sums / counts.clamp_min(1)[:, None]
+        vectors, seen = base_keypoint_means(model.extractor, train_coco, cfg, rt.device, show_progress=rt.main)
     else:
         raise config_mod.ConfigError(f"cluster.source must be 'features' or 'prototypes', got {ccfg['source']!r}")
     idx = torch.nonzero(seen).squeeze(1)

@@ -12,7 +12,8 @@ Fields read (SPEC section 1)
 * ``images[i]``: ``id``, ``file_name``, ``width``, ``height`` (required).
 * ``categories[i]``: ``id``, ``name``, ``keypoints`` (names; their number
   K_cat fixes the length of every annotation of the category) required;
-  ``skeleton`` (1-based pairs, as in COCO) and ``flip_pairs`` (0-based
+  ``skeleton`` (index pairs, 1-based as in COCO or 0-based: see
+  ``Category.limbs``) and ``flip_pairs`` (0-based
   index pairs of left/right keypoints, an escape_fast extension; flips are
   only used for categories that declare them) optional.
 * ``annotations[j]``: ``id``, ``image_id``, ``category_id``, ``bbox``
@@ -103,6 +104,16 @@ class Category:
     @property
     def num_keypoints(self) -> int:
         return len(self.keypoints)
+
+    def limbs(self) -> tuple[tuple[int, int], ...]:
+        """The skeleton as 0-based index pairs (for drawing).
+
+        COCO's skeleton is 1-based, but some files (the MP-100 fixture among
+        them) write 0-based limbs: a skeleton that uses index 0 is read as
+        0-based, any other as 1-based."""
+        flat = [v for limb in self.skeleton for v in limb]
+        shift = 1 if flat and min(flat) >= 1 else 0
+        return tuple((a - shift, b - shift) for a, b in self.skeleton)
 
     def flip_permutation(self) -> np.ndarray | None:
         """Index map that swaps each flip pair, or None without flip pairs."""

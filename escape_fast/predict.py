@@ -1,0 +1,662 @@
+"""Predict keypoints on your own images from one or a few annotated supports.
+
+    python -m escape_fast.predict --support dog.jpg --support-keypoints dog.json \\
+        --query other_dog.jpg more/*.jpg --out predictions/
+
+From Python, :class:`Predictor` loads a model once, adapts to a support set
+once (:meth:`Predictor.adapt`) and predicts any number of queries in batches
+(:meth:`Predictor.predict`).
+
+The keypoint file (one per support) is either
+
+* the simple format, a JSON object::
+
+      {"names":     ["nose", "left eye", "right eye", "tail"],
+       "keypoints": [[120.5, 80.0], [110, 70], [130, 70, 0], null],
+       "skeleton":  [["nose", "left eye"], [0, 2]],
+       "box":       [50, 40, 200, 180]}
+
+  ``keypoints`` (required): one entry per keypoint, ``[x, y]`` in pixels of
+  the image as it is displayed (EXIF orientation applied), ``[x, y, v]``
+  with v = 0 for "not visible" (1 and 2 are visible, as in COCO), or
+  ``null``. ``names`` (optional, default "0", "1", ...): distinct strings.
+  ``skeleton`` (optional): limbs as pairs of 0-based indices or of names.
+  ``box`` (optional, also spelled ``bbox``): the object's box ``[x, y, w,
+  h]``; without it the whole image is the crop. An ``image`` field may note
+  the image's name; it is not read.
+* or a COCO keypoint file (MP-100's format, escape_fast.data.coco) from which
+  one annotation is taken: ``file.json#ID`` names annotation ID; otherwise
+  the file's only annotation, or the only one on an image with the support
+  image's file name. Names and skeleton come from its category (a skeleton
+  that uses index 0 is read as 0-based, otherwise as COCO's 1-based), its
+  box is the crop unless a box is given.
+
+Every box (given, from the file, or the whole image) is clipped to the
+image the way escape_fast.data.coco cleans annotation boxes and padded by
+1.25 into a square crop, exactly as the evaluation crops its instances.
+Several supports (e.g. 5-shot) must have the same keypoints (same names).
+A keypoint visible in no support gets no prediction (null coordinates).
+
+Bad input raises :class:`escape_fast.data.DataError` naming the file: a
+missing or corrupt image, a malformed keypoint file, keypoints outside the
+image or the crop, a support without a visible keypoint, an image or box
+smaller than MIN_SIDE pixels. A support error stops the adaptation; a query
+error is reported for that query while the other queries get their results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from escape_fast import ops
+from escape_fast.data.coco import DataError, clean_bbox, load_coco, load_image
+from escape_fast.data.transforms import box_to_center_scale, crop_matrix, image_to_grid, normalize_image, warp_crop
+from escape_fast.eval import resolve_model_path
+from escape_fast.evaluation import extract, prototypes_for
+from escape_fast.models.escape import EscapeModel
+
+MIN_SIDE = 8  # pixels: a smaller image or box holds no usable object at any crop size
+SIMPLE_FIELDS = ("names", "keypoints", "skeleton", "box", "bbox", "image")
+
+
+# --------------------------------------------------------------------------
+# keypoint files
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeypointSet:
+    """The annotation of one support: K keypoints in image pixels.
+
+    ``keypoints`` [K, 2] float64 ((0, 0) where not visible), ``visible`` [K]
+    bool, ``names`` K strings, ``skeleton`` 0-based index pairs, ``box``
+    [x, y, w, h] or None (whole image), ``source`` what it was read from.
+    """
+
+    names: tuple[str, ...]
+    keypoints: np.ndarray
+    visible: np.ndarray
+    skeleton: tuple[tuple[int, int], ...] = ()
+    box: np.ndarray | None = None
+    source: str = "<keypoints>"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _number(value) -> bool:
+    """A finite real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+
+
+def _box(value, where: str, name: str = "box") -> np.ndarray:
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_number(v) for v in value):
+        raise DataError(f"{where}: '{name}' is {value!r}; expected [x, y, w, h] (4 finite numbers)")
+    box = np.asarray(value, dtype=np.float64)
+    if box[2] <= 0 or box[3] <= 0:
+        raise DataError(f"{where}: '{name}' {value!r} has a width or height that is not positive")
+    return box
+
+
+def _skeleton(raw, names, where: str) -> tuple[tuple[int, int], ...]:
+    """Limbs as 0-based index pairs from pairs of indices or names."""
+    if not isinstance(raw, (list, tuple)):
+        raise DataError(f"{where}: 'skeleton' is a {type(raw).__name__}; expected a list of pairs")
+    index = {n: i for i, n in enumerate(names)}
+    k = len(names)
+    limbs = []
+    for limb in raw:
+        ends = []
+        if isinstance(limb, (list, tuple)) and len(limb) == 2:
+            for e in limb:
+                if isinstance(e, str) and e in index:
+                    ends.append(index[e])
+                elif isinstance(e, int) and not isinstance(e, bool) and 0 <= e < k:
+                    ends.append(e)
+        if len(ends) != 2:
+            raise DataError(f"{where}: skeleton limb {limb!r} is not a pair of keypoint names or 0-based indices "
+                            f"below {k}")
+        limbs.append((ends[0], ends[1]))
+    return tuple(limbs)
+
+
+def parse_keypoints(data, where: str = "<keypoints>") -> KeypointSet:
+    """A :class:`KeypointSet` from the simple format (a dict as read from JSON)."""
+    if not isinstance(data, dict) or "keypoints" not in data:
+        raise DataError(f"{where}: expected an object with a 'keypoints' list (the simple format, see "
+                        "escape_fast.predict) or a COCO file with 'annotations' and 'categories'")
+    unknown = sorted(set(data) - set(SIMPLE_FIELDS))
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; the simple format has "
+                        f"{', '.join(SIMPLE_FIELDS)}")
+    raw = data["keypoints"]
+    if not isinstance(raw, (list, tuple)) or len(raw) == 0:
+        raise DataError(f"{where}: 'keypoints' must be a non-empty list of [x, y], [x, y, v] or null")
+    k = len(raw)
+    names = data.get("names")
+    if names is None:
+        names = [str(i) for i in range(k)]
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+        raise DataError(f"{where}: 'names' must be a list of non-empty strings")
+    if len(names) != k:
+        raise DataError(f"{where}: {len(names)} names for {k} keypoints")
+    if len(set(names)) != k:
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"{where}: keypoint names must be distinct; repeated: {', '.join(dup)}")
+    xy = np.zeros((k, 2), dtype=np.float64)
+    visible = np.zeros(k, dtype=bool)
+    for i, p in enumerate(raw):
+        if p is None:
+            continue
+        ok = isinstance(p, (list, tuple)) and len(p) in (2, 3) and all(_number(v) for v in p)
+        if not ok or (len(p) == 3 and p[2] not in (0, 1, 2)):
+            raise DataError(f"{where}: keypoint {i} ('{names[i]}') is {p!r}; expected [x, y], [x, y, v] with v "
+                            "0, 1 or 2, or null")
+        if len(p) == 2 or p[2] > 0:
+            xy[i], visible[i] = p[:2], True
+    skeleton = _skeleton(data.get("skeleton", []), names, where)
+    box = None
+    for key in ("box", "bbox"):
+        if data.get(key) is not None:
+            box = _box(data[key], where, key)
+    return KeypointSet(tuple(names), xy, visible, skeleton, box, where)
+
+
+def _coco_annotation(path: str, data: dict, ann_id: int | None, image) -> KeypointSet:
+    """One annotation of a COCO keypoint file (see the module docstring);
+    ``data`` is the file's JSON."""
+    with warnings.catch_warnings():  # skipped annotations are reported below if they are the one asked for
+        warnings.simplefilter("ignore")
+        coco = load_coco(path, check_images=False)
+    if ann_id is not None:
+        chosen = [inst for inst in coco.instances if inst.ann_id == ann_id]
+        if not chosen:
+            raise DataError(f"{path}: no usable annotation id {ann_id} (absent, or skipped on loading: no visible "
+                            "keypoint or a box with no area inside its image)")
+    elif len(coco.instances) == 1:
+        chosen = coco.instances
+    else:
+        name = Path(image).name if isinstance(image, (str, os.PathLike)) else None
+        chosen = [inst for inst in coco.instances if name is not None and Path(inst.image.file_name).name == name]
+        if len(chosen) > 1:  # the same file name in several folders: use the longer path match
+            chosen = [inst for inst in chosen if str(Path(image).as_posix()).endswith(inst.image.file_name)]
+        if len(chosen) != 1:
+            what = f"image '{name}'" if name else "an image given as an array"
+            raise DataError(f"{path}: {len(coco.instances)} usable annotations and {len(chosen)} of them on "
+                            f"{what}; name one as {path}#ANNOTATION_ID")
+    inst = chosen[0]
+    cat = coco.categories[inst.category_id]
+    where = f"{path}#{inst.ann_id}"
+    skeleton = _skeleton([list(p) for p in cat.limbs()], cat.keypoints, f"{where} (category '{cat.name}')")
+    # the box as written: make_crop cleans every box once, as load_coco does
+    raw_box = next(a["bbox"] for a in data["annotations"] if a.get("id") == inst.ann_id)
+    return KeypointSet(cat.keypoints, inst.keypoints.copy(), inst.visible.copy(), skeleton,
+                       np.asarray(raw_box, dtype=np.float64), where)
+
+
+def load_keypoints(path, image=None) -> KeypointSet:
+    """Read a keypoint file: the simple format or ``coco.json[#ANNOTATION_ID]``.
+
+    ``image`` (the support image's path) picks the annotation of a COCO file
+    that has several."""
+    path = os.fspath(path)
+    ann_id = None
+    if not os.path.exists(path) and "#" in path:
+        path, _, ident = path.rpartition("#")
+        if not ident.isdigit():
+            raise DataError(f"{path}#{ident}: the part after '#' must be an annotation id (an integer)")
+        ann_id = int(ident)
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: keypoint file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: malformed JSON: {e}") from None
+    if isinstance(data, dict) and "annotations" in data and "categories" in data:
+        return _coco_annotation(path, data, ann_id, image)
+    if ann_id is not None:
+        raise DataError(f"{path}: '#{ann_id}' selects an annotation of a COCO file, but this is not one")
+    return parse_keypoints(data, path)
+
+
+def _as_keypoint_set(kp, image) -> KeypointSet:
+    if isinstance(kp, KeypointSet):
+        return kp
+    if isinstance(kp, (str, os.PathLike)):
+        return load_keypoints(kp, image)
+    if isinstance(kp, dict):
+        return parse_keypoints(kp)
+    arr = np.asarray(kp, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] not in (2, 3):
+        raise DataError(f"support keypoints: an array must be [K, 2] or [K, 3], got shape {list(arr.shape)}")
+    return parse_keypoints({"keypoints": arr.tolist()}, "<array>")
+
+
+# --------------------------------------------------------------------------
+# images and crops
+# --------------------------------------------------------------------------
+def _image_name(image, fallback: str) -> str:
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else fallback
+
+
+def read_image(image, name: str) -> np.ndarray:
+    """RGB uint8 [H, W, 3] from a path (EXIF orientation applied) or an array."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(os.fspath(image))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise DataError(f"{name}: an image array must be RGB uint8 [H, W, 3], got {arr.dtype} {list(arr.shape)}")
+    return arr
+
+
+@dataclass
+class Crop:
+    """A normalized crop [3, H, W] and the map back to the image."""
+
+    tensor: torch.Tensor
+    center: np.ndarray
+    scale: np.ndarray
+    box: np.ndarray  # the box that was cropped, [x, y, w, h]
+
+
+def make_crop(image: np.ndarray, box, input_size: int, name: str) -> Crop:
+    """Crop ``box`` ([x, y, w, h], default: the whole image) like the evaluation does."""
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_SIDE:
+        raise DataError(f"{name}: the image is {w} x {h} pixels; at least {MIN_SIDE} x {MIN_SIDE} is needed")
+    given = box is not None
+    box = np.array([0.0, 0.0, w, h]) if box is None else _box(list(box), name)
+    clean = clean_bbox(box, w, h)
+    if clean is None:
+        raise DataError(f"{name}: box {box.tolist()} has no area inside the {w} x {h} image")
+    if min(clean[2], clean[3]) < MIN_SIDE:
+        what = f"box {box.tolist()} (inside the image: {clean.tolist()})" if given else "image"
+        raise DataError(f"{name}: the {what} is smaller than {MIN_SIDE} pixels on a side")
+    center, scale = box_to_center_scale(clean, 1.0)
+    size = (input_size, input_size)
+    crop = warp_crop(image, crop_matrix(center, scale, 0.0, size), size)
+    return Crop(normalize_image(crop), center, scale, clean)
+
+
+# --------------------------------------------------------------------------
+# the predictor
+# --------------------------------------------------------------------------
+@dataclass
+class Prediction:
+    """The result for one query.
+
+    ``keypoints`` [K, 2] float64 image pixels (NaN for keypoints visible in
+    no support), ``scores`` [K] the heatmap peak (the smoothed inner product
+    of query feature and prototype: higher is surer; not a probability),
+    ``box`` the cropped box; or ``error`` (and no keypoints) when the query
+    could not be read.
+    """
+
+    image: str
+    keypoints: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    box: np.ndarray | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_dict(self, names) -> dict:
+        if not self.ok:
+            return {"image": self.image, "error": self.error}
+        points = []
+        for name, (x, y), s in zip(names, self.keypoints.tolist(), self.scores.tolist()):
+            known = math.isfinite(x)
+            points.append({"name": name, "x": x if known else None, "y": y if known else None,
+                           "score": s if known else None})
+        return {"image": self.image, "box": self.box.tolist(), "keypoints": points}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Predictor:
+    """Load a model once, adapt it to a support set once, predict many queries.
+
+    Args:
+        checkpoint: a training run folder (its model.pt), a model.pt, or None
+            for the built-in checkpoint.
+        method: "mle", "map" or "escape" (default: the best the model has).
+        device: "cpu", "cuda", ... (default "auto": the GPU when there is one).
+        batch_size: queries per feature-extraction batch.
+        backend: op implementation (escape_fast.ops).
+
+    >>> p = Predictor().adapt("dog.jpg", "dog.json")
+    >>> for r in p.predict(["a.jpg", "b.jpg"]): print(r.image, r.keypoints)
+    """
+
+    def __init__(self, checkpoint=None, method: str | None = None, device=None, batch_size: int = 16,
+                 backend: str = "auto", amp: bool = True):
+        self.checkpoint = resolve_model_path(None if checkpoint is None else os.fspath(checkpoint))
+        self.device = default_device() if device in (None, "auto") else torch.device(device)
+        self.model = EscapeModel.from_checkpoint(self.checkpoint).to(self.device).eval()
+        self.method = method or self.model.methods[-1]
+        if self.method not in self.model.methods:
+            raise ValueError(f"{self.checkpoint}: method {self.method!r} is not available; this model supports "
+                             f"{', '.join(self.model.methods)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size, self.backend, self.amp = int(batch_size), backend, amp
+        self.input_size = int(self.model.config["input_size"])
+        self.heatmap_size = (self.input_size // 4, self.input_size // 4)
+        self.supports: list[KeypointSet] = []
+        self.prototypes = None
+
+    # ---------------------------------------------------------------- support
+    def _support_crop(self, image, kps: KeypointSet, box, name: str):
+        """(crop, heatmap cells [K, 2]) of one support, after checking its keypoints."""
+        where = f"{name} with keypoints {kps.source}"
+        if not kps.visible.any():
+            raise DataError(f"{kps.source}: no visible keypoint; a support needs at least one")
+        img = read_image(image, name)
+        h, w = img.shape[:2]
+        xy = kps.keypoints
+        outside = kps.visible & ((xy[:, 0] < 0) | (xy[:, 0] > w) | (xy[:, 1] < 0) | (xy[:, 1] > h))
+        if outside.any():
+            bad = ", ".join(f"'{kps.names[i]}' at ({xy[i, 0]:g}, {xy[i, 1]:g})" for i in np.flatnonzero(outside)[:5])
+            raise DataError(f"{where}: keypoint(s) outside the {w} x {h} image: {bad}")
+        crop = make_crop(img, box if box is not None else kps.box, self.input_size, name)
+        cells = image_to_grid(xy, crop.center, crop.scale, 0.0, self.heatmap_size)
+        off = kps.visible & ((cells < 0) | (cells > np.array(self.heatmap_size) - 1)).any(1)
+        if off.any():
+            bad = ", ".join(f"'{kps.names[i]}' at ({xy[i, 0]:g}, {xy[i, 1]:g})" for i in np.flatnonzero(off)[:5])
+            raise DataError(f"{where}: keypoint(s) outside the crop of box {crop.box.tolist()} (padded by 1.25): "
+                            f"{bad}; give a box that holds every visible keypoint")
+        return crop, cells
+
+    @torch.no_grad()
+    def adapt(self, images, keypoints, boxes=None) -> "Predictor":
+        """Compute the keypoint prototypes of a support set.
+
+        Args:
+            images: one image or a list (paths, or RGB uint8 [H, W, 3] arrays).
+            keypoints: one per image: a keypoint file path (simple format or
+                ``coco.json[#ID]``), a dict in the simple format, an array
+                [K, 2] / [K, 3], or a :class:`KeypointSet`; a single COCO file
+                path may serve every image.
+            boxes: None, or one [x, y, w, h] (or None) per image; a box given
+                here wins over the keypoint file's.
+        Returns self. Raises DataError naming the file on bad input.
+        """
+        shared = False
+        if isinstance(images, (str, os.PathLike, np.ndarray)):  # one support
+            images, keypoints, boxes = [images], [keypoints], [boxes]
+        else:
+            images = list(images)
+            if isinstance(keypoints, (str, os.PathLike)):  # one COCO file for every support
+                keypoints, shared = [keypoints] * len(images), len(images) > 1
+            keypoints = list(keypoints)
+            boxes = [None] * len(images) if boxes is None else list(boxes)
+        if not images or len(keypoints) != len(images) or len(boxes) != len(images):
+            raise ValueError(f"adapt: {len(images)} support images, {len(keypoints)} keypoint sets and "
+                             f"{len(boxes)} boxes; give one of each per support")
+        sets, crops, cells = [], [], []
+        for n, (image, kp, box) in enumerate(zip(images, keypoints, boxes)):
+            name = _image_name(image, f"support #{n}")
+            kps = _as_keypoint_set(kp, image)
+            if sets and kps.names != sets[0].names:
+                raise DataError(f"{kps.source}: its keypoints ({len(kps)}: {', '.join(kps.names[:6])}...) differ "
+                                f"from those of {sets[0].source} ({len(sets[0])}); every support needs the same")
+            if shared and any(s.source == kps.source for s in sets):
+                raise DataError(f"{kps.source}: chosen for two supports; one keypoint file for several supports "
+                                "must be a COCO file with one annotation on each support image")
+            crop, cell = self._support_crop(image, kps, box, name)
+            sets.append(kps)
+            crops.append(crop)
+            cells.append(cell)
+        dev = self.device
+        batch = torch.stack([c.tensor for c in crops]).to(dev)
+        cells_t = torch.from_numpy(np.stack(cells)).float().to(dev)
+        vis = torch.from_numpy(np.stack([s.visible for s in sets])).to(dev)
+        _, pooled, mpooled = extract(self.model, batch, cells_t, vis, self.amp, self.backend)
+        self._pooled, self._cells, self._visible = pooled[None], cells_t[None], vis[None]  # [1, S, ...]
+        self._mpooled = None if mpooled is None else mpooled[None]
+        self.prototypes = prototypes_for(self.model, self.method, self._pooled, self._visible, self._mpooled,
+                                         self._cells)[0]
+        self.supports = sets
+        self.support_crops = crops
+        self.support_images = [_image_name(im, f"support #{n}") for n, im in enumerate(images)]
+        self.known = vis.any(0).cpu().numpy()  # keypoints visible in some support
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.supports[0].names if self.supports else ()
+
+    @property
+    def skeleton(self) -> tuple[tuple[int, int], ...]:
+        return self.supports[0].skeleton if self.supports else ()
+
+    @torch.no_grad()
+    def matches(self, method: str) -> tuple[np.ndarray, np.ndarray]:
+        """Super-keypoint matched to each support keypoint: (index [K], -1 for
+        none; weight [K]). "map": the Hungarian assignment of simple matching
+        (weight 1); "escape": the matching network's most likely
+        super-keypoint and its probability."""
+        from escape_fast.models.adapt import hungarian_assignment, support_mean
+
+        self._need_support()
+        mu = self.model.super_keypoints
+        if mu.shape[0] == 0:
+            raise ValueError(f"{self.checkpoint}: the model has no super-keypoints (trained through stage 1 only)")
+        if method == "map":
+            means, valid = support_mean(self._pooled, self._visible)
+            idx = hungarian_assignment(means, valid, mu.to(means.dtype))[0]
+            return idx.cpu().numpy(), (idx >= 0).float().cpu().numpy()
+        if method == "escape":
+            if self.model.matcher is None:
+                raise ValueError(f"{self.checkpoint}: the model has no matching network (stage 4)")
+            log_p = self.model.matcher.assign_shots(self._mpooled, self._cells, self._visible)[0, :-1]
+            weight, idx = log_p.exp().max(-1)
+            idx = torch.where(self._visible[0].any(0), idx, torch.full_like(idx, -1))
+            return idx.cpu().numpy(), weight.float().cpu().numpy()
+        raise ValueError(f"matches: method must be 'map' or 'escape', got {method!r}")
+
+    def _need_support(self):
+        if self.prototypes is None:
+            raise RuntimeError("call Predictor.adapt(support images, keypoints) before predicting")
+
+    # ---------------------------------------------------------------- queries
+    @torch.no_grad()
+    def predict(self, images, boxes=None, raise_errors: bool = False) -> list[Prediction]:
+        """Keypoints of each query image (paths or RGB arrays), in batches.
+
+        ``boxes``: None or one [x, y, w, h] (or None: whole image) per image.
+        A query that cannot be read gets a Prediction with ``error`` set (or,
+        with ``raise_errors``, raises its DataError); the others are
+        unaffected.
+        """
+        self._need_support()
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        boxes = [None] * len(images) if boxes is None else list(boxes)
+        if len(boxes) != len(images):
+            raise ValueError(f"predict: {len(images)} images but {len(boxes)} boxes")
+        results: list[Prediction] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk, crops = [], []
+            for n in range(start, min(start + self.batch_size, len(images))):
+                result = Prediction(_image_name(images[n], f"query #{n}"))
+                try:
+                    crop = make_crop(read_image(images[n], result.image), boxes[n], self.input_size, result.image)
+                except DataError as e:
+                    if raise_errors:
+                        raise
+                    result.error = str(e)
+                else:
+                    chunk.append(result)
+                    crops.append(crop)
+                results.append(result)
+            if crops:
+                self._decode(chunk, crops)
+        return results
+
+    def _decode(self, preds: list[Prediction], crops: list[Crop]):
+        dev = self.device
+        feats, _, _ = extract(self.model, torch.stack([c.tensor for c in crops]).to(dev), amp=self.amp,
+                              backend=self.backend)
+        b = feats.shape[0]
+        center = torch.from_numpy(np.stack([c.center for c in crops])).float().to(dev)
+        scale = torch.from_numpy(np.stack([c.scale for c in crops])).float().to(dev)
+        protos = self.prototypes[None].expand(b, -1, -1).contiguous()
+        coords, peak = ops.heatmap_decode(feats, protos, center, scale, backend=self.backend)
+        coords, peak = coords.double().cpu().numpy(), peak.double().cpu().numpy()
+        for p, crop, xy, s in zip(preds, crops, coords, peak):
+            p.keypoints = np.where(self.known[:, None], xy, np.nan)
+            p.scores = np.where(self.known, s, np.nan)
+            p.box = crop.box
+
+
+# --------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------
+def _parse_box(text: str) -> list[float] | None:
+    if text.lower() == "none":
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a box is x,y,w,h (four numbers) or none, got {text!r}")
+    return values
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m escape_fast.predict",
+        description="Predict keypoints on query images from one or a few annotated support images of the same "
+                    "kind of object. Writes predictions.json and one PNG per query (and per support) to --out.",
+        epilog="Keypoint file: {\"names\": [...], \"keypoints\": [[x, y], [x, y, v], null, ...], \"skeleton\": "
+               "[[0, 1], ...], \"box\": [x, y, w, h]} (names, skeleton, box optional), or a COCO keypoint file "
+               "(file.json#ANNOTATION_ID picks one annotation). See README.md.",
+    )
+    p.add_argument("--support", action="append", required=True, metavar="IMG",
+                   help="support image (repeat for several shots, e.g. 5)")
+    p.add_argument("--support-keypoints", action="append", required=True, metavar="KP.json",
+                   help="keypoint file of each support, in the order of --support (one COCO file may serve all)")
+    p.add_argument("--support-box", action="append", type=_parse_box, metavar="x,y,w,h",
+                   help="object box of each support (default: the keypoint file's box, else the whole image)")
+    p.add_argument("--query", nargs="+", required=True, metavar="IMG", help="query image(s)")
+    p.add_argument("--query-box", action="append", type=_parse_box, metavar="x,y,w,h",
+                   help="object box of each query, in order ('none': whole image; default: whole images)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--checkpoint", metavar="RUN_DIR", help="training run folder or model.pt (default: built-in)")
+    p.add_argument("--method", choices=("escape", "map", "mle"),
+                   help="prototype estimate (default: the best the model has, escape for the built-in one)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default 16)")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "reference"),
+                   help="op implementation (default auto)")
+    p.add_argument("--labels", action="store_true", help="write keypoint numbers beside the drawn keypoints")
+    return p.parse_args(argv)
+
+
+def _png_name(image: str, used: set, prefix: str = "") -> str:
+    """A PNG file name from an image name that no other output uses (x.jpg -> x.png, then x-2.png, ...)."""
+    stem = prefix + (Path(image).stem or "image")
+    name, n = f"{stem}.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}.png"
+    used.add(name)
+    return name
+
+
+def _readable(name: str):
+    """The image at path ``name`` for drawing, or None (an array given from Python has no path)."""
+    try:
+        return read_image(name, name) if os.path.isfile(name) else None
+    except DataError:
+        return None
+
+
+def write_outputs(predictor: Predictor, results: list[Prediction], out_dir: str, labels: bool = False) -> str:
+    """predictions.json and the drawings (each support and query) in ``out_dir``; returns the JSON path."""
+    from escape_fast.drawing import draw_pose, save_png
+
+    os.makedirs(out_dir, exist_ok=True)
+    names, skeleton = predictor.names, predictor.skeleton
+    numbers = [str(i) for i in range(len(names))] if labels else None
+    used = {"predictions.png"}
+
+    def draw(name, xy, valid, prefix=""):
+        image = _readable(name)
+        if image is None:
+            return None
+        png = _png_name(name, used, prefix)
+        save_png(draw_pose(image, xy, valid, skeleton, numbers), os.path.join(out_dir, png))
+        return png
+
+    supports = [{"image": name, "keypoints": kps.source, "box": crop.box.tolist(),
+                 "drawing": draw(name, kps.keypoints, kps.visible, "support-")}
+                for name, kps, crop in zip(predictor.support_images, predictor.supports, predictor.support_crops)]
+    queries = []
+    for r in results:
+        entry = r.as_dict(names)
+        if r.ok:
+            entry["drawing"] = draw(r.image, r.keypoints, np.isfinite(r.keypoints[:, 0]))
+        queries.append(entry)
+    report = {
+        "checkpoint": predictor.checkpoint, "method": predictor.method, "device": str(predictor.device),
+        "keypoint_names": list(names), "skeleton": [list(limb) for limb in skeleton],
+        "coordinates": "image pixels (x right, y down) of the image as displayed (EXIF orientation applied)",
+        "score": "heatmap peak: smoothed inner product of query feature and keypoint prototype (higher is surer)",
+        "supports": supports, "queries": queries,
+    }
+    path = os.path.join(out_dir, "predictions.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    supports, kp_files = args.support, args.support_keypoints
+    if len(kp_files) not in (1, len(supports)):
+        print(f"error: {len(supports)} --support images but {len(args.support_keypoints)} --support-keypoints "
+              "files; give one per support", file=sys.stderr)
+        return 2
+    for name, opt, n in (("--support-box", args.support_box, len(supports)),
+                         ("--query-box", args.query_box, len(args.query))):
+        if opt is not None and len(opt) != n:
+            print(f"error: {len(opt)} {name} for {n} images; give one per image (none for the whole image)",
+                  file=sys.stderr)
+            return 2
+    try:
+        predictor = Predictor(args.checkpoint, args.method, args.device, args.batch_size, args.backend)
+        keypoints = kp_files[0] if len(kp_files) == 1 else kp_files  # one COCO file may serve every support
+        predictor.adapt(supports, keypoints, args.support_box)
+    except ValueError as e:  # DataError and CheckpointError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = predictor.predict(args.query, args.query_box)
+    path = write_outputs(predictor, results, args.out, args.labels)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"error: {r.error}", file=sys.stderr)
+    print(f"{len(results) - len(failed)} of {len(results)} queries predicted ({predictor.method}, "
+          f"{len(supports)}-shot, {predictor.device}); results in {path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Prediction on real photographs (the MP-100 fixture) and every bad input of issue 7.
+
+Support and query are different instances of one fixture category; the model
+is the built-in checkpoint (tiny backbone, 128 px), so each test takes a
+second or two on one CPU core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from escape_fast import builtin
+from escape_fast.data import DataError, Episode, load_coco
+from escape_fast.data.coco import Category
+from escape_fast.evaluation import predict_episodes
+from escape_fast.predict import MIN_SIDE, Predictor, load_keypoints, main, parse_keypoints
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(os.environ.get("ESCAPE_FAST_FIXTURE", ROOT.parent / "shared" / "data" / "mp100_fixture"))
+pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"MP-100 fixture not found at {FIXTURE}")
+
+ALL = FIXTURE / "annotations" / "fixture_all.json"
+IMAGES = FIXTURE / "images" / "human_body"
+SUPPORT = IMAGES / "000000000785.jpg"  # annotation 1, the file's only one on this image
+QUERY = IMAGES / "000000040083.jpg"  # annotations 2 and 3: other people
+QUERY2 = IMAGES / "000000197388.jpg"
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor(device="cpu").adapt(str(SUPPORT), str(ALL))
+
+
+def _simple_file(tmp_path, name="kp.json", **fields):
+    data = {"names": ["a", "b", "c"], "keypoints": [[300, 100], [350, 200], [400, 300]], **fields}
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+# --------------------------------------------------------------------------
+# the command on real photographs
+# --------------------------------------------------------------------------
+def test_command_writes_json_and_drawings_for_real_photographs(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "escape_fast.predict", "--support", str(SUPPORT), "--support-keypoints", str(ALL),
+           "--query", str(QUERY), str(QUERY2), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "predictions.json").read_text())
+    cat = load_coco(ALL).categories[1]
+    assert report["keypoint_names"] == list(cat.keypoints) and report["method"] == "escape"
+    assert report["checkpoint"] == builtin.checkpoint_path()
+    assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert report["skeleton"] == [list(limb) for limb in cat.limbs()]
+    assert [q["image"] for q in report["queries"]] == [str(QUERY), str(QUERY2)]
+    for q in report["queries"]:
+        image = np.asarray(Image.open(q["image"]).convert("RGB"))
+        h, w = image.shape[:2]
+        assert q["box"] == [0.0, 0.0, w - 1.0, h - 1.0]  # no box given: the whole image
+        points = q["keypoints"]
+        assert [p["name"] for p in points] == list(cat.keypoints)
+        xy = np.array([[p["x"], p["y"]] for p in points])
+        assert np.isfinite(xy).all() and all(np.isfinite(p["score"]) for p in points)
+        # the crop is the image padded by 1.25 about its centre: predictions lie inside it
+        half = 1.25 * max(w - 1, h - 1) / 2
+        assert (np.abs(xy - [(w - 1) / 2, (h - 1) / 2]) <= half + 1).all()
+        drawn = np.asarray(Image.open(out / q["drawing"]).convert("RGB"))
+        assert drawn.shape == image.shape and (drawn != image).any()
+    support_png = out / report["supports"][0]["drawing"]
+    assert Image.open(support_png).size == Image.open(SUPPORT).size
+
+
+def test_predictor_matches_the_evaluation_path(predictor):
+    """Support and query cropped to their annotated boxes: the same
+    predictions as the evaluation's episode of that pair."""
+    coco = load_coco(ALL)
+    rows = {inst.ann_id: i for i, inst in enumerate(coco.instances)}
+    box = next(a["bbox"] for a in json.loads(ALL.read_text())["annotations"] if a["id"] == 2)  # as written
+    for method in ("mle", "map", "escape"):
+        p = Predictor(method=method, device="cpu").adapt(str(SUPPORT), str(ALL))
+        got = p.predict([str(QUERY)], boxes=[box])[0].keypoints
+        want = predict_episodes(p.model, coco, [Episode(1, 0, (rows[1],), (rows[2],))], method)[0][0, :17]
+        np.testing.assert_allclose(got, want.double().numpy(), atol=1e-3, err_msg=method)
+
+
+def test_batches_arrays_and_several_supports_agree(predictor, tmp_path):
+    one = [predictor.predict(str(q))[0].keypoints for q in (QUERY, QUERY2, QUERY)]
+    batched = Predictor(device="cpu", batch_size=2).adapt(str(SUPPORT), str(ALL))
+    arrays = [np.asarray(Image.open(q).convert("RGB")) for q in (QUERY, QUERY2, QUERY)]
+    many = batched.predict(arrays)
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(a, b.keypoints, atol=1e-3)
+    assert many[0].image == "query #0"
+    boxed = predictor.predict([str(QUERY)], boxes=[np.array([10, 20, 200, 150])])[0]  # numpy ints are numbers
+    assert boxed.ok and boxed.box.tolist() == [10, 20, 199, 149]
+    # two shots (5-shot works the same way): the keypoint file names the annotations
+    two = Predictor(device="cpu").adapt([str(SUPPORT), str(IMAGES / "000000196141.jpg")],
+                                        [str(ALL), f"{ALL}#4"])
+    assert two.names == predictor.names and two.prototypes.shape == predictor.prototypes.shape
+    assert not torch.allclose(two.prototypes, predictor.prototypes)
+    assert two.predict(str(QUERY))[0].ok
+
+
+def test_default_device_builtin_checkpoint_and_run_dir(tmp_path):
+    p = Predictor()
+    assert p.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert p.checkpoint == builtin.checkpoint_path() and p.method == "escape"
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(builtin.checkpoint_path(), run / "model.pt")
+    assert Predictor(run, method="map").checkpoint == str(run / "model.pt")
+    with pytest.raises(ValueError, match="does not exist"):
+        Predictor(tmp_path / "empty_run")
+
+
+# --------------------------------------------------------------------------
+# the keypoint file
+# --------------------------------------------------------------------------
+def test_simple_keypoint_format():
+    kps = parse_keypoints({"names": ["nose", "eye", "ear", "tail"], "keypoints": [[1, 2], [3, 4, 2], [5, 6, 0], None],
+                           "skeleton": [["nose", "eye"], [1, 2]], "bbox": [0, 0, 10, 10]})
+    assert kps.names == ("nose", "eye", "ear", "tail")
+    assert kps.visible.tolist() == [True, True, False, False]
+    assert kps.keypoints[:2].tolist() == [[1, 2], [3, 4]] and kps.skeleton == ((0, 1), (1, 2))
+    assert kps.box.tolist() == [0, 0, 10, 10]
+    assert parse_keypoints({"keypoints": [[1, 2], [3, 4]]}).names == ("0", "1")
+
+
+def test_coco_skeleton_one_or_zero_based():
+    assert Category(1, "x", ("a", "b", "c"), ((1, 2), (2, 3))).limbs() == ((0, 1), (1, 2))
+    assert Category(1, "x", ("a", "b", "c"), ((0, 1), (1, 2))).limbs() == ((0, 1), (1, 2))
+    kps = load_keypoints(ALL, SUPPORT)
+    assert kps.source == f"{ALL}#1" and kps.visible.sum() == 17 and kps.box is not None
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "malformed JSON"),
+    ('[1, 2]', "expected an object with a 'keypoints' list"),
+    ('{"keypoints": []}', "non-empty list"),
+    ('{"keypoints": [[1, "x"]]}', "keypoint 0 .* expected"),
+    ('{"keypoints": [[1, 2, 5]]}', "v 0, 1 or 2"),
+    ('{"keypoints": [[1, 2]], "names": ["a", "b"]}', "2 names for 1 keypoints"),
+    ('{"keypoints": [[1, 2], [3, 4]], "names": ["a", "a"]}', "distinct"),
+    ('{"keypoints": [[1, 2]], "skeleton": [[0, 3]]}', "skeleton limb"),
+    ('{"keypoints": [[1, 2]], "box": [0, 0, -1, 5]}', "not positive"),
+    ('{"keypoints": [[1, 2]], "skeletn": []}', "unknown field"),
+])
+def test_malformed_keypoint_file_names_the_file(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as err:
+        load_keypoints(path)
+    assert str(path) in str(err.value)
+
+
+def test_keypoint_file_errors_on_the_command_line(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"keypoints": [[1, "x"]]}')
+    rc = main(["--support", str(SUPPORT), "--support-keypoints", str(bad), "--query", str(QUERY),
+               "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 2 and str(bad) in capsys.readouterr().err
+    rc = main(["--support", str(SUPPORT), "--support-keypoints", str(tmp_path / "missing.json"), "--query",
+               str(QUERY), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 2 and "missing.json: keypoint file not found" in capsys.readouterr().err
+
+
+def test_coco_file_with_several_annotations_asks_for_an_id(tmp_path):
+    with pytest.raises(DataError, match=r"4 of them on image '000000196141.jpg'; name one as .*#ANNOTATION_ID"):
+        load_keypoints(ALL, IMAGES / "000000196141.jpg")
+    with pytest.raises(DataError, match="no usable annotation id 999"):
+        load_keypoints(f"{ALL}#999")
+
+
+# --------------------------------------------------------------------------
+# bad supports
+# --------------------------------------------------------------------------
+def test_support_keypoints_outside_the_image(tmp_path):
+    w, h = Image.open(SUPPORT).size
+    path = _simple_file(tmp_path, keypoints=[[300, 100], [w + 50, 200], [400, 300]])
+    with pytest.raises(DataError, match=rf"outside the {w} x {h} image: 'b' at \({w + 50}, 200\)") as err:
+        Predictor(device="cpu").adapt(str(SUPPORT), str(path))
+    assert str(SUPPORT) in str(err.value) and str(path) in str(err.value)
+
+
+def test_support_keypoints_outside_the_box(tmp_path):
+    path = _simple_file(tmp_path, box=[280, 50, 60, 60])
+    with pytest.raises(DataError, match="outside the crop of box .* give a box that holds") as err:
+        Predictor(device="cpu").adapt(str(SUPPORT), str(path))
+    assert str(path) in str(err.value)
+
+
+def test_support_without_a_visible_keypoint(tmp_path):
+    path = _simple_file(tmp_path, keypoints=[None, [1, 2, 0], None])
+    with pytest.raises(DataError, match="no visible keypoint") as err:
+        Predictor(device="cpu").adapt(str(SUPPORT), str(path))
+    assert str(path) in str(err.value)
+
+
+def test_missing_or_corrupt_support_image(tmp_path):
+    path = _simple_file(tmp_path)
+    with pytest.raises(DataError, match="nope.jpg: image file not found"):
+        Predictor(device="cpu").adapt(str(tmp_path / "nope.jpg"), str(path))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(SUPPORT.read_bytes()[:300])
+    with pytest.raises(DataError, match="corrupt.jpg: cannot decode image"):
+        Predictor(device="cpu").adapt(str(corrupt), str(path))
+
+
+def test_supports_with_different_keypoints(tmp_path):
+    other = _simple_file(tmp_path, "other.json", names=["a", "b", "z"])
+    with pytest.raises(DataError, match="differ from those of"):
+        Predictor(device="cpu").adapt([str(SUPPORT), str(SUPPORT)], [str(_simple_file(tmp_path)), str(other)])
+
+
+# --------------------------------------------------------------------------
+# bad queries: an error for that query, results for the others
+# --------------------------------------------------------------------------
+def test_bad_queries_get_errors_and_the_others_results(predictor, tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(QUERY.read_bytes()[:500])
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (MIN_SIDE - 1, 40)).save(tiny)
+    missing = tmp_path / "missing.jpg"
+    queries = [str(QUERY), str(missing), str(corrupt), str(tiny), str(QUERY2)]
+    results = predictor.predict(queries)
+    assert [r.ok for r in results] == [True, False, False, False, True]
+    assert "missing.jpg: image file not found" in results[1].error
+    assert "corrupt.jpg: cannot decode image" in results[2].error
+    assert f"tiny.png: the image is {MIN_SIDE - 1} x 40 pixels" in results[3].error
+    np.testing.assert_allclose(results[0].keypoints, predictor.predict(str(QUERY))[0].keypoints, atol=1e-3)
+    with pytest.raises(DataError, match="missing.jpg"):
+        predictor.predict([str(missing)], raise_errors=True)
+    small_box = predictor.predict([str(QUERY)], boxes=[[10, 10, 3, 30]])[0]
+    assert "smaller than" in small_box.error
+
+
+def test_bad_query_on_the_command_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.jpg"
+    rc = main(["--support", str(SUPPORT), "--support-keypoints", str(ALL), "--query", str(missing), str(QUERY),
+               "--out", str(out), "--device", "cpu"])
+    assert rc == 1 and "missing.jpg: image file not found" in capsys.readouterr().err
+    report = json.loads((out / "predictions.json").read_text())
+    assert "error" in report["queries"][0] and "keypoints" not in report["queries"][0]
+    assert (out / report["queries"][1]["drawing"]).is_file()
