@@ -40,7 +40,8 @@ def dataset_root(progress: bool = True, size: str = BUILTIN_SIZE, seed: int = BU
     """Path of the built-in synthetic benchmark, generated if missing."""
     from escape_fast.data import synthetic
 
-    root = cache_dir() / f"synthetic-{size}-seed{seed}"
+    # the version is in the name: a cache of an older world is never mixed with a newer checkpoint
+    root = cache_dir() / f"synthetic-v{synthetic.VERSION}-{size}-seed{seed}"
     marker = root / "COMPLETE"
     if marker.exists():
         missing = [str(p) for p in expected_files(root) if not p.is_file()]

@@ -38,13 +38,14 @@ def test_eval_runs_out_of_the_box(tmp_path):
                            "--quiet", "--out", str(tmp_path / "r.json")], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ESCAPE" in proc.stdout and (tmp_path / "synthetic-small-seed0" / "COMPLETE").exists()
+    root = tmp_path / f"synthetic-v{synthetic.VERSION}-small-seed0"
+    assert "ESCAPE" in proc.stdout and (root / "COMPLETE").exists()
     assert (tmp_path / "r.json").exists()
 
 
 def test_damaged_cache_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ESCAPE_FAST_CACHE", str(tmp_path))
-    root = tmp_path / "synthetic-small-seed0"
+    root = tmp_path / f"synthetic-v{synthetic.VERSION}-small-seed0"
     root.mkdir()
     (root / "COMPLETE").write_text("ok\n")  # marked complete, but the files are gone
     with pytest.raises(builtin.CacheError, match="damaged.*delete that folder"):

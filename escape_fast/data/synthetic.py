@@ -18,10 +18,12 @@ The world
   super-keypoints, since one category cannot give two keypoints to one
   super-keypoint.
 * 100 categories (12 or 13 per family). A category keeps a subset of its
-  family's parts (so K varies, 7 to 29), shifts the motifs' hue and size,
-  and perturbs limb lengths and angles and the body's colour and build.
+  family's parts (so K varies, 7 to 29), shifts the motifs' hue and size a
+  little, and perturbs limb lengths and angles and the body's build.
 * Instances add articulation (joint angles), a global rotation, scale,
-  translation and mirror, a cluttered background with random shapes and
+  translation and mirror, their own body colour (a category is a body plan,
+  not a colour: two dogs differ more than a dog's eye and a cat's eye), a
+  hue and size jitter of all motifs, a cluttered background with random shapes and
   distractor motifs of the same family, occluders (keypoints under them are
   invisible, v = 0, as are keypoints outside the image), colour jitter,
   noise and blur.
@@ -58,6 +60,11 @@ import numpy as np
 
 __all__ = ["SIZES", "generate", "main"]
 
+# Version 2: body colour per instance (was per category), smaller category
+# shifts of the motifs and an instance-level motif jitter. Corresponding parts
+# now vary less across categories than between two photos of one category,
+# as in real data, which is what a prior from base categories can use.
+VERSION = 2
 SIZES = {
     "small": {"image_size": 128, "instances": 30},
     "full": {"image_size": 256, "instances": 60},
@@ -141,7 +148,6 @@ class CategorySpec:
     spine_scale: float
     hue_shift: float
     motif_scale: float
-    body_hsv: tuple
     fmt: str  # "jpg", "png", "gray", "rgba"
 
 
@@ -179,9 +185,8 @@ def _make_category(seed: int, cid: int, family: Family, variant: int) -> Categor
         limb_scale=rng.uniform(0.75, 1.3, n_limbs),
         limb_angle=rng.normal(0, 15, n_limbs),
         spine_scale=float(rng.uniform(0.8, 1.2)),
-        hue_shift=float(rng.uniform(-15, 15)),
-        motif_scale=float(rng.uniform(0.8, 1.25)),
-        body_hsv=(float(rng.uniform(0, 180)), float(rng.uniform(20, 110)), float(rng.uniform(70, 200))),
+        hue_shift=float(rng.uniform(-6, 6)),
+        motif_scale=float(rng.uniform(0.9, 1.1)),
         fmt=fmt,
     )
 
@@ -345,16 +350,16 @@ def render_instance(cat: CategorySpec, instance: int, seed: int, size: int):
             axes = tuple(int(v * _ONE) for v in rng.uniform(3, size / 6, 2))
             cv2.ellipse(img, tuple(_fx(p[0])), axes, float(rng.uniform(0, 180)), 0, 360, col, -1, cv2.LINE_AA,
                         _SHIFT)
-    r = 0.1 * unit * cat.motif_scale
+    r = 0.1 * unit * cat.motif_scale * rng.uniform(0.85, 1.15)
+    hue_shift = cat.hue_shift + rng.normal(0, 8)  # this photo's colour cast on the motifs
     kept_types = sorted({fam.parts[i].type_index for i in cat.keep})
     for _ in range(int(rng.integers(1, 4))):
         t = kept_types[int(rng.integers(len(kept_types)))]
         _draw_motif(img, fam.motifs[t], rng.uniform(0, size, 2), r * rng.uniform(0.8, 1.2),
-                    rng.uniform(0, 2 * np.pi), cat.hue_shift, rng.random() < 0.5, rng)
+                    rng.uniform(0, 2 * np.pi), hue_shift, rng.random() < 0.5, rng)
 
     # body: limbs as thick strokes, torso as a polygon along the spine
-    bh, bs, bv = cat.body_hsv
-    body = _hsv(bh + rng.normal(0, 5), bs + rng.normal(0, 10), bv + rng.normal(0, 15))
+    body = _hsv(rng.uniform(0, 180), rng.uniform(20, 110), rng.uniform(70, 200))
     thick = max(2, int(0.09 * unit))
     for i in cat.keep:
         p = fam.parts[i]
@@ -371,7 +376,7 @@ def render_instance(cat: CategorySpec, instance: int, seed: int, size: int):
         cv2.fillPoly(img, [_fx(torso)], body, cv2.LINE_AA, _SHIFT)
     for i in cat.keep:
         p = fam.parts[i]
-        _draw_motif(img, fam.motifs[p.type_index], pts[i], r, angles[i], cat.hue_shift, p.side == "L", rng)
+        _draw_motif(img, fam.motifs[p.type_index], pts[i], r, angles[i], hue_shift, p.side == "L", rng)
 
     # occluders hide keypoints (v = 0)
     occ = np.zeros((size, size), np.uint8)
@@ -532,7 +537,7 @@ def generate(
 
     by_id = {c.id: c for c in cats}
     paths = []
-    info = {"description": f"escape_fast synthetic benchmark ({size}, seed {seed})", "version": "1"}
+    info = {"description": f"escape_fast synthetic benchmark ({size}, seed {seed})", "version": str(VERSION)}
     for s, split in enumerate(_splits(cats), start=1):
         for mode in ("train", "val", "test"):
             ids = split[mode]
