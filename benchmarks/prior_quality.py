@@ -18,6 +18,13 @@ vector of every base keypoint, eq. 4, and its cluster) and reports
 A prior can only help MAP and ESCAPE when these are high: if a keypoint's
 neighbours in feature space are other parts, the super-keypoint it is
 matched to says nothing about where that part is.
+
+With ``--novel`` it also measures the matching of novel keypoints (the test
+categories of split 1, one support instance at a time): how often MAP's
+Hungarian assignment and ESCAPE's matching network (row argmax) pick a
+super-keypoint whose members are mostly the keypoint's own ground-truth
+part. That is the E-step's accuracy; a wrong match pulls the prototype
+toward another part.
 """
 
 from __future__ import annotations
@@ -82,17 +89,62 @@ def report(vectors: torch.Tensor, keys: np.ndarray, assignment: np.ndarray, gt: 
     return out
 
 
+@torch.no_grad()
+def novel_matching(run: str, data: str, parts: dict, max_instances: int = 10) -> dict:
+    """Share of visible novel keypoints matched to a super-keypoint of their own part (see above)."""
+    from escape_fast.data import load_coco, mp100_split_files
+    from escape_fast.evaluation import build_bank
+    from escape_fast.models.adapt import hungarian_assignment
+    from escape_fast.models.escape import EscapeModel
+
+    model = EscapeModel.from_checkpoint(os.path.join(run, "model.pt")).eval()
+    obj = torch.load(os.path.join(run, "cluster.pt"), map_location="cpu", weights_only=True)
+    keys, assignment = obj["keys"].tolist(), obj["assignment"]
+    majority = {}
+    for z in range(int(assignment.max()) + 1):
+        members = [parts[c]["keypoint_super_keypoint"][k] for c, k in
+                   (keys[i] for i in torch.nonzero(assignment == z).flatten().tolist())]
+        if members:
+            majority[z] = Counter(members).most_common(1)[0][0]
+    coco = load_coco(str(mp100_split_files(data, 1)["test"]))
+    instances = [i for c in coco.category_ids for i in coco.instances_of(c)[:max_instances]]
+    bank = build_bank(model, coco, instances, torch.device("cpu"))
+    hits = {"map": 0, "escape": 0}
+    total = 0
+    for inst, row in bank.rows.items():
+        truth_k = parts[coco.instances[inst].category_id]["keypoint_super_keypoint"]
+        vis = bank.visible[row, : len(truth_k)]
+        picks = {"map": hungarian_assignment(bank.pooled[row : row + 1], bank.visible[row : row + 1],
+                                             model.super_keypoints)[0]}
+        if bank.match_scores is not None:
+            one = slice(row, row + 1)
+            log_p = model.matcher.assign_scores(bank.match_scores[one, None], bank.visible[one, None])
+            picks["escape"] = log_p[0, :-1].argmax(-1)
+        for k in torch.nonzero(vis).flatten().tolist():
+            total += 1
+            for name, pick in picks.items():
+                hits[name] += majority.get(int(pick[k]), -1) == truth_k[k]
+    out = {f"novel_match_{name}": hits[name] / max(1, total) for name in hits}
+    return out | {"novel_keypoints": total}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="training run folder with cluster.pt")
     parser.add_argument("--data", required=True, help="synthetic benchmark folder with synthetic_parts.json")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--novel", action="store_true",
+                        help="also measure MAP's and ESCAPE's matching of the test keypoints (split 1)")
     args = parser.parse_args(argv)
     obj = torch.load(os.path.join(args.run, "cluster.pt"), map_location="cpu", weights_only=True)
     keys = obj["keys"].numpy()
-    res = report(obj["vectors"], keys, obj["assignment"].numpy(), truth(os.path.join(args.data,
-                                                                                     "synthetic_parts.json"), keys))
+    gt = truth(os.path.join(args.data, "synthetic_parts.json"), keys)
+    res = report(obj["vectors"], keys, obj["assignment"].numpy(), gt)
     res["cluster_config"] = obj["config"]["cluster"]
+    if args.novel:
+        with open(os.path.join(args.data, "synthetic_parts.json")) as f:
+            parts = {c["id"]: c for c in json.load(f)["categories"]}
+        res.update(novel_matching(args.run, args.data, parts))
     for k, v in res.items():
         print(f"{k:>16}: {v:.3f}" if isinstance(v, float) else f"{k:>16}: {v}")
     if args.json:
