@@ -23,7 +23,8 @@ The world
 * Instances add articulation (joint angles), a global rotation, scale,
   translation and mirror, their own body colour (a category is a body plan,
   not a colour: two dogs differ more than a dog's eye and a cat's eye), a
-  hue and size jitter of all motifs, a cluttered background with random shapes and
+  hue and size jitter of all motifs, blobs half covering a third of its
+  motifs (part-level nuisances), a cluttered background with random shapes and
   distractor motifs of the same family, occluders (keypoints under them are
   invisible, v = 0, as are keypoints outside the image), colour jitter,
   noise and blur.
@@ -64,7 +65,11 @@ __all__ = ["SIZES", "generate", "main"]
 # shifts of the motifs and an instance-level motif jitter. Corresponding parts
 # now vary less across categories than between two photos of one category,
 # as in real data, which is what a prior from base categories can use.
-VERSION = 2
+# Version 3: a third of the motifs in each photo are half covered by a blob
+# (NUISANCE), so that a single support can show a part atypically, as real
+# photographs do; averaging over shots or over base categories removes it.
+VERSION = 3
+NUISANCE = 1 / 3
 SIZES = {
     "small": {"image_size": 128, "instances": 30},
     "full": {"image_size": 256, "instances": 60},
@@ -377,6 +382,15 @@ def render_instance(cat: CategorySpec, instance: int, seed: int, size: int):
     for i in cat.keep:
         p = fam.parts[i]
         _draw_motif(img, fam.motifs[p.type_index], pts[i], r, angles[i], hue_shift, p.side == "L", rng)
+    # this photo's nuisances at single parts (a leaf, a glint, mud): a third of
+    # the motifs is half covered by a blob of another colour; the keypoint
+    # stays visible. One photo may show a part atypically; many do not.
+    for i in cat.keep:
+        if rng.random() < NUISANCE:
+            t = rng.uniform(0, 2 * np.pi)
+            centre = pts[i] + 0.55 * r * np.array([math.cos(t), math.sin(t)])
+            col = tuple(int(v) for v in rng.uniform(0, 255, 3))
+            cv2.circle(img, tuple(_fx(centre)), int(rng.uniform(0.6, 0.9) * r * _ONE), col, -1, cv2.LINE_AA, _SHIFT)
 
     # occluders hide keypoints (v = 0)
     occ = np.zeros((size, size), np.uint8)
