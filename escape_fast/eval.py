@@ -177,7 +177,11 @@ def run(args) -> int:
         if m not in model.methods:
             raise SystemExit(f"{path}: method {m!r} needs stages this model lacks (it supports "
                              f"{', '.join(model.methods)})")
-    draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
+    try:
+        draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
+    except ValueError as exc:  # a usage error: say so, like argparse does
+        print(f"escape_fast.eval: error: --episodes: {exc}", file=sys.stderr)
+        return 2
     sampler = EpisodeSampler(coco, shots=args.shots, queries=args.queries, draws=draws, seed=args.seed,
                              too_few=args.too_few)
     setup_seconds = time.perf_counter() - t_start
