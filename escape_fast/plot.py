@@ -183,8 +183,9 @@ def members_from_run(run_dir: str, annotations: str | None = None) -> Members:
         if bad:
             raise DataError(f"{annotations}: does not hold the base keypoints of {path} (e.g. category {bad[0][0]} "
                             f"keypoint {bad[0][1]}); pass the run's training annotations with --annotations")
-    source = (f"stage-2 clustering stored in {path}: base keypoint {cfg.get('cluster', {}).get('source', 'vector')}s"
-              " of the stage-1 model and their cluster means (before fine-tuning)")
+    kind = {"prototypes": "prototypes", "features": "mean features"}.get(cfg.get("cluster", {}).get("source"), "vectors")
+    source = (f"stage-2 clustering stored in {path}: base keypoint {kind} of the stage-1 model and their cluster "
+              "means (before fine-tuning)")
     if coco is None:
         source += "; names unknown (pass --annotations)"
     return Members(clusters["super_keypoints"].float(), clusters["vectors"].float(), clusters["assignment"].long(),
