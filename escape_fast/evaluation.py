@@ -97,13 +97,14 @@ def _category_batches(coco, instances, batch_size):
 
 
 @torch.no_grad()
-def extract(model, images, keypoints=None, visible=None, amp=True, backend="auto"):
+def extract(model, images, keypoints=None, visible=None, amp=True, backend="auto", matcher=True):
     """Features of normalized crops, as the evaluation and the predictor use them.
 
     Returns (features [B, C, h, w] float32 contiguous, pooled [B, K, C],
-    matcher-pooled [B, K, C]): the last two need ``keypoints`` (heatmap
-    cells [B, K, 2]) and ``visible`` [B, K]; they are None without them, and
-    the matcher's is None for a model without a matching network.
+    match_scores [B, K, L]): the last two need ``keypoints`` (heatmap cells
+    [B, K, 2]) and ``visible`` [B, K]; they are None without them. The
+    matching network's scores of each image as a shot are None for a model
+    without one, or with ``matcher=False`` (only ESCAPE needs them).
     """
     sigma = model.config.get("sigma", 2.0)
     with _autocast(images.device, amp):
@@ -112,18 +113,21 @@ def extract(model, images, keypoints=None, visible=None, amp=True, backend="auto
     if keypoints is None:
         return f, None, None
     pooled = ops.keypoint_pool(f, keypoints, visible, sigma, backend=backend)
-    mpooled = None
-    if model.matcher_extractor is not None:
+    scores = None
+    if matcher and model.matcher is not None:
         with _autocast(images.device, amp):
             g = model.matcher_extractor(images)
-        mpooled = ops.keypoint_pool(g.float().contiguous(), keypoints, visible, sigma, backend=backend)
-    return f, pooled, mpooled
+        tokens = ops.keypoint_pool(g.float().contiguous(), keypoints, visible, sigma, backend=backend)
+        scores = model.matcher.scores(tokens, keypoints, visible)
+    return f, pooled, scores
 
 
 @torch.no_grad()
 def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=True, backend="auto",
-               timer: Timer | None = None, progress=None) -> InstanceBank:
-    """Crop, extract and pool every instance in ``instances`` once."""
+               timer: Timer | None = None, progress=None, matcher=True) -> InstanceBank:
+    """Crop, extract and pool every instance in ``instances`` once
+    (``matcher=False``: without the matching network's scores, which only
+    ESCAPE uses)."""
     timer = timer or Timer(device)
     cfg = model.config
     sigma = cfg.get("sigma", 2.0)
@@ -143,12 +147,12 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
             break
         with timer.phase("features"):
             images = batch["image"].to(device, non_blocking=True)
-            f, p, mp = extract(model, images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
-                               backend)
+            f, p, ms = extract(model, images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
+                               backend, matcher)
             feats.append(f)
             pooled.append(p)
-            if mp is not None:  # the matcher's scores of this instance as a shot, kept instead of its tokens
-                mscores.append(model.matcher.scores(mp, batch["keypoints"].to(device), batch["visible"].to(device)))
+            if ms is not None:
+                mscores.append(ms)
             meta.append(batch)
         if bar:
             bar.update(1)
@@ -175,12 +179,11 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
     )
 
 
-def prototypes_for(model, method: str, pooled, visible, match_pooled=None, keypoints=None, match_scores=None):
+def prototypes_for(model, method: str, pooled, visible, match_scores=None):
     """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K]).
 
-    ESCAPE needs the matcher's view of the shots: either its scores
-    ``match_scores`` [D, S, K, L] (precomputed per instance) or its pooled
-    tokens ``match_pooled`` [D, S, K, C] with the ``keypoints`` [D, S, K, 2].
+    ESCAPE needs the matching network's scores of each shot, ``match_scores``
+    [D, S, K, L] (see :func:`extract`).
     """
     if method == "mle":
         return mle_prototypes(pooled, visible)
@@ -190,10 +193,7 @@ def prototypes_for(model, method: str, pooled, visible, match_pooled=None, keypo
     if method == "escape":
         if model.matcher is None:
             raise ValueError("method 'escape' needs a model trained through stage 4 (matching network)")
-        if match_scores is not None:
-            log_p = model.matcher.assign_scores(match_scores, visible)
-        else:
-            log_p = model.matcher.assign_shots(match_pooled, keypoints, visible)
+        log_p = model.matcher.assign_scores(match_scores, visible)
         return escape_prototypes(pooled, visible, mu, log_p, model.alpha)
     raise ValueError(f"unknown method {method!r}; choose mle, map or escape")
 
@@ -319,7 +319,8 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
     groups = sampler.by_category()
     cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
     needed = sorted({i for c in cats for e in groups[c] for i in (*e.supports, *e.queries)})
-    bank = build_bank(model, coco, needed, device, batch_size, workers, amp, backend, timer, progress)
+    bank = build_bank(model, coco, needed, device, batch_size, workers, amp, backend, timer, progress,
+                      matcher="escape" in methods)
     with timer.phase("features"):
         if not bool(torch.isfinite(bank.features).all()):
             raise ValueError("the feature extractor produced NaN or Inf features (a broken checkpoint?)")
@@ -351,7 +352,7 @@ def predict_episodes(model, coco, episodes, method="escape", device="cpu", backe
     """
     device = torch.device(device)
     needed = sorted({i for e in episodes for i in (*e.supports, *e.queries)})
-    bank = build_bank(model, coco, needed, device, batch_size, 0, amp, backend)
+    bank = build_bank(model, coco, needed, device, batch_size, 0, amp, backend, matcher=method == "escape")
     by_cat: dict[int, list[int]] = {}
     for n, e in enumerate(episodes):
         by_cat.setdefault(e.category_id, []).append(n)
@@ -388,8 +389,10 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
             g = model.matcher_extractor(images[:s]).float() if model.matcher_extractor is not None else None
         with timer.phase("adaptation"):
             pooled = reference.keypoint_pool(f[:s], kp[:s], vis[:s], sigma)
-            mp = reference.keypoint_pool(g, kp[:s], vis[:s], sigma)[None] if g is not None else None
-            protos = prototypes_for(model, method, pooled[None], vis[None, :s], mp, kp[None, :s])[0]
+            ms = None
+            if g is not None:  # the matching network once per episode, on its supports
+                ms = model.matcher.scores(reference.keypoint_pool(g, kp[:s], vis[:s], sigma), kp[:s], vis[:s])[None]
+            protos = prototypes_for(model, method, pooled[None], vis[None, :s], ms)[0]
         with timer.phase("heatmaps"):
             coords = []
             for j in range(s, len(items)):

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from escape_fast import ops
-from escape_fast.data.coco import DataError, clean_bbox, load_coco, load_image
+from escape_fast.data.coco import DataError, clean_bbox, load_coco, load_image, read_json
 from escape_fast.data.transforms import box_to_center_scale, crop_matrix, image_to_grid, normalize_image, warp_crop
 from escape_fast.eval import resolve_model_path
 from escape_fast.evaluation import extract, prototypes_for
@@ -215,13 +215,7 @@ def load_keypoints(path, image=None) -> KeypointSet:
         if not ident.isdigit():
             raise DataError(f"{path}#{ident}: the part after '#' must be an annotation id (an integer)")
         ann_id = int(ident)
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: keypoint file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: malformed JSON: {e}") from None
+    data = read_json(path, "keypoint file")
     if isinstance(data, dict) and "annotations" in data and "categories" in data:
         return _coco_annotation(path, data, ann_id, image)
     if ann_id is not None:
@@ -425,11 +419,11 @@ class Predictor:
         batch = torch.stack([c.tensor for c in crops]).to(dev)
         cells_t = torch.from_numpy(np.stack(cells)).float().to(dev)
         vis = torch.from_numpy(np.stack([s.visible for s in sets])).to(dev)
-        _, pooled, mpooled = extract(self.model, batch, cells_t, vis, self.amp, self.backend)
-        self._pooled, self._cells, self._visible = pooled[None], cells_t[None], vis[None]  # [1, S, ...]
-        self._mpooled = None if mpooled is None else mpooled[None]
-        self.prototypes = prototypes_for(self.model, self.method, self._pooled, self._visible, self._mpooled,
-                                         self._cells)[0]
+        _, pooled, scores = extract(self.model, batch, cells_t, vis, self.amp, self.backend)
+        self._pooled, self._visible = pooled[None], vis[None]  # [1, S, ...]
+        self._match_scores = None if scores is None else scores[None]
+        self.prototypes = prototypes_for(self.model, self.method, self._pooled, self._visible,
+                                         self._match_scores)[0]
         self.supports = sets
         self.support_crops = crops
         self.support_images = [_image_name(im, f"support #{n}") for n, im in enumerate(images)]
@@ -463,7 +457,7 @@ class Predictor:
         if method == "escape":
             if self.model.matcher is None:
                 raise ValueError(f"{self.checkpoint}: the model has no matching network (stage 4)")
-            log_p = self.model.matcher.assign_shots(self._mpooled, self._cells, self._visible)[0, :-1]
+            log_p = self.model.matcher.assign_scores(self._match_scores, self._visible)[0, :-1]
             weight, idx = log_p.exp().max(-1)
             idx = torch.where(self._visible[0].any(0), idx, torch.full_like(idx, -1))
             return idx.cpu().numpy(), weight.float().cpu().numpy()

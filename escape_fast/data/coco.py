@@ -273,14 +273,20 @@ def _numbers(path, kind, item, index, name, length=None) -> np.ndarray:
     return arr
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path, what: str = "annotation file"):
+    """The parsed JSON of ``path``; a missing file or malformed JSON is a
+    DataError naming the file (``what`` says which kind of file it is)."""
     try:
         with open(path, "rb") as f:
-            data = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{path}: annotation file not found") from None
+        raise DataError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: malformed JSON: {e}") from None
+
+
+def _read_coco_json(path: Path) -> dict:
+    data = read_json(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: top level is a {type(data).__name__}, expected an object")
     for key in ("images", "annotations", "categories"):
@@ -388,7 +394,7 @@ def load_coco(
         raise ValueError(f"on_missing_image must be 'raise' or 'skip', got {on_missing_image!r}")
     path = Path(ann_file)
     root = Path(image_root) if image_root is not None else default_image_root(path)
-    data = _read_json(path)
+    data = _read_coco_json(path)
     categories = _parse_categories(path, data["categories"])
     images = _parse_images(path, data["images"], root)
 
