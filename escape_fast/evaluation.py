@@ -31,6 +31,7 @@ from escape_fast.data.metrics import THRESHOLDS
 from escape_fast.models.adapt import escape_prototypes, map_prototypes, mle_prototypes
 
 PHASES = ("data", "features", "adaptation", "heatmaps", "metric")
+DECODE_KERNEL = 15  # SPEC 7: the heatmaps' mean filter
 
 
 class Timer:
@@ -60,7 +61,10 @@ class InstanceBank:
     """Everything the episodes need of each distinct instance, on one device."""
 
     rows: dict  # instance index (coco.instances) -> row
-    features: torch.Tensor  # [N, C, h, w]
+    # [N, C, h, w] features after the decoder's mean filter (ops.smooth_features),
+    # to be decoded with kernel=1: filtered once per instance, not per heatmap
+    smoothed: torch.Tensor
+    slots: list  # [N] keypoint slots of each row's category (host ints: no sync to trim K)
     pooled: torch.Tensor  # [N, K, C]
     match_scores: torch.Tensor | None  # [N, K, L] matching-network scores of each instance as a shot
     keypoints: torch.Tensor  # [N, K, 2] heatmap cells
@@ -107,6 +111,9 @@ def extract(model, images, keypoints=None, visible=None, amp=True, backend="auto
     without one, or with ``matcher=False`` (only ESCAPE needs them).
     """
     sigma = model.config.get("sigma", 2.0)
+    # Convolutions run faster on channels-last input (oneDNN, cuDNN). The
+    # model's own memory format is left alone: training validates with it.
+    images = images.contiguous(memory_format=torch.channels_last)
     with _autocast(images.device, amp):
         f = model.extractor(images)
     f = f.float().contiguous()
@@ -127,7 +134,7 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
                timer: Timer | None = None, progress=None, matcher=True) -> InstanceBank:
     """Crop, extract and pool every instance in ``instances`` once
     (``matcher=False``: without the matching network's scores, which only
-    ESCAPE uses)."""
+    ESCAPE uses), and smooth its features for decoding."""
     timer = timer or Timer(device)
     cfg = model.config
     sigma = cfg.get("sigma", 2.0)
@@ -149,7 +156,7 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
             images = batch["image"].to(device, non_blocking=True)
             f, p, ms = extract(model, images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
                                backend, matcher)
-            feats.append(f)
+            feats.append(ops.smooth_features(f, DECODE_KERNEL))
             pooled.append(p)
             if ms is not None:
                 mscores.append(ms)
@@ -165,7 +172,8 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
 
     return InstanceBank(
         rows={i: r for r, i in enumerate(order)},
-        features=torch.cat(feats),
+        smoothed=torch.cat(feats),
+        slots=torch.cat([m["keypoint_mask"] for m in meta]).sum(1).tolist(),
         pooled=torch.cat(pooled),
         match_scores=torch.cat(mscores) if mscores else None,
         keypoints=cat("keypoints"),
@@ -198,6 +206,13 @@ def prototypes_for(model, method: str, pooled, visible, match_scores=None):
     raise ValueError(f"unknown method {method!r}; choose mle, map or escape")
 
 
+def decode_smoothed(smoothed, prototypes, center, scale, backend="auto", rotation=None):
+    """Image coordinates [B, K, 2] and peak values [B, K] of prototypes [B, K, C]
+    on features already smoothed by ``ops.smooth_features(F, DECODE_KERNEL)``:
+    SPEC 7's decoding, with the mean filter moved before the inner product."""
+    return ops.heatmap_decode(smoothed, prototypes, center, scale, kernel=1, backend=backend, rotation=rotation)
+
+
 def _group_slots(query_rows: torch.Tensor):
     """For pair p querying instance row r_p: (unique rows, group of p, slot of p in its group)."""
     uniq, inv = torch.unique(query_rows, return_inverse=True)
@@ -212,8 +227,8 @@ def _group_slots(query_rows: torch.Tensor):
 @torch.no_grad()
 def predict_category(model, bank: InstanceBank, episodes, method: str, backend="auto", timer=None):
     """Predictions [D * Q, K, 2] (image pixels) for the episodes of one category."""
-    timer = timer or Timer(bank.features.device)
-    dev = bank.features.device
+    timer = timer or Timer(bank.smoothed.device)
+    dev = bank.smoothed.device
     sup = torch.tensor([[bank.rows[i] for i in e.supports] for e in episodes], device=dev)  # [D, S]
     qry = torch.tensor([[bank.rows[i] for i in e.queries] for e in episodes], device=dev)  # [D, Q]
     d, q = qry.shape
@@ -221,17 +236,19 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, backend="
         ms = bank.match_scores[sup] if bank.match_scores is not None else None
         protos = prototypes_for(model, method, bank.pooled[sup], bank.visible[sup], match_scores=ms)
     with timer.phase("heatmaps"):
-        k, c = protos.shape[1:]
+        # decode only the category's own keypoint slots; the padding stays 0
+        k = bank.slots[bank.rows[episodes[0].queries[0]]]
+        k_pad, c = protos.shape[1:]
+        protos = protos[:, :k]
         pair_rows = qry.reshape(-1)
         pair_draw = torch.arange(d, device=dev).repeat_interleave(q)
         uniq, group, slot, width = _group_slots(pair_rows)
         stacked = protos.new_zeros(len(uniq), width, k, c)
         stacked[group, slot] = protos[pair_draw]
-        coords, _ = ops.heatmap_decode(
-            bank.features[uniq], stacked.reshape(len(uniq), width * k, c), bank.center[uniq], bank.scale[uniq],
-            backend=backend, rotation=bank.rotation[uniq],
-        )
-        coords = coords.reshape(len(uniq), width, k, 2)[group, slot]  # [D * Q, K, 2]
+        coords, _ = decode_smoothed(bank.smoothed[uniq], stacked.reshape(len(uniq), width * k, c),
+                                    bank.center[uniq], bank.scale[uniq], backend, bank.rotation[uniq])
+        coords = coords.reshape(len(uniq), width, k, 2)[group, slot]  # [D * Q, k, 2]
+        coords = torch.nn.functional.pad(coords, (0, 0, 0, k_pad - k))
     return coords, sup, pair_rows
 
 
@@ -322,7 +339,7 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
     bank = build_bank(model, coco, needed, device, batch_size, workers, amp, backend, timer, progress,
                       matcher="escape" in methods)
     with timer.phase("features"):
-        if not bool(torch.isfinite(bank.features).all()):
+        if not bool(torch.isfinite(bank.smoothed).all()):
             raise ValueError("the feature extractor produced NaN or Inf features (a broken checkpoint?)")
     bank_seconds = dict(timer.seconds)
     results = {}
@@ -386,7 +403,7 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
         s = len(e.supports)
         with timer.phase("features"):
             f = model.extractor(images).float()
-            g = model.matcher_extractor(images[:s]).float() if model.matcher_extractor is not None else None
+            g = model.matcher_extractor(images[:s]).float() if method == "escape" and model.matcher_extractor is not None else None
         with timer.phase("adaptation"):
             pooled = reference.keypoint_pool(f[:s], kp[:s], vis[:s], sigma)
             ms = None
@@ -394,13 +411,14 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
                 ms = model.matcher.scores(reference.keypoint_pool(g, kp[:s], vis[:s], sigma), kp[:s], vis[:s])[None]
             protos = prototypes_for(model, method, pooled[None], vis[None, :s], ms)[0]
         with timer.phase("heatmaps"):
+            k = int(items[0]["keypoint_mask"].sum())  # the category's keypoints; padded slots stay 0
             coords = []
             for j in range(s, len(items)):
                 center = items[j]["center"].float()[None].to(device)
                 scale = items[j]["scale"].float()[None].to(device)
                 rot = items[j]["rotation"].float()[None].to(device)
-                c, _ = reference.heatmap_decode(f[j : j + 1], protos[None], center, scale, rotation=rot)
-                coords.append(c[0])
+                c, _ = reference.heatmap_decode(f[j : j + 1], protos[None, :k], center, scale, rotation=rot)
+                coords.append(torch.nn.functional.pad(c[0], (0, 0, 0, protos.shape[0] - k)))
             coords = torch.stack(coords)
         with timer.phase("metric"):
             gt = torch.stack([it["keypoints_image"] for it in items[s:]])

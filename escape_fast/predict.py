@@ -63,7 +63,7 @@ from escape_fast import ops
 from escape_fast.data.coco import DataError, clean_bbox, load_coco, load_image, read_json
 from escape_fast.data.transforms import box_to_center_scale, crop_matrix, image_to_grid, normalize_image, warp_crop
 from escape_fast.eval import resolve_model_path
-from escape_fast.evaluation import extract, prototypes_for
+from escape_fast.evaluation import DECODE_KERNEL, decode_smoothed, extract, prototypes_for
 from escape_fast.models.escape import EscapeModel
 
 MIN_SIDE = 8  # pixels: a smaller image or box holds no usable object at any crop size
@@ -509,7 +509,9 @@ class Predictor:
         center = torch.from_numpy(np.stack([c.center for c in crops])).float().to(dev)
         scale = torch.from_numpy(np.stack([c.scale for c in crops])).float().to(dev)
         protos = self.prototypes[None].expand(b, -1, -1).contiguous()
-        coords, peak = ops.heatmap_decode(feats, protos, center, scale, backend=self.backend)
+        # decoded like the evaluation decodes (evaluation.decode_smoothed), so both agree
+        coords, peak = decode_smoothed(ops.smooth_features(feats, DECODE_KERNEL), protos, center, scale,
+                                       backend=self.backend)
         coords, peak = coords.double().cpu().numpy(), peak.double().cpu().numpy()
         for p, crop, xy, s in zip(preds, crops, coords, peak):
             p.keypoints = np.where(self.known[:, None], xy, np.nan)

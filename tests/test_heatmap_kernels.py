@@ -185,6 +185,48 @@ def test_planted_peaks_no_flips(backend, kernel, dtype):
 
 
 # --------------------------------------------------------------------------
+# smooth_features: the mean filter moved before the inner product
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", [15, 3, 1])
+@pytest.mark.parametrize("b, c, h, w", [(2, 16, 32, 32), (1, 8, 64, 64), (3, 5, 7, 20), (1, 4, 5, 3)])
+def test_smooth_features_is_the_reference_filter(b, c, h, w, kernel, dtype, device):
+    """Every channel filtered like reference.smooth_heatmaps filters a map,
+    including maps smaller than the window and non-contiguous input."""
+    feats = torch.randn(b, c, w, h, dtype=dtype, device=device).transpose(2, 3)  # non-contiguous
+    out = ops.smooth_features(feats, kernel)
+    assert out.shape == feats.shape and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, reference.smooth_heatmaps(feats, kernel), **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+def test_decoding_smoothed_features_equals_decoding(backend, dtype):
+    """heatmap_decode(smooth_features(F), P, kernel=1) == heatmap_decode(F, P),
+    up to argmax flips at near-ties (the sums run in another order)."""
+    name, device = backend
+    flips = total = 0
+    for b, c, h, w, k in _shapes(name, device):
+        feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+        protos = torch.randn(b, k, c, dtype=dtype, device=device)
+        center, scale, rotation = _crop(b, dtype, device)
+        ref = reference.heatmap_decode(feats, protos, center, scale, 15, rotation)
+        smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), 15)
+        out = ops.heatmap_decode(ops.smooth_features(feats, 15), protos, center, scale, 1, backend=name,
+                                 rotation=rotation)
+        flips += _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
+        total += b * k
+    assert flips <= max(1, total // 100), f"{flips} of {total} argmaxes flipped"
+
+
+def test_smooth_features_bad_input():
+    with pytest.raises(ValueError, match="smooth_features: features must be"):
+        ops.smooth_features(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="kernel"):
+        ops.smooth_features(torch.zeros(1, 2, 4, 4), 4)
+    with pytest.raises(TypeError, match="floating"):
+        ops.smooth_features(torch.zeros(1, 2, 4, 4, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------
 # ties, layouts, empty inputs
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))

@@ -103,6 +103,24 @@ def test_matching_network_shapes_masks_and_multi_shot():
     assert torch.allclose(direct, gathered, atol=1e-5, equal_nan=True)
 
 
+
+def test_matching_scores_per_image_do_not_depend_on_the_batch():
+    """The super-keypoint tokens run batch 1 until the first cross-attention
+    and broadcast afterwards: each image's scores are those it gets alone,
+    and every parameter (omega included) gets a gradient."""
+    torch.manual_seed(1)
+    net = _small_net()
+    feats = torch.randn(4, 6, 32)
+    kps = torch.rand(4, 6, 2) * 16
+    vis = torch.rand(4, 6) > 0.3
+    batch = net.scores(feats, kps, vis)
+    for i in range(4):
+        alone = net.scores(feats[i : i + 1], kps[i : i + 1], vis[i : i + 1])
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    batch.square().sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == ["bin_score"], missing  # the dustbin only enters the transport
+
 def test_matching_network_learns_a_planted_assignment():
     torch.manual_seed(0)
     num_super, k = 7, 5

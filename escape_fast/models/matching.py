@@ -44,8 +44,9 @@ class Attention(nn.Module):
         q = self.to_q(self.norm_q(x))
         k, v = self.to_kv(self.norm_kv(context)).chunk(2, dim=-1)
 
-        def split(t):
-            return t.reshape(b, -1, self.heads, self.head_dim).transpose(1, 2)
+        def split(t):  # [b or 1, n, inner] -> [b, heads, n, head_dim]
+            t = t.reshape(t.shape[0], -1, self.heads, self.head_dim).transpose(1, 2)
+            return t.expand(b, -1, -1, -1)
 
         mask = None
         if key_valid is not None:
@@ -63,7 +64,13 @@ class FeedForward(nn.Sequential):
 
 
 class MatchingBlock(nn.Module):
-    """Self-attention + FF on each side, then cross-attention both ways + FF."""
+    """Self-attention + FF on each side, then cross-attention both ways + FF.
+
+    ``sk`` may come with batch 1 while it does not depend on the input yet
+    (before the first cross-attention): its self-attention, the costliest
+    part (L x L), then runs once for the whole batch, and it broadcasts as
+    the keys of the keypoints' cross-attention.
+    """
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp: int):
         super().__init__()
@@ -78,6 +85,7 @@ class MatchingBlock(nn.Module):
         sk = sk + self.self_sk(sk, sk, None)
         sk = sk + self.ff_sk1(sk)
         kp_new = kp + self.cross_kp(kp, sk, None)
+        sk = sk.expand(kp.shape[0], -1, -1)
         sk_new = sk + self.cross_sk(sk, kp, kp_valid)
         return kp_new + self.ff_kp2(kp_new), sk_new + self.ff_sk2(sk_new)
 
@@ -109,14 +117,13 @@ class MatchingNetwork(nn.Module):
 
     def scores(self, features: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Scores [B, K, L] from keypoint features [B, K, C], cells [B, K, 2] (x, y), visible [B, K]."""
-        b = features.shape[0]
         cell = keypoints.round().clamp(0, self.grid - 1)
         index = cell[..., 1] * self.grid + cell[..., 0]
         kp = self.kp_embed(features) + sincos_embedding(index, self.dim).to(features.dtype)
         kp = kp * visible[..., None].to(kp.dtype)  # invisible keypoints are 0 tokens
         z = torch.arange(self.num_super, device=features.device)
         sk = self.sk_embed(self.omega) + sincos_embedding(z, self.dim).to(self.omega.dtype)
-        sk = sk.expand(b, -1, -1)
+        sk = sk[None]  # the same for every image until the first cross-attention
         for block in self.blocks:
             kp, sk = block(kp, sk, visible)
         return kp @ sk.transpose(1, 2) / math.sqrt(self.dim)
