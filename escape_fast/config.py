@@ -22,7 +22,10 @@ DEFAULTS: dict = {
     "backbone": "resnet50",
     "weights": "imagenet",  # None, "imagenet" or a state-dict path for the trunk
     "channels": 256,
-    "alpha": 0.5,
+    # support weight in eq. 7 / 10: "val" (chosen on the validation categories
+    # at the end of training, see train.choose_alpha) or a number in [0, 1]
+    # (SPEC 7 fixes 0.5)
+    "alpha": "val",
     # run
     "seed": 0,
     "device": "auto",
@@ -97,6 +100,9 @@ def resolve(file: str | None = None, overrides=(), base: dict | None = None) -> 
         cfg = _merge(cfg, loaded, file)
     for o in overrides:
         cfg = _merge(cfg, o, "--set")
+    alpha = cfg["alpha"]
+    if alpha != "val" and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
+        raise ConfigError(f"alpha must be 'val' or a number in [0, 1], got {alpha!r}")
     return cfg
 
 

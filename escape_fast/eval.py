@@ -29,7 +29,7 @@ from escape_fast import builtin
 from escape_fast.builtin import CacheError
 from escape_fast.checkpoint import CheckpointError
 from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
-from escape_fast.data.metrics import THRESHOLDS
+from escape_fast.data.metrics import THRESHOLDS, paired_difference
 from escape_fast.evaluation import EvalResult, PairResults, evaluate, evaluate_reference, summarize
 from escape_fast.models.escape import EscapeModel
 
@@ -78,10 +78,27 @@ def resolve_model_path(path: str | None) -> str:
     return path
 
 
-def format_report(results: dict[str, EvalResult], coco, shots: int) -> str:
+def method_differences(results: dict[str, EvalResult]) -> dict[str, tuple[float, float]]:
+    """{"escape-mle": (mean, half-width)}: PCK@0.2 differences between the
+    methods on the same pairs, with paired 95% intervals over support draws."""
+    main = THRESHOLDS.index(0.2)
+    methods = list(results)
+    out = {}
+    for i, a in enumerate(methods):
+        for b in methods[i + 1 :]:
+            ra, rb = results[a], results[b]
+            if not (torch.equal(ra.category_ids, rb.category_ids) and torch.equal(ra.draws, rb.draws)):
+                continue  # not the same pairs in the same order
+            out[f"{b}-{a}"] = paired_difference(ra.scores[main], rb.scores[main], ra.category_ids, ra.draws)
+    return out
+
+
+def format_report(results: dict[str, EvalResult], coco, shots: int, alpha: float | None = None) -> str:
     methods = list(results)
     first = results[methods[0]].summary
     lines = [f"{first.num_pairs} (support set, query) pairs, {first.num_draws} support draws, {shots}-shot"]
+    if alpha is not None and set(methods) & {"map", "escape"}:
+        lines.append(f"MAP / ESCAPE support weight alpha = {alpha:.3f} (eq. 7 / 10)")
     head = f"{'category':<34}" + "".join(f"{m.upper():>10}" for m in methods)
     lines += ["", head, "-" * len(head)]
     for cat_id in sorted(first.per_category):
@@ -99,6 +116,11 @@ def format_report(results: dict[str, EvalResult], coco, shots: int) -> str:
                                                         for m in methods))
     lines.append(f"{'mPCK':<34}" + "".join(f"{100 * results[m].summary.mpck:>10.2f}" for m in methods))
     lines.append("")
+    for name, (mean, half) in method_differences(results).items():
+        b, a = name.upper().split("-")
+        lines.append(f"{b + ' - ' + a + ' (paired 95% CI)':<34}{100 * mean:>+10.2f} ± {100 * half:.2f}")
+    if len(methods) > 1:
+        lines.append("")
     for m in methods:
         sec = results[m].seconds
         total = sum(sec.values())
@@ -197,14 +219,16 @@ def run(args) -> int:
         results = evaluate_sharded(model, coco, sampler, methods, device, args, rank, world)
         if rank != 0:
             return 0
-    print(format_report(results, coco, args.shots))
+    alpha = model.alpha_for(args.shots) if model.methods != ("mle",) else None
+    print(format_report(results, coco, args.shots, alpha))
     print(f"setup (data and model loading) {setup_seconds:.2f}s; total {time.perf_counter() - t_start:.2f}s")
     if args.out:
         report = {
             "data": root, "annotations": ann, "checkpoint": path, "shots": args.shots, "queries": args.queries,
-            "episodes": sampler.num_pairs, "seed": args.seed, "backend": args.backend, "device": str(device),
+            "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed, "backend": args.backend, "device": str(device),
             "reference": args.reference, "setup_seconds": setup_seconds,
             "results": {m: r.as_dict() for m, r in results.items()},
+            "differences": method_differences(results),
             "category_names": {c: coco.categories[c].name for c in coco.category_ids},
         }
         tmp = args.out + ".tmp"

@@ -197,12 +197,12 @@ def prototypes_for(model, method: str, pooled, visible, match_scores=None):
         return mle_prototypes(pooled, visible)
     mu = model.super_keypoints.to(pooled.dtype)
     if method == "map":
-        return map_prototypes(pooled, visible, mu, model.alpha)[0]
+        return map_prototypes(pooled, visible, mu, model.alpha_for(pooled.shape[1]))[0]
     if method == "escape":
         if model.matcher is None:
             raise ValueError("method 'escape' needs a model trained through stage 4 (matching network)")
         log_p = model.matcher.assign_scores(match_scores, visible)
-        return escape_prototypes(pooled, visible, mu, log_p, model.alpha)
+        return escape_prototypes(pooled, visible, mu, log_p, model.alpha_for(pooled.shape[1]))
     raise ValueError(f"unknown method {method!r}; choose mle, map or escape")
 
 

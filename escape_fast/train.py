@@ -308,13 +308,66 @@ def _validator(cfg, rt, val_coco, methods, make_model):
     return validate
 
 
+def _monitor(cfg):
+    """The settings of the models that validation builds during training:
+    alpha 'val' is only chosen once a stage ends (choose_alpha), so until
+    then the val PCK is monitored at SPEC 7's 0.5."""
+    return {**cfg, "alpha": 0.5} if cfg["alpha"] == "val" else cfg
+
+
+ALPHA_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+ALPHA_SHOTS = (1, 5)
+ALPHA_DRAWS = 100  # support draws per val category: 1,500 pairs per category and alpha
+
+
+@torch.no_grad()
+def choose_alpha(model: EscapeModel, val_coco, cfg, device) -> dict:
+    """alpha 'val': for 1 and 5 shots, the ALPHA_GRID value that gives the
+    best PCK@0.2 on the validation categories, for ESCAPE (MAP for a model
+    without a matching network); on ties the larger alpha (the less prior).
+    Stores {shots: alpha} in ``model.config["alpha_by_shots"]`` and returns it."""
+    from escape_fast.data import EpisodeSampler
+    from escape_fast.data.metrics import THRESHOLDS
+    from escape_fast.evaluation import Timer, build_bank, evaluate_pairs
+
+    if val_coco is None:
+        raise config_mod.ConfigError("alpha 'val' needs the split's validation categories, and this data has "
+                                     "no val annotation file; set alpha to a number")
+    method = "escape" if "escape" in model.methods else "map"
+    model.to(device).eval()
+    instances = [i for c in val_coco.category_ids for i in val_coco.instances_of(c)]
+    bank = build_bank(model, val_coco, instances, device, cfg["batch_size"], matcher=method == "escape")
+    main = THRESHOLDS.index(0.2)
+    chosen, config = {}, model.config
+    try:
+        for shots in ALPHA_SHOTS:
+            sampler = EpisodeSampler(val_coco, shots=shots, queries=cfg["val_queries"], draws=ALPHA_DRAWS,
+                                     seed=cfg["seed"], too_few="skip")
+            if not sampler.episodes:
+                raise ValueError(f"{val_coco.path}: no validation category has {shots} + {cfg['val_queries']} "
+                                 f"instances to choose alpha with")
+            scores = {}
+            for alpha in ALPHA_GRID:
+                model.config = {**config, "alpha": alpha}
+                pairs = evaluate_pairs(model, val_coco, sampler, method, device, bank=bank, timer=Timer(device))
+                scores[alpha] = float(pairs.scores[main].mean())
+            chosen[shots] = max(reversed(ALPHA_GRID), key=lambda a: scores[a])
+            listing = ", ".join(f"{a:g}: {100 * p:.2f}" for a, p in scores.items())
+            print(f"[alpha] {shots}-shot val PCK@0.2 of {method.upper()} by alpha: {listing} -> {chosen[shots]:g}",
+                  flush=True)
+    finally:
+        model.config = config
+    model.config["alpha_by_shots"] = chosen
+    return chosen
+
+
 def stage_baseline(cfg, rt, run_dir, train_coco, val_coco, log):
     table, _, keys = base_keypoint_table(train_coco)
     torch.manual_seed(cfg["seed"])  # the same initial weights in every process and every run
     extractor = build_extractor(cfg["backbone"], weights=cfg["weights"], channels=cfg["channels"])
     protos = torch.randn(len(keys), cfg["channels"]) * 1e-3
     model = HeatmapModel(extractor, protos, table)
-    validate = _validator(cfg, rt, val_coco, ("mle",), lambda m: EscapeModel(cfg, m.extractor))
+    validate = _validator(cfg, rt, val_coco, ("mle",), lambda m: EscapeModel(_monitor(cfg), m.extractor))
     return run_epochs("baseline", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
 
 
@@ -325,10 +378,12 @@ def _heatmap_step(model, batch):
 
 
 @torch.no_grad()
-def base_keypoint_means(extractor, coco, cfg, device, instances=None, workers=None, show_progress=True):
+def base_keypoint_means(extractor, coco, cfg, device, instances=None, workers=None, show_progress=True,
+                        unit=False):
     """Mean pooled feature of every base keypoint over the instances where it
     is visible (eq. 4): (vectors [P, C], seen [P] bool), in the order of
-    :func:`base_keypoint_table`. ``instances`` limits the instances used."""
+    :func:`base_keypoint_table`. ``instances`` limits the instances used;
+    ``unit`` averages the L2-normalized features instead (directions)."""
     from tqdm.auto import tqdm
 
     table, _, keys = base_keypoint_table(coco)
@@ -345,6 +400,8 @@ def base_keypoint_means(extractor, coco, cfg, device, instances=None, workers=No
             feats = extractor(images).float()
         vis = batch["visible"].to(device)
         pooled = ops.keypoint_pool(feats, batch["keypoints"].to(device), vis, cfg["sigma"])
+        if unit:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
         rows = table[batch["category_index"].to(device)]
         use = vis & (rows >= 0)
         sums.index_add_(0, rows[use], pooled[use])
@@ -400,9 +457,36 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     super_table = torch.where(table >= 0, assignment[table.clamp_min(0)], table)
     init = member_mean(base["model"]["prototypes"].float(), assignment, clusters["super_keypoints"].shape[0])
     model = HeatmapModel(extractor, init, super_table)
-    validate = _validator(cfg, rt, val_coco, ("mle", "map"),
-                          lambda m: EscapeModel(cfg, m.extractor, m.prototypes.detach()))
-    return run_epochs("finetune", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
+    def with_prior(m):
+        return EscapeModel(_monitor(cfg), m.extractor, feature_prior(m.extractor, train_coco, cfg, rt.device,
+                                                                     assignment))
+
+    validate = _validator(cfg, rt, val_coco, ("mle", "map"), with_prior)
+    model = run_epochs("finetune", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
+    # the prior in the fine-tuned feature space, stored beside the trained prototypes
+    mu = feature_prior(model.extractor, train_coco, cfg, rt.device, assignment)
+    if rt.main:
+        path = os.path.join(run_dir, "finetune.pt")
+        state = checkpoint.load(path, kind="finetune", required=["model"])
+        checkpoint.save({**state, "super_keypoints": mu}, path, kind="finetune")
+    rt.barrier()
+    return model
+
+
+@torch.no_grad()
+def feature_prior(extractor, coco, cfg, device, assignment) -> torch.Tensor:
+    """Super-keypoints mu [L, C] in feature space (sec. 4.1-4.2).
+
+    Sec. 4.1 models the features of keypoint r as o ~ N(zeta_r, phi^2) and
+    zeta_r ~ N(mu_z, sigma^2): mu_z is the mean of its members' means zeta_r
+    (eq. 4), here under the fine-tuned extractor. The adaptation matches and
+    blends directions (models/adapt.py), so zeta_r is the mean of keypoint
+    r's L2-normalized features.
+    """
+    extractor.eval()
+    zeta, seen = base_keypoint_means(extractor, coco, cfg, device, unit=True, show_progress=False)
+    member = seen.cpu() & (assignment >= 0)
+    return member_mean(zeta.cpu(), torch.where(member, assignment, -1), int(assignment.max()) + 1)
 
 
 def member_mean(prototypes: torch.Tensor, assignment: torch.Tensor, num_super: int) -> torch.Tensor:
@@ -429,10 +513,16 @@ def _sub_state(state: dict, prefix: str) -> dict:
 
 
 def _finetuned(cfg, run_dir):
-    ft = checkpoint.load(os.path.join(run_dir, "finetune.pt"), kind="finetune", required=["model"])
+    """The fine-tuned f_theta and the super-keypoints mu in its feature space."""
+    path = os.path.join(run_dir, "finetune.pt")
+    ft = checkpoint.load(path, kind="finetune", required=["model"])
+    if "super_keypoints" not in ft:
+        raise checkpoint.CheckpointError(
+            f"{path}: no super-keypoints in feature space (written by fine-tuning since escape_fast 0.2); "
+            f"run the finetune stage again (--stage finetune)")
     extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
     extractor.load_state_dict(_sub_state(ft["model"], "extractor"))
-    return extractor, ft["model"]["prototypes"].float()
+    return extractor, ft["super_keypoints"].float()
 
 
 def stage_matching(cfg, rt, run_dir, train_coco, val_coco, log):
@@ -455,7 +545,7 @@ def stage_matching(cfg, rt, run_dir, train_coco, val_coco, log):
         return loss, {"accuracy": float(acc)}
 
     validate = _validator(cfg, rt, val_coco, ("mle", "map", "escape"),
-                          lambda m: EscapeModel(cfg, extractor.to(rt.device), mu, m.extractor, m.matcher))
+                          lambda m: EscapeModel(_monitor(cfg), extractor.to(rt.device), mu, m.extractor, m.matcher))
     return run_epochs("matching", model, step_fn, train_coco, cfg, rt, run_dir, log, validate)
 
 
@@ -464,6 +554,8 @@ def assemble(cfg, run_dir, train_coco) -> EscapeModel:
     base = checkpoint.load(os.path.join(run_dir, "baseline.pt"), kind="baseline", required=["model"])
     extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
     mu, gamma, matcher = None, None, None
+    # the test categories must be novel: eval refuses a test set that shares categories with these
+    cfg = {**cfg, "base_categories": sorted(train_coco.categories[c].name for c in train_coco.category_ids)}
     if os.path.exists(os.path.join(run_dir, "finetune.pt")):
         extractor, mu = _finetuned(cfg, run_dir)
     else:
@@ -474,8 +566,6 @@ def assemble(cfg, run_dir, train_coco) -> EscapeModel:
         matcher = build_matcher(cfg, mu.shape[0])
         gamma.load_state_dict(_sub_state(mstate["model"], "extractor"))
         matcher.load_state_dict(_sub_state(mstate["model"], "matcher"))
-    # the test categories must be novel: eval refuses a test set that shares categories with these
-    cfg = {**cfg, "base_categories": sorted(train_coco.categories[c].name for c in train_coco.category_ids)}
     return EscapeModel(cfg, extractor, mu, gamma, matcher)
 
 
@@ -548,6 +638,8 @@ def main(argv=None) -> int:
             stage_matching(cfg, rt, run_dir, train_coco, val_coco, log)
         if rt.main:
             model = assemble(cfg, run_dir, train_coco)
+            if cfg["alpha"] == "val" and model.methods != ("mle",):
+                choose_alpha(model, val_coco, cfg, rt.device)
             checkpoint.save(model.to_checkpoint(), os.path.join(run_dir, "model.pt"), kind="model")
             print(f"[{stage}] done in {time.time() - t0:.1f}s; model.pt has methods {', '.join(model.methods)}",
                   flush=True)

@@ -97,3 +97,21 @@ def test_accumulator_matches_direct_computation():
         for cat in (4, 9):
             cq = np.concatenate([r for tt, c, r in rows if tt == t and c == cat])
             assert s.per_category[cat][t] == pytest.approx(cq.mean())
+
+
+def test_paired_difference_by_hand():
+    from escape_fast.data.metrics import paired_difference
+
+    # two categories x two draws x two queries; b = a + a draw-dependent shift
+    a = torch.tensor([0.5, 1.0, 0.0, 0.5, 1.0, 1.0, 0.25, 0.75], dtype=torch.float64)
+    shift = torch.tensor([0.1, 0.1, 0.3, 0.3, 0.2, 0.2, 0.0, 0.0], dtype=torch.float64)
+    cats = torch.tensor([1, 1, 1, 1, 2, 2, 2, 2])
+    draws = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    mean, half = paired_difference(a, a + shift, cats, draws)
+    per_draw = torch.tensor([0.1, 0.3, 0.2, 0.0], dtype=torch.float64)
+    assert mean == pytest.approx(0.15)
+    assert half == pytest.approx(1.96 * float(per_draw.std()) / math.sqrt(4))
+    # a method against itself differs by exactly nothing
+    assert paired_difference(a, a, cats, draws) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="paired_difference"):
+        paired_difference(a, a[:4], cats, draws)

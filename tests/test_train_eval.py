@@ -88,6 +88,19 @@ def test_clusters_feed_finetuning_and_the_model(trained):
     model = EscapeModel.from_checkpoint(trained / "model.pt")
     assert model.methods == ("mle", "map", "escape")
     assert model.super_keypoints.shape[0] == n_super
+    # mu lives in the fine-tuned feature space (mean unit features of the
+    # members, so each is no longer than 1), not at the trained prototypes' scale
+    assert torch.equal(model.super_keypoints, finetune["super_keypoints"])
+    assert not torch.equal(model.super_keypoints, finetune["model"]["prototypes"])
+    norms = model.super_keypoints.norm(dim=1)
+    used = torch.bincount(clusters["assignment"][clusters["assignment"] >= 0], minlength=n_super) > 0
+    assert (norms[used] > 0).all() and (norms <= 1 + 1e-5).all()
+    # alpha was chosen on the validation categories, per shot count, from the grid
+    from escape_fast.train import ALPHA_GRID
+
+    assert model.config["alpha"] == "val"
+    assert set(model.config["alpha_by_shots"]) == {1, 5}
+    assert all(model.alpha_for(s) in ALPHA_GRID for s in (1, 2, 5, 10))
 
 
 def test_matching_network_beats_chance(trained):
@@ -217,6 +230,85 @@ def test_eval_too_few_instances_is_a_clear_error(trained, bench):
     # an episode count that the categories cannot share evenly is a usage error, not a crash
     proc = _eval(bench, trained, episodes=61)
     assert proc.returncode == 2 and "multiple of 60" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_feature_prior_is_the_members_mean_direction():
+    """feature_prior against a hand computation: mean unit features per
+    keypoint (zeta), averaged over the members of each super-keypoint."""
+    from escape_fast import train
+
+    zeta = torch.tensor([[0.6, 0.0], [0.8, 0.0], [0.0, 0.5], [0.0, 0.7]])
+    seen = torch.tensor([True, True, True, False])
+    assignment = torch.tensor([0, 0, 1, 1])  # keypoint 3 was never seen: it does not count
+    calls = []
+    original = train.base_keypoint_means
+
+    def fake(*args, **kwargs):
+        calls.append(kwargs)
+        return zeta, seen
+
+    train.base_keypoint_means = fake
+    try:
+        mu = train.feature_prior(torch.nn.Identity(), None, {}, "cpu", assignment)
+    finally:
+        train.base_keypoint_means = original
+    assert calls[0]["unit"] is True
+    assert torch.allclose(mu, torch.tensor([[0.7, 0.0], [0.0, 0.5]]))
+
+
+def test_alpha_by_shots_and_its_checks():
+    from escape_fast import config as config_mod
+    from escape_fast.models.backbone import build_extractor
+
+    extractor = build_extractor("tiny", channels=4)
+    model = EscapeModel({"channels": 4, "alpha": "val", "alpha_by_shots": {1: 0.8, 5: 1.0}}, extractor)
+    assert [model.alpha_for(s) for s in (1, 2, 4, 5, 10)] == [0.8, 0.8, 0.8, 1.0, 1.0]
+    assert EscapeModel({"channels": 4, "alpha": 0.5}, extractor).alpha_for(5) == 0.5
+    with pytest.raises(ValueError, match="no choice"):
+        EscapeModel({"channels": 4, "alpha": "val"}, extractor).alpha_for(1)
+    for bad in ("sometimes", 1.5, -0.1, True):
+        with pytest.raises(config_mod.ConfigError, match="alpha"):
+            config_mod.resolve(overrides=[{"alpha": bad}])
+    assert config_mod.resolve(overrides=[{"alpha": 0.5}])["alpha"] == 0.5
+
+
+def test_choose_alpha_picks_the_best_val_score(monkeypatch):
+    """choose_alpha against planted val scores: the best alpha per shot count,
+    the larger one on ties, the model's own alpha setting left as it was."""
+    from escape_fast import evaluation, train
+
+    planted = {1: {0.5: 0.4, 0.6: 0.5, 0.7: 0.6, 0.8: 0.6, 0.9: 0.55, 1.0: 0.5},
+               5: {a: 0.3 + 0.1 * a for a in train.ALPHA_GRID}}
+
+    class Sampler:
+        def __init__(self, coco, shots, **kw):
+            self.shots, self.episodes = shots, [object()]
+
+    def pairs(model, coco, sampler, method, device, bank=None, timer=None):
+        assert method == "map"
+        value = planted[sampler.shots][model.config["alpha"]]
+        return evaluation.PairResults(torch.full((5, 3), value, dtype=torch.float64), None, None, None)
+
+    import escape_fast.data as data_mod
+
+    monkeypatch.setattr(data_mod, "EpisodeSampler", Sampler)
+    monkeypatch.setattr(evaluation, "build_bank", lambda *a, **k: None)
+    monkeypatch.setattr(evaluation, "evaluate_pairs", pairs)
+
+    class Coco:
+        category_ids, path = [], "val.json"
+
+        def instances_of(self, c):
+            return []
+
+    from escape_fast.models.backbone import build_extractor
+
+    model = EscapeModel({"channels": 4, "alpha": "val"}, build_extractor("tiny", channels=4), torch.ones(3, 4))
+    cfg = {"batch_size": 2, "val_queries": 15, "seed": 0}
+    assert train.choose_alpha(model, Coco(), cfg, "cpu") == {1: 0.8, 5: 1.0}
+    assert model.config["alpha"] == "val" and model.config["alpha_by_shots"] == {1: 0.8, 5: 1.0}
+    with pytest.raises(train.config_mod.ConfigError, match="validation"):
+        train.choose_alpha(model, None, cfg, "cpu")
 
 
 def test_finetuning_starts_from_the_members_prototypes():

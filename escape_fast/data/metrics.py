@@ -114,6 +114,31 @@ class PCKSummary:
         }
 
 
+def _ci95_over_draws(values, cats, draws) -> tuple[float, int]:
+    """Half-width of the 95% interval of the mean of ``values`` [N] over
+    support draws ((category, draw) pairs), from the spread of the draw
+    means; and the number of draws."""
+    key = torch.stack((cats, draws), dim=1)
+    _, dinv = torch.unique(key, dim=0, return_inverse=True)
+    nd = int(dinv.max()) + 1
+    dsum = torch.zeros(nd, dtype=torch.float64).index_add_(0, dinv, values.double())
+    dmean = dsum / torch.bincount(dinv, minlength=nd).to(torch.float64)
+    return (1.96 * float(dmean.std(unbiased=True)) / math.sqrt(nd) if nd > 1 else math.nan), nd
+
+
+def paired_difference(scores_a, scores_b, category_ids, draw_ids) -> tuple[float, float]:
+    """Mean of ``scores_b - scores_a`` (per-query PCK [N] of two methods on
+    the same pairs) and the half-width of its 95% interval over support
+    draws. Pairing removes the draw-to-draw spread that both methods share,
+    so a difference well inside each method's own interval can still be sure."""
+    a, b = _t(scores_a), _t(scores_b)
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"paired_difference: scores must be two [N] tensors, got {list(a.shape)} and "
+                         f"{list(b.shape)}")
+    diff = b - a
+    return float(diff.mean()), _ci95_over_draws(diff, _t(category_ids, torch.int64), _t(draw_ids, torch.int64))[0]
+
+
 def summarize_pck(scores, category_ids, draw_ids, thresholds=THRESHOLDS, main_threshold: float = 0.2):
     """Aggregate per-query PCK.
 
@@ -143,19 +168,10 @@ def summarize_pck(scores, category_ids, draw_ids, thresholds=THRESHOLDS, main_th
     for j, c in enumerate(ucat.tolist()):
         per_category[c] = {t: float(cmean[i, j]) for i, t in enumerate(thresholds)}
 
-    # draws: (category, draw) pairs
-    key = torch.stack((cats, draws), dim=1)
-    _, dinv = torch.unique(key, dim=0, return_inverse=True)
-    nd = int(dinv.max()) + 1
     main = thresholds.index(float(main_threshold)) if float(main_threshold) in thresholds else None
     if main is None:
         raise ValueError(f"main_threshold {main_threshold} is not among the thresholds {thresholds}")
-    dsum = torch.zeros(nd, dtype=torch.float64).index_add_(0, dinv, scores[main])
-    dmean = dsum / torch.bincount(dinv, minlength=nd).to(torch.float64)
-    if nd > 1:
-        half = 1.96 * float(dmean.std(unbiased=True)) / math.sqrt(nd)
-    else:
-        half = math.nan
+    half, nd = _ci95_over_draws(scores[main], cats, draws)
     centre = pck[thresholds[main]]
     return PCKSummary(
         pck=pck,

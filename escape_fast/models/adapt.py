@@ -4,24 +4,28 @@ Three estimators of the prototype w_r of each support keypoint r:
 
 * MLE (eq. 2): the mean support feature over the shots where r is visible;
 * MAP (eq. 7): a Hungarian assignment of the keypoints to distinct
-  super-keypoints by squared distance, then ``alpha * mean + (1 - alpha) * mu``;
+  super-keypoints by cosine distance, then ``alpha * mean + (1 - alpha) * mu``;
 * ESCAPE (eq. 10): ``alpha * mean + (1 - alpha) * sum_z Q_rz mu_z`` with Q the
   soft assignment of the matching network.
 
 Shapes: B episodes, S shots, K keypoints, C channels, L super-keypoints.
 
-Scale. The paper's Gaussian model puts support features and super-keypoints
-in one space, but SPEC 5 takes mu from the trained prototypes of stage 3,
-and those live at the heatmap's scale: ``<F, w>`` peaks near 1, so
-``|w| ~ 1 / |F|``. On the built-in model the pooled support features have a
-median norm of 3.7 and mu one of 0.15; a plain ``0.5 * mean + 0.5 * mu`` is
-then 96% the support mean and MAP / ESCAPE cannot differ from MLE, and a
-squared-distance Hungarian matching compares norms rather than parts. A
-heatmap's argmax only depends on the prototype's direction, so both the
-matching and the blend work on directions: the matching cost is the cosine
-distance, and the prior is brought to the norm of the support mean before
-blending (``blend``), which leaves eq. 7 and 10 unchanged when the two
-already share a scale.
+Where mu comes from. Sec. 4.1 models a keypoint's features as
+o ~ N(zeta_r, phi^2) and its mean as zeta_r ~ N(mu_z, sigma^2): mu is a point
+in feature space, the mean of its members' mean features (eq. 4, sec. 4.2).
+SPEC 5 instead takes the prototypes trained in stage 3; those are heatmap
+detectors, at the heatmap's scale (norm ~0.15 against ~3.7 for features on
+the built-in model) and pointing elsewhere (median cosine 0.66 to the
+members' mean feature). Blended with support features they made MAP and
+ESCAPE worse than MLE at every alpha. Following the paper, mu is now the
+members' mean feature under the fine-tuned extractor
+(``train.feature_prior``); the paper wins where it and SPEC differ.
+
+Directions. A heatmap's argmax only depends on the prototype's direction,
+so both the matching and the blend work on directions: the matching cost is
+the cosine distance, and the prior is brought to the norm of the support
+mean before blending (``blend``), which leaves eq. 7 and 10 unchanged when
+the two already share a scale. alpha comes from EscapeModel.alpha_for.
 """
 
 from __future__ import annotations

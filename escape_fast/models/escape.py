@@ -55,9 +55,23 @@ class EscapeModel(nn.Module):
             matcher = build_matcher(c, num_super)
         return cls(c, extractor, torch.zeros(num_super, c["channels"]), matcher_extractor, matcher)
 
-    @property
-    def alpha(self) -> float:
-        return float(self.config.get("alpha", 0.5))
+    def alpha_for(self, shots: int) -> float:
+        """The support's weight alpha in eq. 7 / 10 for ``shots`` support images.
+
+        ``config["alpha"]`` is a number (SPEC 7: 0.5), or "val": chosen per
+        shot count on the validation categories at the end of training
+        (train.choose_alpha), stored as ``config["alpha_by_shots"]``; other
+        shot counts take the entry of the largest count not above them.
+        """
+        alpha = self.config.get("alpha", 0.5)
+        if alpha != "val":
+            return float(alpha)
+        by_shots = {int(k): float(v) for k, v in (self.config.get("alpha_by_shots") or {}).items()}
+        if not by_shots:
+            raise ValueError("alpha 'val' is chosen at the end of training, and this checkpoint has no choice "
+                             "stored (retrain, or set alpha to a number)")
+        below = [k for k in by_shots if k <= shots]
+        return by_shots[max(below) if below else min(by_shots)]
 
     @property
     def methods(self) -> tuple[str, ...]:
