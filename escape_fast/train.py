@@ -71,7 +71,10 @@ class Runtime:
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """Batch norm over the global batch on CPU (gloo), where torch's
-    SyncBatchNorm is CUDA-only: sums and squared sums are all-reduced."""
+    SyncBatchNorm is CUDA-only: the sums, then the centred squared sums, are
+    all-reduced. (One pass with E[x^2] - E[x]^2 loses float32 digits when
+    the mean is large against the spread, and Adam turns that into visibly
+    different weights after an epoch.)"""
 
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
@@ -80,16 +83,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
         c = x.shape[1]
         count = torch.tensor([x.numel() // c], dtype=x.dtype, device=x.device)
-        stats = all_reduce(torch.cat((x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count)))
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = stats[c : 2 * c] / n - mean * mean
+        sums = all_reduce(torch.cat((x.sum((0, 2, 3)), count)))
+        n = sums[-1]
+        mean = sums[:c] / n
+        centred = x - mean[None, :, None, None]
+        var = all_reduce(centred.square().sum((0, 2, 3))) / n
         with torch.no_grad():
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean)
             self.running_var.mul_(1 - m).add_(m * var * n / (n - 1))
             self.num_batches_tracked.add_(1)
-        y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
+        y = centred * torch.rsqrt(var[None, :, None, None] + self.eps)
         return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
 
 
@@ -325,7 +329,9 @@ def choose_alpha(model: EscapeModel, val_coco, cfg, device) -> dict:
     """alpha 'val': for 1 and 5 shots, the ALPHA_GRID value that gives the
     best PCK@0.2 on the validation categories, for ESCAPE (MAP for a model
     without a matching network); on ties the larger alpha (the less prior).
-    Stores {shots: alpha} in ``model.config["alpha_by_shots"]`` and returns it."""
+    Stores {shots: alpha} in ``model.config["alpha_by_shots"]`` and returns it;
+    a shot count that no validation category has enough instances for is
+    left out (alpha_for falls back to fewer shots)."""
     from escape_fast.data import EpisodeSampler
     from escape_fast.data.metrics import THRESHOLDS
     from escape_fast.evaluation import Timer, build_bank, evaluate_pairs
@@ -343,9 +349,10 @@ def choose_alpha(model: EscapeModel, val_coco, cfg, device) -> dict:
         for shots in ALPHA_SHOTS:
             sampler = EpisodeSampler(val_coco, shots=shots, queries=cfg["val_queries"], draws=ALPHA_DRAWS,
                                      seed=cfg["seed"], too_few="skip")
-            if not sampler.episodes:
-                raise ValueError(f"{val_coco.path}: no validation category has {shots} + {cfg['val_queries']} "
-                                 f"instances to choose alpha with")
+            if not sampler.episodes:  # alpha_for then uses the choice of fewer shots
+                print(f"[alpha] {shots}-shot: no validation category has {shots} + {cfg['val_queries']} "
+                      f"instances; not chosen", flush=True)
+                continue
             scores = {}
             for alpha in ALPHA_GRID:
                 model.config = {**config, "alpha": alpha}
@@ -357,6 +364,9 @@ def choose_alpha(model: EscapeModel, val_coco, cfg, device) -> dict:
                   flush=True)
     finally:
         model.config = config
+    if not chosen:
+        raise ValueError(f"{val_coco.path}: no validation category has {min(ALPHA_SHOTS)} + {cfg['val_queries']} "
+                         f"instances to choose alpha with; set alpha to a number")
     model.config["alpha_by_shots"] = chosen
     return chosen
 
