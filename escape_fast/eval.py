@@ -97,7 +97,7 @@ def format_report(results: dict[str, EvalResult], coco, shots: int, alpha: float
     methods = list(results)
     first = results[methods[0]].summary
     lines = [f"{first.num_pairs} (support set, query) pairs, {first.num_draws} support draws, {shots}-shot"]
-    if alpha is not None and set(methods) & {"map", "escape"}:
+    if alpha is not None:
         lines.append(f"MAP / ESCAPE support weight alpha = {alpha:.3f} (eq. 7 / 10)")
     head = f"{'category':<34}" + "".join(f"{m.upper():>10}" for m in methods)
     lines += ["", head, "-" * len(head)]
@@ -199,6 +199,8 @@ def run(args) -> int:
         if m not in model.methods:
             raise SystemExit(f"{path}: method {m!r} needs stages this model lacks (it supports "
                              f"{', '.join(model.methods)})")
+    # the support weight of MAP / ESCAPE (a checkpoint that lacks it fails here, before the work)
+    alpha = model.alpha_for(args.shots) if set(methods) & {"map", "escape"} else None
     try:
         draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
     except ValueError as exc:  # a usage error: say so, like argparse does
@@ -219,7 +221,6 @@ def run(args) -> int:
         results = evaluate_sharded(model, coco, sampler, methods, device, args, rank, world)
         if rank != 0:
             return 0
-    alpha = model.alpha_for(args.shots) if model.methods != ("mle",) else None
     print(format_report(results, coco, args.shots, alpha))
     print(f"setup (data and model loading) {setup_seconds:.2f}s; total {time.perf_counter() - t_start:.2f}s")
     if args.out:

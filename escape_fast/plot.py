@@ -29,8 +29,8 @@ the super-keypoints; the names come from the run's training annotations
 ``model.pt``) does not store membership; then the members are recomputed:
 the mean feature of each keypoint of a dataset (``--annotations``, default
 the built-in benchmark's training split), extracted by the model, joins the
-super-keypoint by cosine similarity (the cost of MAP's matching: prototypes
-and features differ in scale, only directions compare). The figure states
+super-keypoint by cosine similarity (the cost of MAP's matching: only
+directions matter to a heatmap). The figure states
 which of the two it shows; the projection is of unit vectors too.
 """
 

@@ -321,7 +321,23 @@ def _monitor(cfg):
 
 ALPHA_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 ALPHA_SHOTS = (1, 5)
-ALPHA_DRAWS = 100  # support draws per val category: 1,500 pairs per category and alpha
+ALPHA_DRAWS = 100  # support draws per val category (x val_queries pairs per category and alpha)
+
+
+def check_alpha_data(cfg, val_coco) -> None:
+    """alpha 'val' needs a validation category with 1 + val_queries instances."""
+    from escape_fast.data import EpisodeSampler
+
+    if cfg["alpha"] != "val":
+        return
+    if val_coco is None:
+        raise config_mod.ConfigError("alpha 'val' needs the split's validation categories, and this data has "
+                                     "no val annotation file; set alpha to a number")
+    sampler = EpisodeSampler(val_coco, shots=1, queries=cfg["val_queries"], draws=1, seed=cfg["seed"],
+                             too_few="skip")
+    if not sampler.episodes:
+        raise config_mod.ConfigError(f"alpha 'val': no category of {val_coco.path} has 1 + {cfg['val_queries']} "
+                                     f"instances to choose alpha with; set alpha to a number")
 
 
 @torch.no_grad()
@@ -465,17 +481,19 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     extractor.load_state_dict(_sub_state(base["model"], "extractor"))
     assignment = clusters["assignment"]
     super_table = torch.where(table >= 0, assignment[table.clamp_min(0)], table)
-    init = member_mean(base["model"]["prototypes"].float(), assignment, clusters["super_keypoints"].shape[0])
+    num_super = clusters["super_keypoints"].shape[0]
+    init = member_mean(base["model"]["prototypes"].float(), assignment, num_super)
     model = HeatmapModel(extractor, init, super_table)
+
     def with_prior(m):
-        return EscapeModel(_monitor(cfg), m.extractor, feature_prior(m.extractor, train_coco, cfg, rt.device,
-                                                                     assignment))
+        mu = feature_prior(m.extractor, train_coco, cfg, rt.device, assignment, num_super)
+        return EscapeModel(_monitor(cfg), m.extractor, mu)
 
     validate = _validator(cfg, rt, val_coco, ("mle", "map"), with_prior)
     model = run_epochs("finetune", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
     # the prior in the fine-tuned feature space, stored beside the trained prototypes
-    mu = feature_prior(model.extractor, train_coco, cfg, rt.device, assignment)
     if rt.main:
+        mu = feature_prior(model.extractor, train_coco, cfg, rt.device, assignment, num_super)
         path = os.path.join(run_dir, "finetune.pt")
         state = checkpoint.load(path, kind="finetune", required=["model"])
         checkpoint.save({**state, "super_keypoints": mu}, path, kind="finetune")
@@ -484,7 +502,7 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
 
 
 @torch.no_grad()
-def feature_prior(extractor, coco, cfg, device, assignment) -> torch.Tensor:
+def feature_prior(extractor, coco, cfg, device, assignment, num_super: int) -> torch.Tensor:
     """Super-keypoints mu [L, C] in feature space (sec. 4.1-4.2).
 
     Sec. 4.1 models the features of keypoint r as o ~ N(zeta_r, phi^2) and
@@ -496,12 +514,19 @@ def feature_prior(extractor, coco, cfg, device, assignment) -> torch.Tensor:
     extractor.eval()
     zeta, seen = base_keypoint_means(extractor, coco, cfg, device, unit=True, show_progress=False)
     member = seen.cpu() & (assignment >= 0)
-    return member_mean(zeta.cpu(), torch.where(member, assignment, -1), int(assignment.max()) + 1)
+    mu = member_mean(zeta.cpu(), torch.where(member, assignment, -1), num_super)
+    empty = int((torch.bincount(assignment[member], minlength=num_super) == 0).sum())
+    if empty:  # their members never appear visible in the training images: mu = 0, a prior of no direction
+        print(f"[finetune] {empty} of {num_super} super-keypoints have no visible member; their mu is 0",
+              flush=True)
+    return mu
 
 
 def member_mean(prototypes: torch.Tensor, assignment: torch.Tensor, num_super: int) -> torch.Tensor:
-    """Initial super-keypoint prototypes [L, C]: the mean of the members'
-    stage-1 prototypes (``assignment`` [P], -1 for keypoints left out).
+    """Mean [L, C] of the members' vectors (``assignment`` [P], -1 for
+    keypoints left out; a super-keypoint without members stays 0). Stage 3
+    starts from the mean of the members' stage-1 prototypes; feature_prior
+    takes the mean of their mean features.
 
     This is SPEC 5's "initialized from the cluster vectors" when the clusters
     were made from the prototypes. When they were made from mean features
@@ -528,8 +553,8 @@ def _finetuned(cfg, run_dir):
     ft = checkpoint.load(path, kind="finetune", required=["model"])
     if "super_keypoints" not in ft:
         raise checkpoint.CheckpointError(
-            f"{path}: no super-keypoints in feature space (written by fine-tuning since escape_fast 0.2); "
-            f"run the finetune stage again (--stage finetune)")
+            f"{path}: no super-keypoints in feature space (fine-tuning writes them when it ends, since "
+            f"2026-11-24); run the finetune stage again (--stage finetune --resume)")
     extractor = build_extractor(cfg["backbone"], weights=None, channels=cfg["channels"])
     extractor.load_state_dict(_sub_state(ft["model"], "extractor"))
     return extractor, ft["super_keypoints"].float()
@@ -610,7 +635,17 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from escape_fast.data import DataError
+
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (config_mod.ConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError) as exc:
+        print(f"escape_fast.train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     run_dir = args.out
     saved = os.path.join(run_dir, "config.yaml")
     if os.path.exists(saved) and not args.resume:
@@ -634,6 +669,7 @@ def main(argv=None) -> int:
     files = annotation_files(cfg)
     train_coco = load_coco(files["train"])
     val_coco = load_coco(files["val"]) if os.path.exists(files["val"]) else None
+    check_alpha_data(cfg, val_coco)  # before hours of training, not after
     log = CSVLog(os.path.join(run_dir, "log.csv"), rt.main)
     stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:

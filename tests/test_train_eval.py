@@ -181,6 +181,56 @@ def test_eval_cli_report_and_all_methods(trained, bench, tmp_path):
     assert set(report["results"]) == {"mle", "map", "escape"}
     r = report["results"]["escape"]
     assert r["num_pairs"] == 300 and 0.0 <= r["pck"]["0.20"] <= 1.0
+    # the support weight used, and the paired differences between methods, printed and in the JSON
+    model = EscapeModel.from_checkpoint(trained / "model.pt")
+    assert report["alpha"] == model.alpha_for(1) and f"alpha = {model.alpha_for(1):.3f}" in proc.stdout
+    assert set(report["differences"]) == {"map-mle", "escape-mle", "escape-map"}
+    res = report["results"]
+    for name, (mean, half) in report["differences"].items():
+        b, a = name.split("-")
+        assert mean == pytest.approx(res[b]["pck"]["0.20"] - res[a]["pck"]["0.20"], abs=1e-9)
+        assert half >= 0
+    assert "ESCAPE - MLE (paired 95% CI)" in proc.stdout
+
+
+def test_eval_refuses_a_checkpoint_without_its_alpha(trained, bench, tmp_path):
+    """alpha 'val' with no stored choice: a clear error before any work, for
+    MAP and ESCAPE; MLE does not need alpha."""
+    obj = checkpoint.load(trained / "model.pt")
+    obj["config"] = {k: v for k, v in obj["config"].items() if k != "alpha_by_shots"}
+    path = tmp_path / "no_alpha.pt"
+    checkpoint.save(obj, path, kind="model")
+    for method, code in (("map", 2), ("escape", 2), ("mle", 0)):
+        proc = subprocess.run([sys.executable, "-m", "escape_fast.eval", "--data", str(bench), "--checkpoint",
+                               str(path), "--episodes", "60", "--queries", "3", "--method", method, "--quiet",
+                               "--workers", "0"], env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == code, (method, proc.stderr[-2000:])
+        if code:
+            assert "alpha_by_shots" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_with_alpha_val_checks_the_val_split_first(bench, tmp_path):
+    """Too few val instances for alpha 'val' is a config error before stage 1."""
+    cmd = [sys.executable, "-m", "escape_fast.train", "--data", str(bench), "--split", "1",
+           "--out", str(tmp_path / "run"), *TINY, "--set", "val_queries=50"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "alpha 'val'" in proc.stderr and "1 + 50" in proc.stderr
+    assert not (tmp_path / "run" / "baseline.pt").exists()
+
+
+def test_finetune_checkpoint_without_feature_prior_is_a_clear_error(trained, tmp_path):
+    import shutil
+
+    from escape_fast import config as config_mod
+    from escape_fast.train import _finetuned
+
+    state = checkpoint.load(trained / "finetune.pt")
+    del state["super_keypoints"]
+    checkpoint.save(state, tmp_path / "finetune.pt", kind="finetune")
+    shutil.copy(trained / "config.yaml", tmp_path / "config.yaml")
+    cfg = config_mod.resolve(str(tmp_path / "config.yaml"))
+    with pytest.raises(checkpoint.CheckpointError, match="--stage finetune"):
+        _finetuned(cfg, str(tmp_path))
 
 
 def test_eval_under_torchrun_equals_one_process(trained, bench, tmp_path):
@@ -250,11 +300,12 @@ def test_feature_prior_is_the_members_mean_direction():
 
     train.base_keypoint_means = fake
     try:
-        mu = train.feature_prior(torch.nn.Identity(), None, {}, "cpu", assignment)
+        mu = train.feature_prior(torch.nn.Identity(), None, {}, "cpu", assignment, 3)
     finally:
         train.base_keypoint_means = original
     assert calls[0]["unit"] is True
-    assert torch.allclose(mu, torch.tensor([[0.7, 0.0], [0.0, 0.5]]))
+    # the third super-keypoint has no member: its row stays 0
+    assert torch.allclose(mu, torch.tensor([[0.7, 0.0], [0.0, 0.5], [0.0, 0.0]]))
 
 
 def test_alpha_by_shots_and_its_checks():

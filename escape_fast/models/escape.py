@@ -68,8 +68,9 @@ class EscapeModel(nn.Module):
             return float(alpha)
         by_shots = {int(k): float(v) for k, v in (self.config.get("alpha_by_shots") or {}).items()}
         if not by_shots:
-            raise ValueError("alpha 'val' is chosen at the end of training, and this checkpoint has no choice "
-                             "stored (retrain, or set alpha to a number)")
+            raise checkpoint.CheckpointError(
+                "alpha 'val' is chosen at the end of training, and this checkpoint has no choice stored "
+                "(config alpha_by_shots); train it to the end, or set its config's alpha to a number")
         below = [k for k in by_shots if k <= shots]
         return by_shots[max(below) if below else min(by_shots)]
 
@@ -80,14 +81,17 @@ class EscapeModel(nn.Module):
         return ("mle", "map", "escape") if self.matcher is not None else ("mle", "map")
 
     def to_checkpoint(self) -> dict:
+        def cpu(state):  # a model.pt loads on a machine without the GPU it was made on
+            return {k: v.detach().cpu() for k, v in state.items()}
+
         obj = {
             "config": self.config,
-            "extractor": self.extractor.state_dict(),
+            "extractor": cpu(self.extractor.state_dict()),
             "super_keypoints": self.super_keypoints.detach().cpu(),
         }
         if self.matcher is not None:
-            obj["matcher_extractor"] = self.matcher_extractor.state_dict()
-            obj["matcher"] = self.matcher.state_dict()
+            obj["matcher_extractor"] = cpu(self.matcher_extractor.state_dict())
+            obj["matcher"] = cpu(self.matcher.state_dict())
         return obj
 
     @classmethod
