@@ -134,6 +134,15 @@ def test_prototype_heatmaps_gradcheck(backend):
 @pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
 @pytest.mark.parametrize("kernel", [15, 3, 1])
 def test_heatmap_decode_random(backend, kernel, dtype):
+    name, _ = backend
+    _random_decode_against_reference(backend, kernel, dtype, lambda f, p, c, s, r: ops.heatmap_decode(
+        f, p, c, s, kernel, backend=name, rotation=r))
+
+
+def _random_decode_against_reference(backend, kernel, dtype, decode):
+    """``decode(features, prototypes, center, scale, rotation)`` against
+    reference.heatmap_decode(..., kernel) on random inputs of every shape;
+    at most 1% argmax flips, all at near-ties."""
     name, device = backend
     flips = total = 0
     for b, c, h, w, k in _shapes(name, device):
@@ -142,7 +151,7 @@ def test_heatmap_decode_random(backend, kernel, dtype):
         center, scale, rotation = _crop(b, dtype, device)
         ref = reference.heatmap_decode(feats, protos, center, scale, kernel, rotation)
         smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), kernel)
-        out = ops.heatmap_decode(feats, protos, center, scale, kernel, backend=name, rotation=rotation)
+        out = decode(feats, protos, center, scale, rotation)
         flips += _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
         total += b * k
     assert flips <= max(1, total // 100), f"{flips} of {total} argmaxes flipped"
@@ -202,19 +211,9 @@ def test_smooth_features_is_the_reference_filter(b, c, h, w, kernel, dtype, devi
 def test_decoding_smoothed_features_equals_decoding(backend, dtype):
     """heatmap_decode(smooth_features(F), P, kernel=1) == heatmap_decode(F, P),
     up to argmax flips at near-ties (the sums run in another order)."""
-    name, device = backend
-    flips = total = 0
-    for b, c, h, w, k in _shapes(name, device):
-        feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
-        protos = torch.randn(b, k, c, dtype=dtype, device=device)
-        center, scale, rotation = _crop(b, dtype, device)
-        ref = reference.heatmap_decode(feats, protos, center, scale, 15, rotation)
-        smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), 15)
-        out = ops.heatmap_decode(ops.smooth_features(feats, 15), protos, center, scale, 1, backend=name,
-                                 rotation=rotation)
-        flips += _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
-        total += b * k
-    assert flips <= max(1, total // 100), f"{flips} of {total} argmaxes flipped"
+    name, _ = backend
+    _random_decode_against_reference(backend, 15, dtype, lambda f, p, c, s, r: ops.heatmap_decode(
+        ops.smooth_features(f, 15), p, c, s, 1, backend=name, rotation=r))
 
 
 def test_smooth_features_bad_input():
