@@ -3,13 +3,13 @@
 # the CUDA cases, compute-sanitizer over the CUDA op tests, the kernel
 # benchmarks. Writes logs to ${OUT:-gpu-out}/. Usage, from the repo root on a
 # GPU machine with torch installed:  bash benchmarks/gpu_validate.sh [steps]
-# steps: any of build tests sanitize bench (default: all).
+# steps: any of build tests sanitize bench e2e (default: all).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 PY=${PYTHON:-python3}
-steps=${*:-build tests sanitize bench}
+steps=${*:-build tests sanitize bench e2e}
 has() { [[ " $steps " == *" $1 "* ]]; }
 
 {
@@ -38,4 +38,11 @@ fi
 if has bench; then
   $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable --benchmark-columns=median,iqr,rounds \
     --benchmark-sort=name --benchmark-json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -80
+fi
+if has e2e; then
+  # issue 6: the built-in benchmark end to end (vs --reference), and the
+  # MP-100-shaped run (ResNet-50, 256 px, K up to 68; target <= 20 s)
+  $PY benchmarks/bench_eval.py --repeat 3 --out "$OUT/bench_eval.json" 2>&1 | tail -30 > "$OUT/bench_eval.log"
+  $PY benchmarks/bench_mp100_shaped.py --device cuda --repeat 3 --out "$OUT/mp100_shaped.json" 2>&1 \
+    | tee "$OUT/mp100_shaped.log" | tail -20
 fi
