@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=15, help="queries per support draw (default 15)")
     p.add_argument("--method", choices=("mle", "map", "escape", "all"), default="escape",
                    help="prototype estimate (default escape; all: the three side by side)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="support weight of MAP / ESCAPE in [0, 1], instead of the checkpoint's (chosen on "
+                        "validation categories when it was trained; SPEC 7's value is 0.5)")
     p.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "reference"),
                    help="op implementation (default auto)")
@@ -200,6 +203,11 @@ def run(args) -> int:
             raise SystemExit(f"{path}: method {m!r} needs stages this model lacks (it supports "
                              f"{', '.join(model.methods)})")
     # the support weight of MAP / ESCAPE (a checkpoint that lacks it fails here, before the work)
+    if args.alpha is not None:
+        if not 0.0 <= args.alpha <= 1.0:
+            print(f"escape_fast.eval: error: --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
+            return 2
+        model.config["alpha"] = args.alpha
     alpha = model.alpha_for(args.shots) if set(methods) & {"map", "escape"} else None
     try:
         draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)

@@ -207,6 +207,17 @@ def test_eval_refuses_a_checkpoint_without_its_alpha(trained, bench, tmp_path):
         assert proc.returncode == code, (method, proc.stderr[-2000:])
         if code:
             assert "alpha_by_shots" in proc.stderr and "Traceback" not in proc.stderr
+    # --alpha sets it for the run instead; out of [0, 1] it is a usage error
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.eval", "--data", str(bench), "--checkpoint",
+                           str(path), "--episodes", "60", "--queries", "3", "--method", "map", "--quiet",
+                           "--workers", "0", "--alpha", "0.5", "--out", str(out)], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(out.read_text())["alpha"] == 0.5 and "alpha = 0.500" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.eval", "--data", str(bench), "--checkpoint",
+                           str(path), "--method", "map", "--alpha", "1.5"], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--alpha" in proc.stderr
 
 
 def test_training_with_alpha_val_checks_the_val_split_first(bench, tmp_path):
