@@ -57,9 +57,13 @@ def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
     return float((index - expected) / (top - expected)) if top != expected else 1.0
 
 
-def truth(parts_json: str, keys: np.ndarray) -> dict[str, np.ndarray]:
-    with open(parts_json) as f:
-        meta = {c["id"]: c for c in json.load(f)["categories"]}
+def read_parts(data: str) -> dict:
+    """{category id: its entry of synthetic_parts.json}."""
+    with open(os.path.join(data, "synthetic_parts.json")) as f:
+        return {c["id"]: c for c in json.load(f)["categories"]}
+
+
+def truth(meta: dict, keys: np.ndarray) -> dict[str, np.ndarray]:
     out = {"super": [], "type": [], "family": []}
     for cat, k in keys:
         c = meta[int(cat)]
@@ -90,7 +94,7 @@ def report(vectors: torch.Tensor, keys: np.ndarray, assignment: np.ndarray, gt: 
 
 
 @torch.no_grad()
-def novel_matching(run: str, data: str, parts: dict, max_instances: int = 10) -> dict:
+def novel_matching(run: str, data: str, parts: dict, clusters: dict, max_instances: int = 10) -> dict:
     """Share of visible novel keypoints matched to a super-keypoint of their own part (see above)."""
     from escape_fast.data import load_coco, mp100_split_files
     from escape_fast.evaluation import build_bank
@@ -98,8 +102,7 @@ def novel_matching(run: str, data: str, parts: dict, max_instances: int = 10) ->
     from escape_fast.models.escape import EscapeModel
 
     model = EscapeModel.from_checkpoint(os.path.join(run, "model.pt")).eval()
-    obj = torch.load(os.path.join(run, "cluster.pt"), map_location="cpu", weights_only=True)
-    keys, assignment = obj["keys"].tolist(), obj["assignment"]
+    keys, assignment = clusters["keys"].tolist(), clusters["assignment"]
     majority = {}
     for z in range(int(assignment.max()) + 1):
         members = [parts[c]["keypoint_super_keypoint"][k] for c, k in
@@ -138,13 +141,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     obj = torch.load(os.path.join(args.run, "cluster.pt"), map_location="cpu", weights_only=True)
     keys = obj["keys"].numpy()
-    gt = truth(os.path.join(args.data, "synthetic_parts.json"), keys)
+    parts = read_parts(args.data)
+    gt = truth(parts, keys)
     res = report(obj["vectors"], keys, obj["assignment"].numpy(), gt)
     res["cluster_config"] = obj["config"]["cluster"]
     if args.novel:
-        with open(os.path.join(args.data, "synthetic_parts.json")) as f:
-            parts = {c["id"]: c for c in json.load(f)["categories"]}
-        res.update(novel_matching(args.run, args.data, parts))
+        res.update(novel_matching(args.run, args.data, parts, obj))
     for k, v in res.items():
         print(f"{k:>16}: {v:.3f}" if isinstance(v, float) else f"{k:>16}: {v}")
     if args.json:

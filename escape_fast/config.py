@@ -100,10 +100,14 @@ def resolve(file: str | None = None, overrides=(), base: dict | None = None) -> 
         cfg = _merge(cfg, loaded, file)
     for o in overrides:
         cfg = _merge(cfg, o, "--set")
-    alpha = cfg["alpha"]
+    check_alpha(cfg["alpha"])
+    return cfg
+
+
+def check_alpha(alpha) -> None:
+    """The support weight of eq. 7 / 10: 'val' or a number in [0, 1]."""
     if alpha != "val" and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
         raise ConfigError(f"alpha must be 'val' or a number in [0, 1], got {alpha!r}")
-    return cfg
 
 
 def save(cfg: dict, path: str) -> None:

@@ -25,7 +25,7 @@ import torch
 
 import torch.distributed as dist
 
-from escape_fast import builtin
+from escape_fast import builtin, config as config_mod
 from escape_fast.builtin import CacheError
 from escape_fast.checkpoint import CheckpointError
 from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
@@ -84,8 +84,8 @@ def resolve_model_path(path: str | None) -> str:
 def method_differences(results: dict[str, EvalResult]) -> dict[str, tuple[float, float]]:
     """{"escape-mle": (mean, half-width)}: PCK@0.2 differences between the
     methods on the same pairs, with paired 95% intervals over support draws."""
-    main = THRESHOLDS.index(0.2)
     methods = list(results)
+    main = THRESHOLDS.index(results[methods[0]].summary.main_threshold)
     out = {}
     for i, a in enumerate(methods):
         for b in methods[i + 1 :]:
@@ -96,7 +96,8 @@ def method_differences(results: dict[str, EvalResult]) -> dict[str, tuple[float,
     return out
 
 
-def format_report(results: dict[str, EvalResult], coco, shots: int, alpha: float | None = None) -> str:
+def format_report(results: dict[str, EvalResult], coco, shots: int, alpha: float | None = None,
+                  differences: dict | None = None) -> str:
     methods = list(results)
     first = results[methods[0]].summary
     lines = [f"{first.num_pairs} (support set, query) pairs, {first.num_draws} support draws, {shots}-shot"]
@@ -119,7 +120,7 @@ def format_report(results: dict[str, EvalResult], coco, shots: int, alpha: float
                                                         for m in methods))
     lines.append(f"{'mPCK':<34}" + "".join(f"{100 * results[m].summary.mpck:>10.2f}" for m in methods))
     lines.append("")
-    for name, (mean, half) in method_differences(results).items():
+    for name, (mean, half) in (differences or {}).items():
         b, a = name.upper().split("-")
         lines.append(f"{b + ' - ' + a + ' (paired 95% CI)':<34}{100 * mean:>+10.2f} ± {100 * half:.2f}")
     if len(methods) > 1:
@@ -140,7 +141,7 @@ def evaluate_sharded(model, coco, sampler, methods, device, args, rank, world):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     mine = sampler.category_ids[rank::world]
     raw = evaluate(model, coco, sampler, methods, device, args.backend, args.batch_size, args.workers,
-                   progress=None, categories=mine, summarize_results=False)
+                   progress=None, categories=mine, summarize_results=False, alpha=args.alpha)
     gathered = [None] * world
     dist.all_gather_object(gathered, raw)
     dist.destroy_process_group()
@@ -204,11 +205,14 @@ def run(args) -> int:
                              f"{', '.join(model.methods)})")
     # the support weight of MAP / ESCAPE (a checkpoint that lacks it fails here, before the work)
     if args.alpha is not None:
-        if not 0.0 <= args.alpha <= 1.0:
-            print(f"escape_fast.eval: error: --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
+        try:
+            config_mod.check_alpha(args.alpha)
+        except config_mod.ConfigError as exc:
+            print(f"escape_fast.eval: error: --alpha: {exc}", file=sys.stderr)
             return 2
-        model.config["alpha"] = args.alpha
-    alpha = model.alpha_for(args.shots) if set(methods) & {"map", "escape"} else None
+    alpha = None
+    if set(methods) & {"map", "escape"}:
+        alpha = args.alpha if args.alpha is not None else model.alpha_for(args.shots)
     try:
         draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
     except ValueError as exc:  # a usage error: say so, like argparse does
@@ -221,15 +225,17 @@ def run(args) -> int:
     if args.reference:
         if world > 1:
             raise SystemExit("--reference runs in one process; start it without torchrun")
-        results = {m: evaluate_reference(model, coco, sampler.episodes, m, device, args.queries) for m in methods}
+        results = {m: evaluate_reference(model, coco, sampler.episodes, m, device, args.queries, args.alpha)
+                   for m in methods}
     elif world == 1:
         results = evaluate(model, coco, sampler, methods, device, args.backend, args.batch_size, args.workers,
-                           progress=progress)
+                           progress=progress, alpha=args.alpha)
     else:
         results = evaluate_sharded(model, coco, sampler, methods, device, args, rank, world)
         if rank != 0:
             return 0
-    print(format_report(results, coco, args.shots, alpha))
+    differences = method_differences(results)
+    print(format_report(results, coco, args.shots, alpha, differences))
     print(f"setup (data and model loading) {setup_seconds:.2f}s; total {time.perf_counter() - t_start:.2f}s")
     if args.out:
         report = {
@@ -237,7 +243,7 @@ def run(args) -> int:
             "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed, "backend": args.backend, "device": str(device),
             "reference": args.reference, "setup_seconds": setup_seconds,
             "results": {m: r.as_dict() for m, r in results.items()},
-            "differences": method_differences(results),
+            "differences": differences,
             "category_names": {c: coco.categories[c].name for c in coco.category_ids},
         }
         tmp = args.out + ".tmp"

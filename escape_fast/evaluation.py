@@ -64,7 +64,6 @@ class InstanceBank:
     # [N, C, h, w] features after the decoder's mean filter (ops.smooth_features),
     # to be decoded with kernel=1: filtered once per instance, not per heatmap
     smoothed: torch.Tensor
-    slots: list  # [N] keypoint slots of each row's category (host ints: no sync to trim K)
     pooled: torch.Tensor  # [N, K, C]
     match_scores: torch.Tensor | None  # [N, K, L] matching-network scores of each instance as a shot
     keypoints: torch.Tensor  # [N, K, 2] heatmap cells
@@ -173,7 +172,6 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
     return InstanceBank(
         rows={i: r for r, i in enumerate(order)},
         smoothed=torch.cat(feats),
-        slots=torch.cat([m["keypoint_mask"] for m in meta]).sum(1).tolist(),
         pooled=torch.cat(pooled),
         match_scores=torch.cat(mscores) if mscores else None,
         keypoints=cat("keypoints"),
@@ -187,22 +185,25 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
     )
 
 
-def prototypes_for(model, method: str, pooled, visible, match_scores=None):
+def prototypes_for(model, method: str, pooled, visible, match_scores=None, alpha=None):
     """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K]).
 
     ESCAPE needs the matching network's scores of each shot, ``match_scores``
-    [D, S, K, L] (see :func:`extract`).
+    [D, S, K, L] (see :func:`extract`). ``alpha``: the support weight of MAP
+    and ESCAPE; None takes the model's (``EscapeModel.alpha_for``).
     """
     if method == "mle":
         return mle_prototypes(pooled, visible)
     mu = model.super_keypoints.to(pooled.dtype)
+    if alpha is None:
+        alpha = model.alpha_for(pooled.shape[1])
     if method == "map":
-        return map_prototypes(pooled, visible, mu, model.alpha_for(pooled.shape[1]))[0]
+        return map_prototypes(pooled, visible, mu, alpha)[0]
     if method == "escape":
         if model.matcher is None:
             raise ValueError("method 'escape' needs a model trained through stage 4 (matching network)")
         log_p = model.matcher.assign_scores(match_scores, visible)
-        return escape_prototypes(pooled, visible, mu, log_p, model.alpha_for(pooled.shape[1]))
+        return escape_prototypes(pooled, visible, mu, log_p, alpha)
     raise ValueError(f"unknown method {method!r}; choose mle, map or escape")
 
 
@@ -225,8 +226,10 @@ def _group_slots(query_rows: torch.Tensor):
 
 
 @torch.no_grad()
-def predict_category(model, bank: InstanceBank, episodes, method: str, backend="auto", timer=None):
-    """Predictions [D * Q, K, 2] (image pixels) for the episodes of one category."""
+def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypoints: int, backend="auto",
+                     timer=None, alpha=None):
+    """Predictions [D * Q, K, 2] (image pixels) for the episodes of one category
+    with ``num_keypoints`` keypoints (only those are decoded; the padding stays 0)."""
     timer = timer or Timer(bank.smoothed.device)
     dev = bank.smoothed.device
     sup = torch.tensor([[bank.rows[i] for i in e.supports] for e in episodes], device=dev)  # [D, S]
@@ -234,10 +237,9 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, backend="
     d, q = qry.shape
     with timer.phase("adaptation"):
         ms = bank.match_scores[sup] if bank.match_scores is not None else None
-        protos = prototypes_for(model, method, bank.pooled[sup], bank.visible[sup], match_scores=ms)
+        protos = prototypes_for(model, method, bank.pooled[sup], bank.visible[sup], match_scores=ms, alpha=alpha)
     with timer.phase("heatmaps"):
-        # decode only the category's own keypoint slots; the padding stays 0
-        k = bank.slots[bank.rows[episodes[0].queries[0]]]
+        k = num_keypoints
         k_pad, c = protos.shape[1:]
         protos = protos[:, :k]
         pair_rows = qry.reshape(-1)
@@ -295,15 +297,17 @@ class PairResults:
 
 
 def evaluate_pairs(model, coco, sampler, method, device, backend="auto", bank=None, categories=None,
-                   timer=None, progress=None) -> PairResults:
-    """Per-pair PCK and predictions of ``method`` for ``categories`` (default all)."""
+                   timer=None, progress=None, alpha=None) -> PairResults:
+    """Per-pair PCK and predictions of ``method`` for ``categories`` (default all);
+    ``alpha`` as in :func:`prototypes_for`."""
     groups = sampler.by_category()
     cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
     scores, preds, cat_ids, draws = [], [], [], []
     bar = progress(total=len(cats), desc=f"episodes ({method})", unit="category") if progress else None
     for cat_id in cats:
         episodes = groups[cat_id]
-        coords, sup, pair_rows = predict_category(model, bank, episodes, method, backend, timer)
+        coords, sup, pair_rows = predict_category(model, bank, episodes, method,
+                                                  coco.categories[cat_id].num_keypoints, backend, timer, alpha)
         with timer.phase("metric"):
             scores.append(score_pairs(bank, coords, sup, pair_rows, sampler.queries).cpu())
             preds.append(coords.cpu())
@@ -325,8 +329,8 @@ def summarize(method: str, pairs: PairResults, seconds: dict) -> EvalResult:
 
 
 def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto", batch_size=32, workers=0,
-             amp=True, progress=None, categories=None, summarize_results=True):
-    """Fast evaluation of ``sampler``'s episodes.
+             amp=True, progress=None, categories=None, summarize_results=True, alpha=None):
+    """Fast evaluation of ``sampler``'s episodes (``alpha`` as in :func:`prototypes_for`).
 
     Returns {method: EvalResult}, or {method: (PairResults, seconds)} when
     ``summarize_results`` is False (a shard of ``categories`` to be merged).
@@ -346,7 +350,7 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
     for method in methods:
         timer.seconds = dict(bank_seconds)
         with ops.finite_checks(False):  # checked once above; no per-call host sync in the episode loop
-            pairs = evaluate_pairs(model, coco, sampler, method, device, backend, bank, cats, timer, progress)
+            pairs = evaluate_pairs(model, coco, sampler, method, device, backend, bank, cats, timer, progress, alpha)
         if summarize_results:
             with timer.phase("metric"):
                 results[method] = summarize(method, pairs, dict(timer.seconds))
@@ -357,7 +361,7 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
 
 
 def predict_episodes(model, coco, episodes, method="escape", device="cpu", backend="auto", batch_size=32,
-                     amp=True) -> list[torch.Tensor]:
+                     amp=True, bank=None) -> list[torch.Tensor]:
     """Predictions of a few chosen episodes (for figures), on the fast path.
 
     ``episodes`` are :class:`escape_fast.data.Episode` (e.g. some entries of
@@ -365,27 +369,31 @@ def predict_episodes(model, coco, episodes, method="escape", device="cpu", backe
     made). Only their instances are extracted. Returns, per episode in
     order, its queries' predictions [Q, K_pad, 2] in image pixels on the CPU:
     what ``evaluate`` computes for those episodes (up to the float rounding
-    of other feature batches).
+    of other feature batches). ``bank``: one built for these episodes'
+    instances (to share it between methods), else it is built here.
     """
-    device = torch.device(device)
-    needed = sorted({i for e in episodes for i in (*e.supports, *e.queries)})
-    bank = build_bank(model, coco, needed, device, batch_size, 0, amp, backend, matcher=method == "escape")
+    if bank is None:
+        needed = sorted({i for e in episodes for i in (*e.supports, *e.queries)})
+        bank = build_bank(model, coco, needed, torch.device(device), batch_size, 0, amp, backend,
+                          matcher=method == "escape")
     by_cat: dict[int, list[int]] = {}
     for n, e in enumerate(episodes):
         by_cat.setdefault(e.category_id, []).append(n)
     out: list[torch.Tensor | None] = [None] * len(episodes)
     for positions in by_cat.values():
         group = [episodes[n] for n in positions]
-        coords, _, _ = predict_category(model, bank, group, method, backend)
+        k = coco.categories[group[0].category_id].num_keypoints
+        coords, _, _ = predict_category(model, bank, group, method, k, backend)
         for n, c in zip(positions, coords.cpu().split(len(group[0].queries))):
             out[n] = c
     return out
 
 
 @torch.no_grad()
-def evaluate_reference(model, coco, episodes, method="mle", device="cpu", queries=15) -> EvalResult:
+def evaluate_reference(model, coco, episodes, method="mle", device="cpu", queries=15, alpha=None) -> EvalResult:
     """The straightforward evaluation: one episode at a time, features
-    recomputed per episode, reference ops. Same outputs as ``evaluate``."""
+    recomputed per episode, reference ops. Same outputs as ``evaluate``
+    (``alpha`` as in :func:`prototypes_for`)."""
     device = torch.device(device)
     timer = Timer(device)
     cfg = model.config
@@ -409,9 +417,9 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
             ms = None
             if g is not None:  # the matching network once per episode, on its supports
                 ms = model.matcher.scores(reference.keypoint_pool(g, kp[:s], vis[:s], sigma), kp[:s], vis[:s])[None]
-            protos = prototypes_for(model, method, pooled[None], vis[None, :s], ms)[0]
+            protos = prototypes_for(model, method, pooled[None], vis[None, :s], ms, alpha)[0]
         with timer.phase("heatmaps"):
-            k = int(items[0]["keypoint_mask"].sum())  # the category's keypoints; padded slots stay 0
+            k = coco.categories[e.category_id].num_keypoints  # decode those; padded slots stay 0
             coords = []
             for j in range(s, len(items)):
                 center = items[j]["center"].float()[None].to(device)

@@ -53,7 +53,7 @@ from matplotlib.figure import Figure
 
 from escape_fast import builtin, checkpoint
 from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
-from escape_fast.data.coco import DataError, load_image
+from escape_fast.data.coco import DataError, load_image, read_json
 from escape_fast.data.metrics import pck_per_query, valid_keypoints
 from escape_fast.data.transforms import apply_affine, box_to_center_scale, crop_matrix, warp_crop
 from escape_fast.drawing import draw_pose
@@ -349,9 +349,12 @@ def plot_matching(predictor, members: Members, out: str, max_keypoints: int = 20
 def plot_episodes(model, coco, episodes, methods, out: str, query: int = 0, device="cpu") -> str:
     """One row per episode: its (first) support, a query's ground truth and
     each method's prediction with its PCK@0.2."""
-    from escape_fast.evaluation import predict_episodes
+    from escape_fast.evaluation import build_bank, predict_episodes
 
-    preds = {m: predict_episodes(model, coco, episodes, m, device) for m in methods}
+    # one extraction for every method (the matching network only if ESCAPE is shown)
+    needed = sorted({i for e in episodes for i in (*e.supports, *e.queries)})
+    bank = build_bank(model, coco, needed, torch.device(device), matcher="escape" in methods)
+    preds = {m: predict_episodes(model, coco, episodes, m, device, bank=bank) for m in methods}
     cols = 2 + len(methods)
     fig = Figure(figsize=(2.3 * cols, 2.5 * len(episodes)))
     axes = fig.subplots(len(episodes), cols, squeeze=False)
@@ -384,13 +387,7 @@ def episodes_from_settings(coco, shots, queries, pairs, seed):
 # per-category PCK (an eval report)
 # --------------------------------------------------------------------------
 def read_report(path: str) -> dict:
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: report not found (write one with python -m escape_fast.eval --out FILE)") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: malformed JSON: {e}") from None
+    report = read_json(path, "evaluation report (python -m escape_fast.eval --out FILE writes one)")
     if not isinstance(report, dict) or not isinstance(report.get("results"), dict) or not report["results"]:
         raise DataError(f"{path}: not an evaluation report (no 'results'; see python -m escape_fast.eval --out)")
     return report

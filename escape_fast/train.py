@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from escape_fast import checkpoint, config as config_mod, ops
-from escape_fast.data import BalancedCategorySampler, KeypointDataset, load_coco, make_loader, mp100_split_files
+from escape_fast.data import (BalancedCategorySampler, DataError, KeypointDataset, load_coco, make_loader,
+                              mp100_split_files)
 from escape_fast.models.backbone import build_extractor
 from escape_fast.models.escape import EscapeModel, build_matcher
 from escape_fast.models.matching import matching_loss
@@ -303,20 +304,18 @@ def _validator(cfg, rt, val_coco, methods, make_model):
     if not sampler.episodes:
         return None
 
+    # alpha 'val' is only chosen once a stage ends (choose_alpha): until then
+    # MAP / ESCAPE are monitored at SPEC 7's 0.5
+    alpha = 0.5 if cfg["alpha"] == "val" else None
+
     def validate(trained):
         model = make_model(trained).to(rt.device)
-        res = evaluate(model, val_coco, sampler, methods=methods, device=rt.device, batch_size=cfg["batch_size"])
+        res = evaluate(model, val_coco, sampler, methods=methods, device=rt.device, batch_size=cfg["batch_size"],
+                       alpha=alpha)
         trained.train()
         return res[methods[-1]].summary.pck_main
 
     return validate
-
-
-def _monitor(cfg):
-    """The settings of the models that validation builds during training:
-    alpha 'val' is only chosen once a stage ends (choose_alpha), so until
-    then the val PCK is monitored at SPEC 7's 0.5."""
-    return {**cfg, "alpha": 0.5} if cfg["alpha"] == "val" else cfg
 
 
 ALPHA_GRID = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -360,26 +359,23 @@ def choose_alpha(model: EscapeModel, val_coco, cfg, device) -> dict:
     instances = [i for c in val_coco.category_ids for i in val_coco.instances_of(c)]
     bank = build_bank(model, val_coco, instances, device, cfg["batch_size"], matcher=method == "escape")
     main = THRESHOLDS.index(0.2)
-    chosen, config = {}, model.config
-    try:
-        for shots in ALPHA_SHOTS:
-            sampler = EpisodeSampler(val_coco, shots=shots, queries=cfg["val_queries"], draws=ALPHA_DRAWS,
-                                     seed=cfg["seed"], too_few="skip")
-            if not sampler.episodes:  # alpha_for then uses the choice of fewer shots
-                print(f"[alpha] {shots}-shot: no validation category has {shots} + {cfg['val_queries']} "
-                      f"instances; not chosen", flush=True)
-                continue
-            scores = {}
-            for alpha in ALPHA_GRID:
-                model.config = {**config, "alpha": alpha}
-                pairs = evaluate_pairs(model, val_coco, sampler, method, device, bank=bank, timer=Timer(device))
-                scores[alpha] = float(pairs.scores[main].mean())
-            chosen[shots] = max(reversed(ALPHA_GRID), key=lambda a: scores[a])
-            listing = ", ".join(f"{a:g}: {100 * p:.2f}" for a, p in scores.items())
-            print(f"[alpha] {shots}-shot val PCK@0.2 of {method.upper()} by alpha: {listing} -> {chosen[shots]:g}",
-                  flush=True)
-    finally:
-        model.config = config
+    chosen = {}
+    for shots in ALPHA_SHOTS:
+        sampler = EpisodeSampler(val_coco, shots=shots, queries=cfg["val_queries"], draws=ALPHA_DRAWS,
+                                 seed=cfg["seed"], too_few="skip")
+        if not sampler.episodes:  # alpha_for then uses the choice of fewer shots
+            print(f"[alpha] {shots}-shot: no validation category has {shots} + {cfg['val_queries']} "
+                  f"instances; not chosen", flush=True)
+            continue
+        scores = {}
+        for alpha in ALPHA_GRID:
+            pairs = evaluate_pairs(model, val_coco, sampler, method, device, bank=bank, timer=Timer(device),
+                                   alpha=alpha)
+            scores[alpha] = float(pairs.scores[main].mean())
+        chosen[shots] = max(reversed(ALPHA_GRID), key=lambda a: scores[a])
+        listing = ", ".join(f"{a:g}: {100 * p:.2f}" for a, p in scores.items())
+        print(f"[alpha] {shots}-shot val PCK@0.2 of {method.upper()} by alpha: {listing} -> {chosen[shots]:g}",
+              flush=True)
     if not chosen:
         raise ValueError(f"{val_coco.path}: no validation category has {min(ALPHA_SHOTS)} + {cfg['val_queries']} "
                          f"instances to choose alpha with; set alpha to a number")
@@ -393,7 +389,7 @@ def stage_baseline(cfg, rt, run_dir, train_coco, val_coco, log):
     extractor = build_extractor(cfg["backbone"], weights=cfg["weights"], channels=cfg["channels"])
     protos = torch.randn(len(keys), cfg["channels"]) * 1e-3
     model = HeatmapModel(extractor, protos, table)
-    validate = _validator(cfg, rt, val_coco, ("mle",), lambda m: EscapeModel(_monitor(cfg), m.extractor))
+    validate = _validator(cfg, rt, val_coco, ("mle",), lambda m: EscapeModel(cfg, m.extractor))
     return run_epochs("baseline", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
 
 
@@ -404,28 +400,28 @@ def _heatmap_step(model, batch):
 
 
 @torch.no_grad()
-def base_keypoint_means(extractor, coco, cfg, device, instances=None, workers=None, show_progress=True,
-                        unit=False):
+def base_keypoint_means(extractor, coco, cfg, device, instances=None, show_progress=True, unit=False):
     """Mean pooled feature of every base keypoint over the instances where it
     is visible (eq. 4): (vectors [P, C], seen [P] bool), in the order of
     :func:`base_keypoint_table`. ``instances`` limits the instances used;
     ``unit`` averages the L2-normalized features instead (directions)."""
     from tqdm.auto import tqdm
 
+    from escape_fast.evaluation import extract
+
     table, _, keys = base_keypoint_table(coco)
     dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=False, sigma=cfg["sigma"])
     if instances is not None:
         dataset = torch.utils.data.Subset(dataset, list(instances))
-    loader = make_loader(dataset, cfg["batch_size"], num_workers=cfg["workers"] if workers is None else workers)
+    loader = make_loader(dataset, cfg["batch_size"], num_workers=cfg["workers"])
+    holder = EscapeModel(cfg, extractor)  # what extract() reads: the extractor and sigma
     sums = torch.zeros(len(keys), cfg["channels"], device=device)
     counts = torch.zeros(len(keys), device=device)
     table = table.to(device)
     for batch in tqdm(loader, desc="base keypoint features", disable=not show_progress, leave=False):
-        images = batch["image"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg["amp"]) and device.type == "cuda"):
-            feats = extractor(images).float()
         vis = batch["visible"].to(device)
-        pooled = ops.keypoint_pool(feats, batch["keypoints"].to(device), vis, cfg["sigma"])
+        _, pooled, _ = extract(holder, batch["image"].to(device), batch["keypoints"].to(device), vis,
+                               amp=bool(cfg["amp"]), matcher=False)
         if unit:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         rows = table[batch["category_index"].to(device)]
@@ -485,34 +481,39 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     init = member_mean(base["model"]["prototypes"].float(), assignment, num_super)
     model = HeatmapModel(extractor, init, super_table)
 
+    # monitoring takes the prior from 10 images per category, not a pass over the whole training set
+    sample = [i for c in train_coco.category_ids for i in train_coco.instances_of(c)[:10]]
+
     def with_prior(m):
-        mu = feature_prior(m.extractor, train_coco, cfg, rt.device, assignment, num_super)
-        return EscapeModel(_monitor(cfg), m.extractor, mu)
+        mu = feature_prior(m.extractor, train_coco, cfg, rt.device, assignment, num_super, sample)
+        return EscapeModel(cfg, m.extractor, mu)
 
     validate = _validator(cfg, rt, val_coco, ("mle", "map"), with_prior)
     model = run_epochs("finetune", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
-    # the prior in the fine-tuned feature space, stored beside the trained prototypes
+    # the prior in the fine-tuned feature space, stored beside the trained prototypes (every
+    # epoch's save drops it, so a finetune.pt that holds it is one of these very weights)
+    path = os.path.join(run_dir, "finetune.pt")
     if rt.main:
-        mu = feature_prior(model.extractor, train_coco, cfg, rt.device, assignment, num_super)
-        path = os.path.join(run_dir, "finetune.pt")
         state = checkpoint.load(path, kind="finetune", required=["model"])
-        checkpoint.save({**state, "super_keypoints": mu}, path, kind="finetune")
+        if "super_keypoints" not in state:
+            mu = feature_prior(model.extractor, train_coco, cfg, rt.device, assignment, num_super)
+            checkpoint.save({**state, "super_keypoints": mu}, path, kind="finetune")
     rt.barrier()
     return model
 
 
 @torch.no_grad()
-def feature_prior(extractor, coco, cfg, device, assignment, num_super: int) -> torch.Tensor:
+def feature_prior(extractor, coco, cfg, device, assignment, num_super: int, instances=None) -> torch.Tensor:
     """Super-keypoints mu [L, C] in feature space (sec. 4.1-4.2).
 
     Sec. 4.1 models the features of keypoint r as o ~ N(zeta_r, phi^2) and
     zeta_r ~ N(mu_z, sigma^2): mu_z is the mean of its members' means zeta_r
     (eq. 4), here under the fine-tuned extractor. The adaptation matches and
     blends directions (models/adapt.py), so zeta_r is the mean of keypoint
-    r's L2-normalized features.
+    r's L2-normalized features. ``instances`` limits the images used.
     """
     extractor.eval()
-    zeta, seen = base_keypoint_means(extractor, coco, cfg, device, unit=True, show_progress=False)
+    zeta, seen = base_keypoint_means(extractor, coco, cfg, device, instances, show_progress=False, unit=True)
     member = seen.cpu() & (assignment >= 0)
     mu = member_mean(zeta.cpu(), torch.where(member, assignment, -1), num_super)
     empty = int((torch.bincount(assignment[member], minlength=num_super) == 0).sum())
@@ -580,7 +581,7 @@ def stage_matching(cfg, rt, run_dir, train_coco, val_coco, log):
         return loss, {"accuracy": float(acc)}
 
     validate = _validator(cfg, rt, val_coco, ("mle", "map", "escape"),
-                          lambda m: EscapeModel(_monitor(cfg), extractor.to(rt.device), mu, m.extractor, m.matcher))
+                          lambda m: EscapeModel(cfg, extractor.to(rt.device), mu, m.extractor, m.matcher))
     return run_epochs("matching", model, step_fn, train_coco, cfg, rt, run_dir, log, validate)
 
 
@@ -635,8 +636,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from escape_fast.data import DataError
-
     args = parse_args(argv)
     try:
         return run(args)
@@ -684,7 +683,10 @@ def run(args) -> int:
             stage_matching(cfg, rt, run_dir, train_coco, val_coco, log)
         if rt.main:
             model = assemble(cfg, run_dir, train_coco)
-            if cfg["alpha"] == "val" and model.methods != ("mle",):
+            # MAP / ESCAPE change with finetune.pt and matching.pt only: choose alpha after
+            # those stages (and after the last one run, so that its model.pt is complete)
+            if (cfg["alpha"] == "val" and model.methods != ("mle",)
+                    and (stage in ("finetune", "matching") or stage == stages[-1])):
                 choose_alpha(model, val_coco, cfg, rt.device)
             checkpoint.save(model.to_checkpoint(), os.path.join(run_dir, "model.pt"), kind="model")
             print(f"[{stage}] done in {time.time() - t0:.1f}s; model.pt has methods {', '.join(model.methods)}",

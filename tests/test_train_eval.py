@@ -347,9 +347,9 @@ def test_choose_alpha_picks_the_best_val_score(monkeypatch):
         def __init__(self, coco, shots, **kw):
             self.shots, self.episodes = shots, [object()]
 
-    def pairs(model, coco, sampler, method, device, bank=None, timer=None):
+    def pairs(model, coco, sampler, method, device, bank=None, timer=None, alpha=None):
         assert method == "map"
-        value = planted[sampler.shots][model.config["alpha"]]
+        value = planted[sampler.shots][alpha]
         return evaluation.PairResults(torch.full((5, 3), value, dtype=torch.float64), None, None, None)
 
     import escape_fast.data as data_mod
