@@ -40,6 +40,7 @@ def info(file=None) -> dict:
         f"torch {torch.__version__} (CUDA {torch.version.cuda}, GPU available: {torch.cuda.is_available()})",
         f"extension escape_fast._C: {_extension.build_info()}"
         + (f" ({_extension.LOAD_ERROR})" if _extension.LOAD_ERROR else ""),
+        f"CUDA kernels: {_extension.cuda_note()}",
     ]
     if kernels.HAVE_TRITON:
         import triton
@@ -64,4 +65,5 @@ def info(file=None) -> dict:
             table[f"{op}@{dev}"] = {"auto": used, "available": avail}
             lines.append(f"  {op:<20} {dev:<5} auto -> {used:<10} available: {', '.join(avail) or 'reference only'}")
     print("\n".join(lines), file=file)
-    return {"version": __version__, "torch": torch.__version__, "build": _extension.build_info(), "ops": table}
+    return {"version": __version__, "torch": torch.__version__, "build": _extension.build_info(),
+            "cuda_kernels": _extension.cuda_note(), "ops": table}

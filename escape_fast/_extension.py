@@ -38,3 +38,16 @@ def build_info() -> str:
     if not LOADED:
         return "not built"
     return torch.ops.escape_fast.build_info()
+
+
+def cuda_note() -> str:
+    """Whether the CUDA kernels were compiled, and why not (setup.py writes the reason)."""
+    if LOADED and "+cuda" in build_info():
+        return "compiled"
+    try:
+        from escape_fast._build_note import CUDA as note
+    except ImportError:
+        note = "no build note (built before setup.py recorded one)"
+    if note.startswith("built"):  # the note says built, but this module has none: trust the module
+        return f"not in this build of escape_fast._C (setup.py: {note})"
+    return f"not compiled ({note}; FORCE_CUDA=1 at install time insists on them)"
