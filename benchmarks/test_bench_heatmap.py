@@ -1,6 +1,11 @@
 """Timings of heatmap + decode on an MP-100 query batch: features
 [15, 256, 64, 64] with K = 17 and 68 prototypes per query, kernel 15.
 
+Cases ending in "-checked" time the public op with its defaults (the NaN /
+Inf checks on, see escape_fast.ops.CHECK_FINITE) beside the same kernel
+with the checks off, the evaluation's hot path: their ratio is the cost of
+the checks (target: at most 1.10).
+
 Each case first checks its result against the reference (peak values, which
 do not depend on argmax ties), then times it; CUDA timings synchronize the
 device. Run with
@@ -36,6 +41,10 @@ def _inputs(k: int, device: str):
 
 # name -> (device, op, backend); op "split" is prototype_heatmaps + decode_heatmaps
 CASES = {
+    "cpu-fused-checked": ("cpu", "heatmap_decode", "cpu"),
+    "cuda-fused-checked": ("cuda", "heatmap_decode", "cuda"),
+    "triton-fused-checked": ("cuda", "heatmap_decode", "triton"),
+    "cpu-decode-only-checked": ("cpu", "decode_heatmaps", "cpu"),
     "reference-cpu": ("cpu", "split", "reference"),
     "reference-cuda": ("cuda", "split", "reference"),
     "cpu-fused": ("cpu", "heatmap_decode", "cpu"),
@@ -81,7 +90,8 @@ def test_heatmap_decode(benchmark, case, k):
     reason = _skip_reason(device, op, backend)
     if reason:
         pytest.skip(reason)
-    ops.CHECK_FINITE = False  # the timed path of the evaluation driver; restored below
+    # the evaluation's hot path runs without checks; "-checked" cases time the public defaults
+    ops.CHECK_FINITE = case.endswith("-checked")
     try:
         run = _runner(device, op, backend, k)
         # correctness first: peak values against the reference (in float64)

@@ -39,9 +39,13 @@ KERNEL_OPS = (
     "sinkhorn_log",
 )
 
-# Finite checks read the data on the host (one sync per call); the evaluation
-# driver turns them off in its hot loop (``finite_checks(False)``) after the
-# features were checked once.
+# NaN / Inf checks. A check that reads a whole input would cost more than the
+# op (at the MP-100 shape, torch.isfinite(features).all() takes 4x the fused
+# decode), so each op checks its small arguments directly and learns about
+# its large ones from its own small output: the decode kernels return a NaN
+# peak for a map that holds a NaN or an infinity, a NaN feature that pooling
+# reads makes its pooled vector NaN. Only then is the input read in full,
+# to name it. ``finite_checks(False)`` turns them off altogether.
 CHECK_FINITE = True
 
 
@@ -95,13 +99,33 @@ def _same_device(op: str, **tensors):
         raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``: one reduction that allocates no [t.shape] mask
+    (a non-finite sum is confirmed elementwise, since large finite values
+    can overflow it)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _finite(op: str, **tensors):
+    """Raise naming the first argument that holds a NaN or an Inf (when checks are on)."""
     if not CHECK_FINITE:
         return
     for name, t in tensors.items():
-        if t.numel() and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise ValueError(f"{op}: {name} contains {bad}")
+
+
+def _finite_output(op: str, output: torch.Tensor, what: str, **inputs):
+    """After an op whose ``output`` turns non-finite when its large inputs are
+    (see CHECK_FINITE): name the input, or say that the result overflowed."""
+    if CHECK_FINITE and not _all_finite(output):
+        _finite(op, **inputs)
+        raise ValueError(f"{op}: {what} are not finite although the inputs are (overflow)")
 
 
 def _crop_args(op, center, scale, rotation, sizes):
@@ -298,11 +322,14 @@ def prototype_heatmaps(features: torch.Tensor, prototypes: torch.Tensor, backend
     _expect(op, "features", features, ("B", "C", "H", "W"), sizes)
     _expect(op, "prototypes", prototypes, ("B", "K", "C"), sizes)
     _same_device(op, features=features, prototypes=prototypes)
-    _finite(op, features=features, prototypes=prototypes)
+    _finite(op, prototypes=prototypes)
     chosen = resolve(op, backend, features.device)
     if chosen == "reference":
-        return reference.prototype_heatmaps(features, prototypes)
-    return _kernel(op, chosen)(features, prototypes)
+        heatmaps = reference.prototype_heatmaps(features, prototypes)
+    else:
+        heatmaps = _kernel(op, chosen)(features, prototypes)
+    _finite_output(op, heatmaps.detach(), "heatmaps", features=features)
+    return heatmaps
 
 
 def decode_heatmaps(
@@ -329,12 +356,15 @@ def decode_heatmaps(
     center, scale, rotation = _crop_args(op, center, scale, rotation, sizes)
     _check_kernel(op, kernel)
     _same_device(op, heatmaps=heatmaps, center=center, scale=scale, rotation=rotation)
-    _finite(op, heatmaps=heatmaps, center=center, scale=scale)
+    _finite(op, center=center, scale=scale, rotation=rotation)
     chosen = resolve(op, backend, heatmaps.device)
     if chosen == "reference":
-        return reference.decode_heatmaps(heatmaps, center, scale, kernel, rotation)
-    dtype = heatmaps.dtype
-    return _kernel(op, chosen)(heatmaps, center.to(dtype), scale.to(dtype), rotation.to(dtype), kernel)
+        coords, peaks = reference.decode_heatmaps(heatmaps, center, scale, kernel, rotation)
+    else:
+        dtype = heatmaps.dtype
+        coords, peaks = _kernel(op, chosen)(heatmaps, center.to(dtype), scale.to(dtype), rotation.to(dtype), kernel)
+    _finite_output(op, peaks, "smoothed heatmaps", heatmaps=heatmaps)  # a non-finite map has a NaN peak
+    return coords, peaks
 
 
 def heatmap_decode(
@@ -361,14 +391,17 @@ def heatmap_decode(
     center, scale, rotation = _crop_args(op, center, scale, rotation, sizes)
     _check_kernel(op, kernel)
     _same_device(op, features=features, prototypes=prototypes, center=center, scale=scale, rotation=rotation)
-    _finite(op, features=features, prototypes=prototypes, center=center, scale=scale)
+    _finite(op, prototypes=prototypes, center=center, scale=scale, rotation=rotation)
     chosen = resolve(op, backend, features.device)
     if chosen == "reference":
-        return reference.heatmap_decode(features, prototypes, center, scale, kernel, rotation)
-    dtype = features.dtype
-    return _kernel(op, chosen)(
-        features, prototypes.to(dtype), center.to(dtype), scale.to(dtype), rotation.to(dtype), kernel
-    )
+        coords, peaks = reference.heatmap_decode(features, prototypes, center, scale, kernel, rotation)
+    else:
+        dtype = features.dtype
+        coords, peaks = _kernel(op, chosen)(
+            features, prototypes.to(dtype), center.to(dtype), scale.to(dtype), rotation.to(dtype), kernel
+        )
+    _finite_output(op, peaks, "heatmaps", features=features)  # a non-finite map has a NaN peak
+    return coords, peaks
 
 
 def smooth_features(features: torch.Tensor, kernel: int = 15) -> torch.Tensor:
@@ -429,11 +462,15 @@ def keypoint_pool(
     if not sigma > 0:
         raise ValueError(f"{op}: sigma must be > 0, got {sigma!r}")
     _same_device(op, features=features, keypoints=keypoints, visible=visible)
-    _finite(op, features=features, keypoints=keypoints)
+    _finite(op, keypoints=keypoints)
     chosen = resolve(op, backend, features.device)
     if chosen == "reference":
-        return reference.keypoint_pool(features, keypoints, visible, float(sigma))
-    return _kernel(op, chosen)(features, keypoints.to(features.dtype), visible.bool(), float(sigma))
+        pooled = reference.keypoint_pool(features, keypoints, visible, float(sigma))
+    else:
+        pooled = _kernel(op, chosen)(features, keypoints.to(features.dtype), visible.bool(), float(sigma))
+    # a NaN or Inf inside a keypoint's window reaches its pooled vector; values outside every window are not read
+    _finite_output(op, pooled.detach(), "pooled features", features=features)
+    return pooled
 
 
 def sinkhorn_log(

@@ -105,12 +105,15 @@ def decode_heatmaps(
     3. when 1 < x < W - 1 and 1 < y < H - 1, shift x by
        0.25 * sign(h[y, x+1] - h[y, x-1]) and y likewise, on the smoothed map;
     4. map back through the crop (heatmap_to_image).
-    The peak value is the smoothed map at the integer argmax.
+    The peak value is the smoothed map at the integer argmax, or NaN when
+    the smoothed map holds a NaN or an infinity (the public ops read the
+    peaks to learn of non-finite input).
     """
     b, k, h, w = heatmaps.shape
     smooth = smooth_heatmaps(heatmaps, kernel)
     flat = smooth.reshape(b, k, h * w)
     values, index = flat.max(dim=-1)  # torch returns the first maximum on ties
+    values = torch.where(torch.isfinite(flat).all(-1), values, torch.nan)
     x = index % w
     y = index // w
     coords = torch.stack((x, y), dim=-1).to(heatmaps.dtype)

@@ -69,6 +69,9 @@ def _decode_block(
     flat = ys[:, None] * W + xs[None, :]
     masked = tl.where(valid, smooth, float("-inf"))
     best_v = tl.max(tl.max(masked, axis=1), axis=0)
+    # a NaN or infinite cell makes the peak NaN (the public op's finite check reads the peaks)
+    finite = (smooth == smooth) & (tl.abs(smooth) < float("inf"))
+    all_finite = tl.min(tl.min(tl.where(valid & ~finite, 0, 1), axis=1), axis=0)
     big = H * W
     best = tl.min(tl.min(tl.where(masked == best_v, flat, big), axis=1), axis=0)
     x = best % W
@@ -102,7 +105,7 @@ def _decode_block(
     s = tl.sin(theta)
     tl.store(coord_ptr + bk * 2, ox * c - oy * s + cx)
     tl.store(coord_ptr + bk * 2 + 1, ox * s + oy * c + cy)
-    tl.store(value_ptr + bk, best_v)
+    tl.store(value_ptr + bk, tl.where(all_finite > 0, best_v, float("nan")))
 
 
 @triton.jit

@@ -431,3 +431,70 @@ def test_cells_inverse_is_exact():
     coords = reference.heatmap_to_image(shifted, center, scale, (h, w), rotation)
     assert torch.equal(_cells(coords, center, scale, rotation, h, w), cells)
     assert math.isfinite(float(coords.abs().max()))
+
+
+# --------------------------------------------------------------------------
+# non-finite input: the peak of a map that holds a NaN or an Inf is NaN
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_nonfinite_map_gives_a_nan_peak(backend, bad):
+    """The public ops learn of non-finite features from the peaks (ops.CHECK_FINITE):
+    every kernel, like the reference, must make such a map's peak NaN, and only its."""
+    name, device = backend
+    dtype = torch.float32
+    b, c, h, w, k = 2, 8, 16, 16, 3
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(b, c, h, w, dtype=dtype, generator=g).to(device)
+    protos = torch.randn(b, k, c, dtype=dtype, generator=g).to(device)
+    center, scale, rotation = _crop(b, dtype, device)
+    feats[1, 3, 5, 7] = bad  # every map of item 1 sees it (a -inf feature gives +-inf or NaN products)
+    ns = _op_namespace(name)
+    heat = reference.prototype_heatmaps(feats, protos)
+    for _, peaks in (ns.heatmap_decode(feats, protos, center, scale, rotation, 3),
+                     ns.decode_heatmaps(heat, center, scale, rotation, 3),
+                     reference.decode_heatmaps(heat, center, scale, 3, rotation)):
+        assert torch.isfinite(peaks[0]).all()
+        assert torch.isnan(peaks[1]).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_public_ops_name_the_nonfinite_argument(backend):
+    g = torch.Generator().manual_seed(6)
+    feats, protos = torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 3, 8, generator=g)
+    center, scale = torch.full((2, 2), 100.0), torch.ones(2, 2)
+    bad = feats.clone()
+    bad[1, 2, 3, 4] = float("inf")
+    with pytest.raises(ValueError, match="heatmap_decode: features contains Inf"):
+        ops.heatmap_decode(bad, protos, center, scale, backend=backend)
+    with pytest.raises(ValueError, match="decode_heatmaps: heatmaps contains Inf"):
+        ops.decode_heatmaps(reference.prototype_heatmaps(bad, protos), center, scale, backend=backend)
+    with pytest.raises(ValueError, match="prototype_heatmaps: features contains Inf"):
+        ops.prototype_heatmaps(bad, protos, backend=backend)
+    nan_protos = protos.clone()
+    nan_protos[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="heatmap_decode: prototypes contains NaN"):
+        ops.heatmap_decode(feats, nan_protos, center, scale, backend=backend)
+    with pytest.raises(ValueError, match="heatmap_decode: scale contains NaN"):
+        ops.heatmap_decode(feats, protos, center, torch.full((2, 2), float("nan")), backend=backend)
+    with ops.finite_checks(False):  # off: no check, no error
+        ops.heatmap_decode(bad, protos, center, scale, backend=backend)
+
+
+def test_finite_check_reads_no_full_size_mask(monkeypatch):
+    """The default check must not build a [B, C, H, W] boolean mask of the
+    features (that alone cost 4x the fused decode at the MP-100 shape): it
+    reads the [B, K] peaks and reduces the small arguments."""
+    feats, protos = torch.randn(3, 16, 32, 32), torch.randn(3, 5, 16)
+    center, scale = torch.full((3, 2), 100.0), torch.ones(3, 2)
+    sizes = []
+    real = torch.isfinite
+
+    def spy(t):
+        sizes.append(t.numel())
+        return real(t)
+
+    monkeypatch.setattr(torch, "isfinite", spy)
+    ops.heatmap_decode(feats, protos, center, scale)
+    ops.decode_heatmaps(torch.randn(3, 5, 32, 32), center, scale)
+    assert sizes and max(sizes) <= 3 * 5  # at most the peaks, elementwise

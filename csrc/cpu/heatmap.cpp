@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "escape_fast.h"
@@ -90,17 +91,22 @@ T sign(T v) {
 }
 
 // Argmax (first maximum), quarter-cell shift and inverse crop map of one
-// smoothed map; writes (x, y) image pixels and the peak value.
+// smoothed map; writes (x, y) image pixels and the peak value, which is NaN
+// when the map holds a NaN or an infinity (how the public op learns of
+// non-finite input without a separate pass over the features).
 template <typename T>
 void decode_smoothed(const T* s, int64_t H, int64_t W, const Crop<T>& crop, T* coord, T* value) {
   int64_t best = 0;
   T best_v = s[0];
+  bool finite = std::isfinite(s[0]);
   for (int64_t i = 1; i < H * W; ++i) {
+    finite &= std::isfinite(s[i]);
     if (s[i] > best_v) {  // strictly greater: the smallest index wins ties
       best_v = s[i];
       best = i;
     }
   }
+  if (!finite) best_v = std::numeric_limits<T>::quiet_NaN();
   const int64_t x = best % W;
   const int64_t y = best / W;
   T px = static_cast<T>(x);

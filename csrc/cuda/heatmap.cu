@@ -90,13 +90,19 @@ __device__ inline void warp_argmax(T& bv, int& bi) {
 }
 
 // First maximum of s[0, n) over the block; every thread gets the result.
+// out_v is NaN when s holds a NaN or an infinity (the public op's finite
+// check reads the peaks instead of the whole input).
 // red_v / red_i: kWarps + 1 slots of shared memory.
 template <typename T>
 __device__ void block_argmax(const T* s, int n, T* red_v, int* red_i, T& out_v, int& out_i) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   T bv = T(-INFINITY);
   int bi = INT_MAX;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) take_better(s[i], i, bv, bi);
+  int nonfinite = 0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    nonfinite |= !isfinite(s[i]);
+    take_better(s[i], i, bv, bi);
+  }
   warp_argmax(bv, bi);
   if (lane == 0) {
     red_v[warp] = bv;
@@ -115,7 +121,8 @@ __device__ void block_argmax(const T* s, int n, T* red_v, int* red_i, T& out_v, 
   __syncthreads();
   out_v = red_v[kWarps];
   out_i = red_i[kWarps];
-  __syncthreads();  // the slots are free again for the next call
+  // a barrier (the slots are free again for the next call) that also ORs the flags
+  if (__syncthreads_or(nonfinite)) out_v = T(NAN);
 }
 
 // Quarter-cell shift on the smoothed map s and the crop's inverse map, in
