@@ -86,7 +86,7 @@ def main(argv=None):
         "data_generation_s": t_data,
         "eval_s_median": t_eval, "eval_s_all": totals,
         "end_to_end_s": t_data + t_eval,
-        "phases_s": report["results"][args.method]["seconds"],
+        "phases_s": report["timing"][args.method]["seconds"],
         "pck_0.2": report["results"][args.method]["pck"]["0.20"],
         "reference_pairs": subset.num_pairs, "reference_s": t_ref,
         "reference_s_scaled_to_all": ref_scaled,

@@ -2,9 +2,10 @@
 
 * ``dataset_root()``: the synthetic benchmark (escape_fast.data.synthetic,
   size "small", seed 0), generated on first use into a cache folder
-  (``$ESCAPE_FAST_CACHE``, else ``~/.cache/escape_fast``). It is written to a
-  temporary folder and renamed into place, so an interrupted generation never
-  leaves a partial benchmark behind.
+  (``$ESCAPE_FAST_CACHE``, else ``$XDG_CACHE_HOME/escape_fast``, else
+  ``~/.cache/escape_fast``). It is written to a temporary folder and renamed
+  into place, so an interrupted generation never leaves a partial benchmark
+  behind.
 * ``checkpoint_path()``: the model shipped inside the package
   (escape_fast/assets/builtin.pt), trained on that benchmark by the command
   in README.md.
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from escape_fast.files import remove_stale, staged_folder
 
 BUILTIN_SIZE = "small"
 BUILTIN_SEED = 0
@@ -33,7 +35,12 @@ def expected_files(root: Path) -> list[Path]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ESCAPE_FAST_CACHE", Path.home() / ".cache" / "escape_fast"))
+    """$ESCAPE_FAST_CACHE, else $XDG_CACHE_HOME/escape_fast, else ~/.cache/escape_fast."""
+    if os.environ.get("ESCAPE_FAST_CACHE"):
+        return Path(os.environ["ESCAPE_FAST_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "escape_fast"
+    return Path.home() / ".cache" / "escape_fast"
 
 
 def dataset_root(progress: bool = True, size: str = BUILTIN_SIZE, seed: int = BUILTIN_SEED) -> str:
@@ -43,6 +50,7 @@ def dataset_root(progress: bool = True, size: str = BUILTIN_SIZE, seed: int = BU
     # the version is in the name: a cache of an older world is never mixed with a newer checkpoint
     root = cache_dir() / f"synthetic-v{synthetic.VERSION}-{size}-seed{seed}"
     marker = root / "COMPLETE"
+    remove_stale(root.parent, f".{root.name}-")  # what a killed generation left behind
     if marker.exists():
         missing = [str(p) for p in expected_files(root) if not p.is_file()]
         if missing:
@@ -51,25 +59,23 @@ def dataset_root(progress: bool = True, size: str = BUILTIN_SIZE, seed: int = BU
                 f"delete that folder and it is generated again on the next run"
             )
         return str(root)
-    if root.exists():  # an old partial folder (should not happen: we rename atomically)
+    if root.exists():  # not marked complete: a folder someone else put there, or a very old partial one
         shutil.rmtree(root)
+    if progress:
+        print(f"generating the built-in synthetic benchmark into {root} (once)")
+    # written under a temporary name and renamed: an interrupted generation leaves nothing
+    # (and what a killed one left is removed here, see files.staged_folder)
     try:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+        with staged_folder(root) as tmp:
+            synthetic.generate(tmp, size=size, seed=seed, workers=min(4, os.cpu_count() or 1), progress=progress)
+            (tmp / "COMPLETE").write_text("ok\n")
     except OSError as exc:
+        if marker.exists():  # another process finished the same benchmark first
+            return str(root)
         raise CacheError(
             f"cannot write the built-in benchmark cache under {root.parent} ({exc}); set ESCAPE_FAST_CACHE to a "
             "writable folder"
         ) from exc
-    try:
-        if progress:
-            print(f"generating the built-in synthetic benchmark into {root} (once)")
-        synthetic.generate(tmp, size=size, seed=seed, workers=min(4, os.cpu_count() or 1), progress=progress)
-        (tmp / "COMPLETE").write_text("ok\n")
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return str(root)
 
 

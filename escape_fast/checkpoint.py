@@ -6,8 +6,8 @@ A checkpoint is a plain dict of tensors and plain Python values (so that
     {"format": "escape_fast", "format_version": 1, "escape_fast": "0.1.0",
      "kind": "baseline" | "cluster" | "finetune" | "matching" | ..., ...}
 
-``save`` writes to a temporary file in the same folder, flushes it to disk
-and renames it over the target, so an interruption never leaves a torn file.
+``save`` writes through escape_fast.files.atomic_write, so an interruption
+never leaves a torn file.
 ``load`` says which file is wrong and how (not a checkpoint, another format
 version, a missing key) instead of failing deep inside a model.
 """
@@ -15,10 +15,11 @@ version, a missing key) instead of failing deep inside a model.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 
 import torch
+
+from escape_fast.files import atomic_write
 
 FORMAT = "escape_fast"
 FORMAT_VERSION = 1
@@ -32,24 +33,9 @@ def save(obj: dict, path: str | os.PathLike, kind: str) -> None:
     """Atomically write ``obj`` (plus the header) to ``path``."""
     from escape_fast import __version__
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "escape_fast": __version__, "kind": kind, **obj}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint is as readable as any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def load(path: str | os.PathLike, kind: str | None = None, required: Iterable[str] = (),

@@ -11,6 +11,8 @@ import os
 
 import yaml
 
+from escape_fast.files import atomic_write
+
 DEFAULTS: dict = {
     # data
     "data": None,  # MP-100-format root (annotations/, images/)
@@ -111,7 +113,5 @@ def check_alpha(alpha) -> None:
 
 
 def save(cfg: dict, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
-    os.replace(tmp, path)

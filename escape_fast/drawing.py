@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from escape_fast.files import atomic_write
+
 
 def keypoint_colors(k: int) -> np.ndarray:
     """[K, 3] uint8 RGB, one evenly spaced hue per keypoint."""
@@ -64,4 +66,5 @@ def draw_pose(image: np.ndarray, keypoints, valid=None, skeleton=(), labels=None
 
 def save_png(image: np.ndarray, path) -> None:
     """Write an RGB uint8 image as PNG."""
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG")
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(f, format="PNG")

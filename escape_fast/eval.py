@@ -25,11 +25,12 @@ import torch
 
 import torch.distributed as dist
 
-from escape_fast import builtin, config as config_mod
+from escape_fast import builtin, cli, config as config_mod
 from escape_fast.builtin import CacheError
 from escape_fast.checkpoint import CheckpointError
-from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
+from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_for_run, mp100_split_files
 from escape_fast.data.metrics import THRESHOLDS, paired_difference
+from escape_fast.files import write_json
 from escape_fast.evaluation import EvalResult, PairResults, evaluate, evaluate_reference, summarize
 from escape_fast.models.escape import EscapeModel
 
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--too-few", choices=("raise", "skip"), default="raise",
                    help="a test category with fewer than shots + queries instances: stop with an error (default) "
                         "or leave it out with a warning")
+    p.add_argument("--bad-images", choices=("raise", "skip"), default="raise",
+                   help="an image that is missing or cannot be decoded: stop with an error naming it (default), "
+                        "or check every image first and leave those instances out, counting them")
     p.add_argument("--allow-base-categories", action="store_true",
                    help="evaluate even if some test categories were training (base) categories of the checkpoint; "
                         "the result is then not a novel-category result")
@@ -174,11 +178,7 @@ def check_novel(model: EscapeModel, coco, path: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (DataError, CheckpointError, CacheError, FileNotFoundError) as exc:
-        print(f"escape_fast.eval: error: {exc}", file=sys.stderr)
-        return 2
+    return cli.run_main("escape_fast.eval", lambda: run(args))
 
 
 def run(args) -> int:
@@ -190,8 +190,8 @@ def run(args) -> int:
         root = builtin.dataset_root(progress=not args.quiet)
     else:  # with --annotations alone there is no need for the built-in benchmark
         root = args.data
-    ann = args.annotations or str(mp100_split_files(root, args.split)["test"])
-    coco = load_coco(ann)
+    ann = args.annotations or str(mp100_split_files(root, args.split, need=("test",))["test"])
+    coco = load_for_run(ann, args.bad_images, args.workers, progress)
     path = resolve_model_path(args.checkpoint)
     model = EscapeModel.from_checkpoint(path)
     if not args.allow_base_categories:
@@ -238,18 +238,18 @@ def run(args) -> int:
     print(format_report(results, coco, args.shots, alpha, differences))
     print(f"setup (data and model loading) {setup_seconds:.2f}s; total {time.perf_counter() - t_start:.2f}s")
     if args.out:
+        # "results" depend only on the model, the data and the episodes: two runs of one
+        # evaluation write identical sections; machine and timings are kept apart
         report = {
             "data": root, "annotations": ann, "checkpoint": path, "shots": args.shots, "queries": args.queries,
-            "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed, "backend": args.backend, "device": str(device),
-            "reference": args.reference, "setup_seconds": setup_seconds,
+            "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed, "reference": args.reference,
             "results": {m: r.as_dict() for m, r in results.items()},
             "differences": differences,
             "category_names": {c: coco.categories[c].name for c in coco.category_ids},
+            "timing": {"backend": args.backend, "device": str(device), "setup_seconds": setup_seconds,
+                       **{m: r.timing() for m, r in results.items()}},
         }
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1, default=str)
-        os.replace(tmp, args.out)
+        write_json(args.out, report)
     return 0
 
 

@@ -23,10 +23,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.data import DataLoader
 
 from escape_fast import ops, reference
-from escape_fast.data import KeypointDataset, pck_curve, summarize_pck, valid_keypoints
+from escape_fast.data import KeypointDataset, make_loader, pck_curve, summarize_pck, valid_keypoints
 from escape_fast.data.metrics import THRESHOLDS
 from escape_fast.models.adapt import escape_prototypes, map_prototypes, mle_prototypes
 
@@ -140,7 +139,7 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
     dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=False, sigma=sigma,
                               num_keypoints=coco.max_keypoints)
     batches = _category_batches(coco, instances, batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+    loader = make_loader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=False)
     order = [i for b in batches for i in b]
     model.eval()
     feats, pooled, mscores, meta = [], [], [], []
@@ -272,10 +271,14 @@ class EvalResult:
     seconds: dict
 
     def as_dict(self) -> dict:
-        out = {"method": self.method, **self.summary.as_dict(), "seconds": dict(self.seconds)}
+        """The results, which depend only on the model, data and episodes
+        (two runs of one evaluation give the same dict); timing apart."""
+        return {"method": self.method, **self.summary.as_dict()}
+
+    def timing(self) -> dict:
         total = sum(self.seconds.values())
-        out["pairs_per_second"] = self.summary.num_pairs / total if total > 0 else None
-        return out
+        return {"seconds": dict(self.seconds),
+                "pairs_per_second": self.summary.num_pairs / total if total > 0 else None}
 
 
 @dataclass

@@ -52,22 +52,22 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from escape_fast import builtin, checkpoint
-from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
+from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco, load_for_run, mp100_split_files
 from escape_fast.data.coco import DataError, load_image, read_json
 from escape_fast.data.metrics import pck_per_query, valid_keypoints
 from escape_fast.data.transforms import apply_affine, box_to_center_scale, crop_matrix, warp_crop
 from escape_fast.drawing import draw_pose
 from escape_fast.eval import resolve_model_path
+from escape_fast.files import atomic_write
 
 PANEL = 192  # pixels of the side of an image panel
 
 
 def save_figure(fig: Figure, out: str, dpi: int = 110) -> str:
     """Write ``fig`` as PNG through the Agg canvas (no pyplot, no global backend)."""
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(out, format="png", dpi=dpi, bbox_inches="tight")
+    with atomic_write(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
     return out
 
 
@@ -160,7 +160,9 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def _quiet_coco(path):
+def _quiet_coco(path, bad_images: str = "raise"):
+    if bad_images == "skip":  # says how many instances it left out
+        return load_for_run(path, "skip")
     with warnings.catch_warnings():  # skipped annotations do not matter for names and pictures
         warnings.simplefilter("ignore")
         return load_coco(path, check_images=False)
@@ -174,7 +176,7 @@ def members_from_run(run_dir: str, annotations: str | None = None) -> Members:
     keys = [tuple(int(v) for v in k) for k in clusters["keys"].tolist()]
     if annotations is None and cfg.get("data"):
         try:
-            annotations = str(mp100_split_files(cfg["data"], cfg.get("split", 1))["train"])
+            annotations = str(mp100_split_files(cfg["data"], cfg.get("split", 1), need=("train",))["train"])
         except DataError:
             annotations = None
     coco = _quiet_coco(annotations) if annotations else None
@@ -213,7 +215,7 @@ def members_from_data(model, coco, device, per_category: int = 10, show_progress
 
 
 def load_members(checkpoint_arg: str | None, model, annotations: str | None, device, per_category: int = 10,
-                 show_progress: bool = True) -> Members:
+                 show_progress: bool = True, bad_images: str = "raise") -> Members:
     """Membership of ``model``'s super-keypoints (see the module docstring)."""
     if model.super_keypoints.shape[0] == 0:
         raise ValueError("the model has no super-keypoints (trained through stage 1 only)")
@@ -227,8 +229,8 @@ def load_members(checkpoint_arg: str | None, model, annotations: str | None, dev
                             f"{model.super_keypoints.shape[0]}")
         return members
     if annotations is None:
-        annotations = str(mp100_split_files(builtin.dataset_root(progress=show_progress), 1)["train"])
-    return members_from_data(model, _quiet_coco(annotations), device, per_category, show_progress)
+        annotations = str(mp100_split_files(builtin.dataset_root(progress=show_progress), 1, need=("train",))["train"])
+    return members_from_data(model, _quiet_coco(annotations, bad_images), device, per_category, show_progress)
 
 
 def pca_2d(x: torch.Tensor) -> np.ndarray:
@@ -463,6 +465,9 @@ def parse_args(argv=None):
             q.add_argument("--checkpoint", metavar="RUN_DIR",
                            help="training run folder or model.pt (default: the built-in checkpoint)")
             q.add_argument("--device", default="auto", help="auto | cpu | cuda")
+            q.add_argument("--bad-images", choices=("raise", "skip"), default="raise",
+                           help="an image that is missing or cannot be decoded: stop with an error naming it "
+                                "(default), or check every image first and leave those instances out")
         q.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def membership(q):
@@ -527,7 +532,7 @@ def _run_episodes(args, progress):
         methods = args.method.split(",") if args.method else list(report["results"])
     else:
         root = args.data or builtin.dataset_root(progress=progress)
-        ann = args.annotations or str(mp100_split_files(root, args.split)["test"])
+        ann = args.annotations or str(mp100_split_files(root, args.split, need=("test",))["test"])
         ckpt, shots, queries, pairs, seed = args.checkpoint, args.shots, args.queries, args.pairs, args.seed
         methods = args.method.split(",") if args.method else None
     device = _device(args.device)
@@ -536,7 +541,7 @@ def _run_episodes(args, progress):
     unknown = [m for m in methods if m not in model.methods]
     if unknown:
         raise ValueError(f"method(s) {', '.join(unknown)} not available; the model has {', '.join(model.methods)}")
-    coco = load_coco(ann)
+    coco = load_for_run(ann, args.bad_images)
     sampler = episodes_from_settings(coco, shots, queries, pairs, seed)
     chosen = args.episodes
     if chosen is None:
@@ -549,7 +554,13 @@ def _run_episodes(args, progress):
 
 
 def main(argv=None) -> int:
+    from escape_fast import cli
+
     args = parse_args(argv)
+    return cli.run_main("escape_fast.plot", lambda: run(args))
+
+
+def run(args) -> int:
     progress = not args.quiet
     try:
         if args.command == "pck":
@@ -560,7 +571,8 @@ def main(argv=None) -> int:
         elif args.command == "super-keypoints":
             device = _device(args.device)
             model, _ = _model(args.checkpoint, device)
-            members = load_members(args.checkpoint, model, args.annotations, device, args.per_category, progress)
+            members = load_members(args.checkpoint, model, args.annotations, device, args.per_category, progress,
+                                   args.bad_images)
             out = plot_super_keypoints(members, args.out, args.top)
         else:  # matching
             from escape_fast.predict import Predictor, _parse_box
@@ -570,7 +582,7 @@ def main(argv=None) -> int:
             kp = args.support_keypoints[0] if len(args.support_keypoints) == 1 else args.support_keypoints
             predictor.adapt(args.support, kp, boxes)
             members = load_members(args.checkpoint, predictor.model, args.annotations, predictor.device,
-                                   args.per_category, progress)
+                                   args.per_category, progress, args.bad_images)
             out = plot_matching(predictor, members, args.out, args.max_keypoints)
     except (ValueError, argparse.ArgumentTypeError) as e:  # DataError and CheckpointError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

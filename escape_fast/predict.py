@@ -63,6 +63,7 @@ from escape_fast import ops
 from escape_fast.data.coco import DataError, clean_bbox, load_coco, load_image, read_json
 from escape_fast.data.transforms import box_to_center_scale, crop_matrix, image_to_grid, normalize_image, warp_crop
 from escape_fast.eval import resolve_model_path
+from escape_fast.files import write_json
 from escape_fast.evaluation import DECODE_KERNEL, decode_smoothed, extract, prototypes_for
 from escape_fast.models.escape import EscapeModel
 
@@ -617,15 +618,18 @@ def write_outputs(predictor: Predictor, results: list[Prediction], out_dir: str,
         "supports": supports, "queries": queries,
     }
     path = os.path.join(out_dir, "predictions.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, report)
     return path
 
 
 def main(argv=None) -> int:
+    from escape_fast import cli
+
     args = parse_args(argv)
+    return cli.run_main("escape_fast.predict", lambda: run(args))
+
+
+def run(args) -> int:
     supports, kp_files = args.support, args.support_keypoints
     if len(kp_files) not in (1, len(supports)):
         print(f"error: {len(supports)} --support images but {len(args.support_keypoints)} --support-keypoints "

@@ -31,10 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from escape_fast import checkpoint, config as config_mod, ops
-from escape_fast.data import (BalancedCategorySampler, DataError, KeypointDataset, load_coco, make_loader,
+from escape_fast import checkpoint, cli, config as config_mod, ops
+from escape_fast.data import (BalancedCategorySampler, DataError, KeypointDataset, load_for_run, make_loader,
                               mp100_split_files)
-from escape_fast.models.backbone import build_extractor
+from escape_fast.files import remove_stale
+from escape_fast.models.backbone import build_extractor, ensure_weights
 from escape_fast.models.escape import EscapeModel, build_matcher
 from escape_fast.models.matching import matching_loss
 
@@ -611,7 +612,7 @@ def assemble(cfg, run_dir, train_coco) -> EscapeModel:
 def annotation_files(cfg) -> dict:
     if not cfg["data"]:
         raise config_mod.ConfigError("no data: pass --data DIR (an MP-100-format root)")
-    return mp100_split_files(cfg["data"], cfg["split"])
+    return mp100_split_files(cfg["data"], cfg["split"], need=("train",))  # val is optional (alpha 'val' checks)
 
 
 def parse_args(argv=None):
@@ -632,16 +633,15 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the training models")
+    p.add_argument("--bad-images", choices=("raise", "skip"), default="raise",
+                   help="an image that is missing or cannot be decoded: stop with an error naming it (default), "
+                        "or check every image first and leave those instances out, counting them")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (config_mod.ConfigError, DataError, checkpoint.CheckpointError, FileNotFoundError) as exc:
-        print(f"escape_fast.train: error: {exc}", file=sys.stderr)
-        return 2
+    return cli.run_main("escape_fast.train", lambda: run(args))
 
 
 def run(args) -> int:
@@ -661,16 +661,20 @@ def run(args) -> int:
         overrides.append({"compile": True})
     base = config_mod.resolve(saved) if args.resume and os.path.exists(saved) else None
     cfg = config_mod.resolve(args.config, overrides, base=base)
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if "baseline" in stages:  # before any work: say now if the trunk's weights cannot be had here
+        ensure_weights(cfg["backbone"], cfg["weights"])
     rt = Runtime(cfg["device"])
     os.makedirs(run_dir, exist_ok=True)
     if rt.main:
+        remove_stale(run_dir)  # temporary files of a killed run
+    if rt.main:
         config_mod.save(cfg, saved)
     files = annotation_files(cfg)
-    train_coco = load_coco(files["train"])
-    val_coco = load_coco(files["val"]) if os.path.exists(files["val"]) else None
+    train_coco = load_for_run(files["train"], args.bad_images, cfg["workers"])
+    val_coco = load_for_run(files["val"], args.bad_images, cfg["workers"]) if os.path.exists(files["val"]) else None
     check_alpha_data(cfg, val_coco)  # before hours of training, not after
     log = CSVLog(os.path.join(run_dir, "log.csv"), rt.main)
-    stages = STAGES if args.stage == "all" else (args.stage,)
     for stage in stages:
         t0 = time.time()
         if stage == "baseline":

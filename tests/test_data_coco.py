@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from escape_fast.data import (
     DataWarning,
     EpisodeSampler,
     KeypointDataset,
+    drop_unreadable_images,
     load_coco,
     load_image,
     make_loader,
@@ -205,10 +207,16 @@ def test_corrupt_image_raises_at_decode_naming_file_and_id(tmp_path):
     coco = load_coco(_write(tmp_path, doc))
     ds = KeypointDataset(coco, input_size=32)
     ds[0]
-    with pytest.raises(DataError, match="image id 2 .*thing/2.png.*cannot decode"):
-        ds[1]
-    with pytest.raises(DataError, match="image id 3 .*thing/3.png.*cannot decode"):
-        ds[2]
+    # an item carries its error (a worker's exception would reach the main process as a traceback) ...
+    assert re.search(r"image id 2 .*thing/2.png.*cannot decode.*\(annotation id 102\)$", ds[1]["error"])
+    assert re.search(r"image id 3 .*thing/3.png.*cannot decode", ds[2]["error"])
+    # ... and the loader raises it, one line, in the main process, with or without workers
+    for workers in (0, 2):
+        with pytest.raises(DataError, match=r"^image id 2 .*thing/2.png.*cannot decode[^\n]*annotation id 102\)$"):
+            list(make_loader(ds, batch_size=3, num_workers=workers))
+    kept, messages = drop_unreadable_images(coco, workers=2)
+    assert [i.ann_id for i in kept.instances] == [101] and len(messages) == 2
+    assert kept.skipped["unreadable image"] == 2 and "thing/2.png" in messages[0]
 
 
 def test_image_of_another_size_raises(tmp_path):
@@ -216,7 +224,7 @@ def test_image_of_another_size_raises(tmp_path):
     doc["images"][0]["width"] = 41
     coco = load_coco(_write(tmp_path, doc))
     with pytest.raises(DataError, match="image id 1 .*decoded size 40 x 30 .* differs from the annotation's 41 x 30"):
-        KeypointDataset(coco, input_size=32)[0]
+        next(iter(make_loader(KeypointDataset(coco, input_size=32), num_workers=0)))
 
 
 def test_bad_boxes_and_empty_keypoints_are_skipped_and_counted(tmp_path):

@@ -37,11 +37,13 @@ from escape_fast.data.coco import (
     DataWarning,
     ImageInfo,
     Instance,
+    drop_unreadable_images,
     load_coco,
+    load_for_run,
     load_image,
     mp100_split_files,
 )
-from escape_fast.data.dataset import BalancedCategorySampler, KeypointDataset, make_loader
+from escape_fast.data.dataset import BalancedCategorySampler, KeypointDataset, KeypointLoader, make_loader
 from escape_fast.data.episodes import Episode, EpisodeSampler, draws_for_episodes
 from escape_fast.data.metrics import (
     THRESHOLDS,
@@ -73,11 +75,14 @@ __all__ = [
     "DataWarning",
     "ImageInfo",
     "Instance",
+    "drop_unreadable_images",
     "load_coco",
+    "load_for_run",
     "load_image",
     "mp100_split_files",
     "KeypointDataset",
     "BalancedCategorySampler",
+    "KeypointLoader",
     "make_loader",
     "Episode",
     "EpisodeSampler",

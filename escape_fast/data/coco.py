@@ -56,6 +56,7 @@ Skipped with one :class:`DataWarning` per file that counts them by reason
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -74,6 +75,8 @@ __all__ = [
     "CocoKeypoints",
     "load_coco",
     "load_image",
+    "drop_unreadable_images",
+    "load_for_run",
     "mp100_split_files",
     "MP100_SPLITS",
 ]
@@ -205,17 +208,18 @@ class CocoKeypoints:
 # --------------------------------------------------------------------------
 # MP-100 split files
 # --------------------------------------------------------------------------
-def mp100_split_files(root: str | os.PathLike, split: int) -> dict[str, Path]:
+def mp100_split_files(root: str | os.PathLike, split: int, need=_MODES) -> dict[str, Path]:
     """Paths of MP-100 split ``split`` (1..5): {"train", "val", "test"} ->
     ``root/annotations/mp100_split{split}_{mode}.json``.
 
-    Raises :class:`DataError` naming every missing file.
+    Raises :class:`DataError` naming every missing file among those in
+    ``need`` (the modes the caller reads: evaluation needs only "test").
     """
     if split not in MP100_SPLITS:
         raise DataError(f"MP-100 has splits 1..5, got {split!r}")
     root = Path(root)
     files = {mode: root / "annotations" / f"mp100_split{split}_{mode}.json" for mode in _MODES}
-    missing = [str(p) for p in files.values() if not p.is_file()]
+    missing = [str(files[m]) for m in need if not files[m].is_file()]
     if missing:
         raise DataError(f"MP-100 split {split}: missing annotation file(s): {', '.join(missing)}")
     return files
@@ -491,7 +495,7 @@ def load_image(path: str, image_id: int | None = None, expected_size: tuple[int,
             rgb = np.asarray(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{where}: cannot decode image: {e}") from None
     if expected_size is not None:
         w, h = expected_size
@@ -502,3 +506,72 @@ def load_image(path: str, image_id: int | None = None, expected_size: tuple[int,
             )
     return rgb
 
+
+
+class _ImageCheck:
+    """Map-style dataset: the DataError message of image ``i`` of a list, or ''."""
+
+    def __init__(self, images: list[ImageInfo]):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> str:
+        info = self.images[i]
+        try:
+            load_image(info.path, info.id, (info.width, info.height))
+        except DataError as exc:
+            return str(exc)
+        return ""
+
+
+def drop_unreadable_images(coco: CocoKeypoints, workers: int = 0, progress=None) -> tuple[CocoKeypoints, list[str]]:
+    """``coco`` without the instances whose image cannot be decoded, and the
+    error message of each dropped image.
+
+    Every image is decoded once (in ``workers`` processes), so this is the
+    explicit "skip" choice of the command-line tools (``--bad-images
+    skip``); by default a bad image stops a run with its DataError.
+    """
+    from torch.utils.data import DataLoader
+
+    images = [coco.images[i] for i in sorted({inst.image_id for inst in coco.instances})]
+    loader = DataLoader(_ImageCheck(images), batch_size=16, num_workers=workers, collate_fn=list)
+    bar = progress(total=len(images), desc="checking images", unit="image") if progress else None
+    messages, bad = [], set()
+    for chunk_start, chunk in zip(range(0, len(images), 16), loader):
+        for info, msg in zip(images[chunk_start:], chunk):
+            if msg:
+                messages.append(msg)
+                bad.add(info.id)
+        if bar:
+            bar.update(len(chunk))
+    if bar:
+        bar.close()
+    if not bad:
+        return coco, []
+    kept = [inst for inst in coco.instances if inst.image_id not in bad]
+    skipped = coco.skipped + Counter({"unreadable image": len(coco.instances) - len(kept)})
+    return dataclasses.replace(coco, images={k: v for k, v in coco.images.items() if k not in bad},
+                               instances=kept, skipped=skipped), messages
+
+
+def load_for_run(ann_file, bad_images: str = "raise", workers: int = 0, progress=None,
+                 check_images: bool = True) -> CocoKeypoints:
+    """:func:`load_coco` with the command-line tools' ``--bad-images`` policy:
+    "raise" (default: the first missing or undecodable image stops the run
+    with its DataError, when it is read) or "skip" (such images are found
+    up front, decoding each once, and their instances left out with a
+    DataWarning that counts them)."""
+    if bad_images not in ("raise", "skip"):
+        raise ValueError(f"bad_images must be 'raise' or 'skip', got {bad_images!r}")
+    if bad_images == "raise":
+        return load_coco(ann_file, check_images=check_images)
+    coco = load_coco(ann_file, on_missing_image="skip")
+    kept, messages = drop_unreadable_images(coco, workers, progress)
+    if messages:
+        dropped = len(coco.instances) - len(kept.instances)
+        warnings.warn(f"{coco.path}: skipped {dropped} instance(s) on {len(messages)} unreadable image(s) "
+                      f"(--bad-images skip); first: {messages[0]}", DataWarning, 2)
+    return kept

@@ -14,9 +14,9 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from escape_fast.data.coco import CocoKeypoints, load_image
+from escape_fast.data.coco import CocoKeypoints, DataError, load_image
 from escape_fast.data.transforms import (
     box_to_center_scale,
     crop_matrix,
@@ -25,7 +25,7 @@ from escape_fast.data.transforms import (
     warp_crop,
 )
 
-__all__ = ["KeypointDataset", "BalancedCategorySampler", "make_loader"]
+__all__ = ["KeypointDataset", "BalancedCategorySampler", "KeypointLoader", "make_loader"]
 
 
 def _pair(size) -> tuple[int, int]:
@@ -69,6 +69,10 @@ class KeypointDataset(Dataset):
         rotation [] (float64), flip [] bool, bbox [4] float64 (cleaned box),
         bbox_size [] (max(w, h)), category_id, category_index (position in
         id order), ann_id, image_id, index.
+    An instance whose image cannot be read gives ``{"error": message,
+    "index": index}`` instead of raising: an exception raised in a loader
+    worker reaches the main process as a multi-line traceback, while
+    :class:`KeypointLoader` raises this one-line DataError there.
     Predictions on an unflipped crop map back with
     escape_fast.reference.heatmap_to_image(points, center, scale,
     (h, w), rotation) or transforms.grid_to_image.
@@ -162,7 +166,10 @@ class KeypointDataset(Dataset):
         inst = self.coco.instances[index]
         center, scale, rotation, flip = self.crop_params(index, draw, epoch)
 
-        img = self.image(inst.image_id)
+        try:
+            img = self.image(inst.image_id)
+        except DataError as exc:
+            return {"error": f"{exc} (annotation id {inst.ann_id})", "index": index}
         m_in = crop_matrix(center, scale, rotation, self.input_size, flip=flip)
         crop = warp_crop(img, m_in, self.input_size)
         if self.normalize:
@@ -292,6 +299,32 @@ class BalancedCategorySampler(Sampler):
         return math.ceil((total - self.rank) / self.world_size)
 
 
+def collate(items: list[dict]) -> dict:
+    """default_collate of the readable items; the messages of the others in "errors"."""
+    errors = [it["error"] for it in items if "error" in it]
+    good = [it for it in items if "error" not in it]
+    batch = default_collate(good) if good else {}
+    batch["errors"] = errors
+    return batch
+
+
+class KeypointLoader(DataLoader):
+    """A DataLoader of :class:`KeypointDataset` items (with :func:`collate`)
+    that raises, in the main process, the one-line DataError of the first
+    item whose image could not be read (file, image id, annotation id)."""
+
+    def __init__(self, dataset, **kwargs):
+        kwargs.setdefault("collate_fn", collate)
+        super().__init__(dataset, **kwargs)
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if batch["errors"]:
+                raise DataError(batch["errors"][0])
+            del batch["errors"]
+            yield batch
+
+
 def make_loader(
     dataset: KeypointDataset,
     batch_size: int = 16,
@@ -302,14 +335,16 @@ def make_loader(
     pin_memory: bool | None = None,
     persistent_workers: bool | None = None,
     prefetch_factor: int | None = None,
-) -> DataLoader:
-    """A DataLoader over ``dataset`` with worker processes.
+    batch_sampler=None,
+) -> KeypointLoader:
+    """A :class:`KeypointLoader` over ``dataset`` with worker processes.
 
     Each worker decodes with PIL, crops with cv2.warpAffine and builds the
     targets with torch (one thread each: OpenCV's pool is off, see
     escape_fast.data.transforms, and torch uses one thread in workers).
-    ``sampler`` (e.g.
-    :class:`BalancedCategorySampler`) overrides ``shuffle``.
+    ``sampler`` (e.g. :class:`BalancedCategorySampler`) overrides
+    ``shuffle``; ``batch_sampler`` (lists of indices) overrides both and
+    ``batch_size``.
     """
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
@@ -319,13 +354,9 @@ def make_loader(
     if num_workers > 0:
         kwargs["prefetch_factor"] = prefetch_factor or 4
         kwargs["persistent_workers"] = persistent_workers
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=shuffle if sampler is None else False,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        **kwargs,
-    )
+    if batch_sampler is not None:
+        kwargs["batch_sampler"] = batch_sampler
+    else:
+        kwargs.update(batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+                      drop_last=drop_last)
+    return KeypointLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

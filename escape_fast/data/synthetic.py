@@ -52,6 +52,7 @@ import argparse
 import io
 import json
 import math
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,6 +464,10 @@ def _encode(img: np.ndarray, fmt: str, exif_rotate: bool) -> tuple[bytes, str]:
     return buf.getvalue(), "jpg"
 
 
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _render_category(args):
     cat, seed, size, instances, out = args
     images, anns = [], []
@@ -539,12 +544,13 @@ def generate(
     bar = tqdm(total=len(jobs), desc=f"synthetic {size} (seed {seed})", unit="category", disable=not progress)
     results = {}
     if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing
 
         cv2.setNumThreads(0)  # OpenCV's thread pool does not survive fork()
-
-        with ProcessPoolExecutor(workers) as pool:
-            for cid, images, anns in pool.map(_render_category, jobs):
+        # Pool's exit terminates the workers at once when the main process stops (Ctrl-C,
+        # SIGTERM through escape_fast.cli); the workers leave SIGINT to the main process.
+        with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:
+            for cid, images, anns in pool.imap(_render_category, jobs):
                 results[cid] = (images, anns)
                 bar.update()
     else:
@@ -609,19 +615,34 @@ def generate(
 
 
 def main(argv=None) -> int:
+    from escape_fast import cli
+
     parser = argparse.ArgumentParser(
         prog="python -m escape_fast.data.synthetic",
         description="Write the synthetic MP-100-format benchmark (15 split files, images, part labels).",
     )
-    parser.add_argument("--out", required=True, help="output folder (annotations/, images/ are created)")
+    parser.add_argument("--out", required=True, help="output folder, created (annotations/, images/); it must not "
+                                                      "exist yet")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
     parser.add_argument("--instances", type=int, default=None, help="instances per category (overrides --size)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    res = generate(args.out, args.size, args.seed, args.workers, progress=not args.quiet, instances=args.instances)
-    print(f"wrote {len(res['annotations'])} annotation files under {Path(args.out) / 'annotations'}", file=sys.stderr)
+    return cli.run_main(parser.prog, lambda: _write(args))
+
+
+def _write(args) -> int:
+    from escape_fast.files import staged_folder
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} already exists; choose a new folder")
+    if out.is_dir():
+        out.rmdir()  # empty: the finished benchmark is renamed into its place
+    with staged_folder(out) as tmp:  # written elsewhere and renamed: a stopped run leaves no partial folder
+        res = generate(tmp, args.size, args.seed, args.workers, progress=not args.quiet, instances=args.instances)
+    print(f"wrote {len(res['annotations'])} annotation files under {out / 'annotations'}", file=sys.stderr)
     return 0
 
 

