@@ -13,7 +13,7 @@ shot, so the page shows what the method does rather than a failure.
 
 Written: ``support.jpg`` with ``support.json`` (its keypoints in the simple
 format of ``python -m escape_fast.predict --support-keypoints``: names, every
-keypoint, the skeleton as 0-based index pairs, the annotated box) and
+keypoint, the skeleton as 0-based index pairs; no box, like the queries) and
 ``query-1.jpg`` ... ``query-3.jpg`` (other instances of the category; their
 annotations are not shipped: the page predicts them).
 """
@@ -61,7 +61,8 @@ def make_samples(out: Path = HERE) -> list[Path]:
             # v = 0 (occluded or outside) stays [x, y, 0]: the format's "not visible"
             "keypoints": [[kp[i], kp[i + 1], kp[i + 2]] for i in range(0, len(kp), 3)],
             "skeleton": [[a - 1, b - 1] for a, b in cat["skeleton"]],  # COCO's 1-based limbs, 0-based here
-            "box": support["bbox"],
+            # no box: the queries come without one, so support and queries are both cropped as whole
+            # images and show the object at the same scale (a box on one side only would not)
         }
         path = out / "support.json"
         # one field a line: readable, and still the plain JSON that parse_keypoints reads
