@@ -99,6 +99,10 @@ class Model:
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapted: tuple | None = None  # (token, method) of the predictor's current support
 
+    def __post_init__(self):
+        # the model's best method; predictor.method changes with every request's method
+        self.default_method = self.predictor.method
+
     @property
     def methods(self) -> list[str]:
         return list(self.predictor.model.methods)
@@ -165,7 +169,7 @@ class DemoService:
             samples = {"support": {"image": "/samples/support.jpg", "keypoints": "/samples/support.json"},
                        "queries": [f"/samples/{p.name}" for p in sorted(SAMPLES.glob("query-*.jpg"))]}
         models = [{"name": m.name, "checkpoint": m.predictor.checkpoint, "methods": m.methods,
-                   "default_method": m.predictor.method, "input_size": m.predictor.input_size}
+                   "default_method": m.default_method, "input_size": m.predictor.input_size}
                   for m in self.models.values()]
         device = str(next(iter(self.models.values())).predictor.device)
         return {"models": models, "device": device, "samples": samples, "display_size": self.display_size}
@@ -180,7 +184,7 @@ class DemoService:
     @staticmethod
     def _method(model: Model, method) -> str:
         if method is None:
-            return model.predictor.method
+            return model.default_method
         if method not in model.methods:
             raise DemoError(400, f"model '{model.name}' has no method {method!r}; it has "
                                  f"{', '.join(model.methods)}")
@@ -406,17 +410,16 @@ def create_app(service: DemoService, max_upload_mb: int = 64):
         return endpoint
 
     async def body(request) -> bytes:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
-            raise DemoError(413, f"{request.query_params.get('name', 'the upload')}: {int(size) / 2**20:.0f} MiB "
-                                 f"is over the server's limit of {max_upload_mb} MiB (--max-upload-mb)")
         chunks, total = [], 0
         async for chunk in request.stream():
             total += len(chunk)
-            if total > limit:
-                raise DemoError(413, f"the upload is over the server's limit of {max_upload_mb} MiB "
-                                     "(--max-upload-mb)")
-            chunks.append(chunk)
+            if total <= limit:
+                chunks.append(chunk)
+        # an oversized body is read to its end all the same: a client (a browser's fetch too) that is
+        # answered and cut off while it still sends sees a reset connection, not the message
+        if total > limit:
+            raise DemoError(413, f"{request.query_params.get('name', 'the upload')}: {total / 2**20:.1f} MiB is "
+                                 f"over the server's limit of {max_upload_mb} MiB (--max-upload-mb)")
         return b"".join(chunks)
 
     async def json_body(request):
