@@ -18,11 +18,9 @@ import json
 import os
 import queue
 import re
-import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -50,8 +48,9 @@ SUPPORT2 = IMAGES / "000000196141.jpg"  # annotation 4: another person, some key
 QUERY = IMAGES / "000000040083.jpg"
 SAMPLES = ROOT / "escape_fast" / "demo" / "samples"
 CHROMIUM = os.environ.get("ESCAPE_FAST_CHROMIUM", "/usr/bin/chromium")
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-proxy-server"]
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--no-proxy-server"]
 needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason=f"MP-100 fixture not found at {FIXTURE}")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is local: never a proxy
 
@@ -88,8 +87,8 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     run = _perturbed_checkpoint(tmp / "perturbed")
     log = tmp / "server.log"
-    cmd = [sys.executable, "-m", "escape_fast.demo", "--port", "0", "--device", "cpu", "--checkpoint", str(run),
-           "--max-upload-mb", "4"]
+    cmd = [sys.executable, "-m", "escape_fast.demo", "--port", "0", "--device", "cpu",
+           "--checkpoint", str(run), "--max-upload-mb", "4"]
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=tmp,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -122,7 +121,8 @@ def call(server: Server, path: str, body=None, raw: bytes | None = None) -> tupl
         return e.code, json.loads(e.read())
 
 
-def upload(server: Server, path: Path | None = None, data: bytes | None = None, name: str | None = None) -> dict:
+def upload(server: Server, path: Path | None = None, data: bytes | None = None,
+           name: str | None = None) -> dict:
     status, answer = call(server, f"/api/images?name={name or path.name}", raw=data or path.read_bytes())
     assert status == 200, answer
     return answer
@@ -139,7 +139,8 @@ def annotation(ann_id: int) -> dict:
     ann = next(a for a in coco["annotations"] if a["id"] == ann_id)
     cat = next(c for c in coco["categories"] if c["id"] == ann["category_id"])
     k = ann["keypoints"]
-    return {"names": cat["keypoints"], "skeleton": [[a, b] for a, b in cat["skeleton"]],  # 0-based in MP-100's file
+    return {"names": cat["keypoints"],
+            "skeleton": [[a, b] for a, b in cat["skeleton"]],  # 0-based in MP-100's file
             "keypoints": [[k[i], k[i + 1]] if k[i + 2] > 0 else None for i in range(0, len(k), 3)]}
 
 
@@ -156,7 +157,8 @@ def coords(query: dict) -> np.ndarray:
 
 
 def scores(query: dict) -> np.ndarray:
-    return np.array([np.nan if p["score"] is None else p["score"] for p in query["keypoints"]], dtype=np.float64)
+    return np.array([np.nan if p["score"] is None else p["score"] for p in query["keypoints"]],
+                    dtype=np.float64)
 
 
 # --------------------------------------------------------------------------
@@ -167,11 +169,12 @@ def test_info_lists_models_methods_and_samples(server):
     assert status == 200
     models = {m["name"]: m for m in info["models"]}
     assert list(models) == ["built-in", "perturbed"]
-    assert models["built-in"]["methods"] == ["mle", "map", "escape"] and models["built-in"]["default_method"] == "escape"
+    assert models["built-in"]["methods"] == ["mle", "map", "escape"]
+    assert models["built-in"]["default_method"] == "escape"
     assert models["built-in"]["checkpoint"] == builtin.checkpoint_path()
     assert models["perturbed"]["methods"] == ["mle", "map"]  # no matching network: no escape
     assert info["device"] == "cpu"
-    assert info["samples"]["queries"] == ["/samples/query-1.jpg", "/samples/query-2.jpg", "/samples/query-3.jpg"]
+    assert info["samples"]["queries"] == [f"/samples/query-{n}.jpg" for n in (1, 2, 3)]
     with OPENER.open(server.url + "samples/support.json") as r:  # served as shipped
         assert json.loads(r.read()) == json.loads((SAMPLES / "support.json").read_text())
 
@@ -185,7 +188,8 @@ def test_predictions_are_predicts_json(server, tmp_path):
     status, adapted = call(server, "/api/adapt", {"supports": [{"image": s["id"], "keypoints": kp}]})
     assert status == 200, adapted
     assert adapted["keypoint_names"] == kp["names"] and adapted["method"] == "escape"
-    status, report = call(server, "/api/predict", {"token": adapted["token"], "queries": [{"image": q["id"]}]})
+    status, report = call(server, "/api/predict",
+                          {"token": adapted["token"], "queries": [{"image": q["id"]}]})
     assert status == 200, report
 
     p = Predictor(device="cpu").adapt(str(SUPPORT), parse_keypoints(kp, "000000000785.json"))
@@ -222,9 +226,11 @@ def test_methods_and_models_switch_on_one_support(server):
                                             else str(checkpoint / "model.pt"))
             want = expected([SUPPORT], [kp], [QUERY], method, checkpoint)[0]
             got[model, method] = coords(report["queries"][0])
-            np.testing.assert_allclose(got[model, method], want.keypoints, atol=1e-4, err_msg=f"{model} {method}")
+            np.testing.assert_allclose(got[model, method], want.keypoints, atol=1e-4,
+                                       err_msg=f"{model} {method}")
     values = list(got.values())
-    assert all(np.abs(a - b).max() > 1 for i, a in enumerate(values) for b in values[i + 1:])  # visibly different
+    # every model x method pair predicts visibly differently
+    assert all(np.abs(a - b).max() > 1 for i, a in enumerate(values) for b in values[i + 1:])
     status, answer = call(server, "/api/predict", {"token": token, "model": "perturbed", "method": "escape",
                                                    "queries": [{"image": q["id"]}]})
     assert status == 400 and answer["error"] == "model 'perturbed' has no method 'escape'; it has mle, map"
@@ -275,7 +281,8 @@ def test_bad_inputs_get_one_line_and_the_server_keeps_running(server):
     token = call(server, "/api/adapt", {"supports": [{"image": s["id"], "keypoints": kp}]})[1]["token"]
     outside = {**kp, "keypoints": [[700, 20]] + kp["keypoints"][1:]}
     cases = [
-        ("/api/images?name=notes.txt", b"these are notes, not an image", 400, "notes.txt: cannot decode image"),
+        ("/api/images?name=notes.txt", b"these are notes, not an image", 400,
+         "notes.txt: cannot decode image"),
         ("/api/images?name=empty.jpg", b"", 400, "empty.jpg: the file is empty"),
         ("/api/images?name=huge.jpg", b"\0" * (5 << 20), 413, "over the server's limit of 4 MiB"),
         ("/api/keypoints?name=kp.json", b"{nope", 400, "kp.json: malformed JSON"),
@@ -285,11 +292,12 @@ def test_bad_inputs_get_one_line_and_the_server_keeps_running(server):
         ("/api/adapt", {"supports": [{"image": s["id"], "keypoints": {**kp, "keypoints": [None] * 17}}]}, 400,
          "000000000785.jpg: no keypoint placed; click on the image to place at least one"),
         ("/api/adapt", {"supports": [{"image": s["id"], "keypoints": outside}]}, 400,
-         "000000000785.jpg with keypoints 000000000785.json: keypoint(s) outside the 640 x 425 image: "
-         "'nose' at (700, 20)"),
+         ("000000000785.jpg with keypoints 000000000785.json: keypoint(s) outside the 640 x 425 image: "
+          "'nose' at (700, 20)")),
         ("/api/adapt", {"supports": []}, 400, "no support image"),
         ("/api/adapt", {"supports": [{"image": "gone", "keypoints": kp}]}, 410, "image gone is no longer"),
-        ("/api/predict", {"token": "forged", "queries": [{"image": q["id"]}]}, 410, "support set is no longer"),
+        ("/api/predict", {"token": "forged", "queries": [{"image": q["id"]}]}, 410,
+         "support set is no longer"),
         ("/api/predict", {"token": token, "queries": []}, 400, "no query image"),
         ("/api/predict", {"token": token, "model": "resnet", "queries": [{"image": q["id"]}]}, 400,
          "unknown model 'resnet'; this server has built-in, perturbed"),
@@ -306,8 +314,8 @@ def test_bad_inputs_get_one_line_and_the_server_keeps_running(server):
         {"image": q["id"], "box": [900, 900, 50, 50]}, {"image": q["id"], "box": [30, 100, 190, 190]}]})
     assert status == 200, report
     bad, good = report["queries"]
-    assert bad == {"image": "000000040083.jpg",
-                   "error": "000000040083.jpg: box [900.0, 900.0, 50.0, 50.0] has no area inside the 500 x 333 image"}
+    assert bad == {"image": "000000040083.jpg", "error": "000000040083.jpg: box [900.0, 900.0, 50.0, 50.0] "
+                                                         "has no area inside the 500 x 333 image"}
     assert good["box"][:2] == [30.0, 100.0] and np.isfinite(coords(good)).all()
     assert len(server.log_lines("query 000000040083.jpg: 000000040083.jpg: box [900.0")) == 1
 
@@ -338,15 +346,17 @@ def test_large_image_is_shown_downscaled_and_predicted_in_full(server, tmp_path)
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no browser: {CHROMIUM} not found (apt-get install chromium, or set ESCAPE_FAST_CHROMIUM)")
+        pytest.skip(f"no browser: {CHROMIUM} not found (apt-get install chromium, or set "
+                    "ESCAPE_FAST_CHROMIUM)")
     try:
+        from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.skip("Playwright's Python package is not installed (pip install playwright)")
     with sync_playwright() as p:
         try:
             b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=BROWSER_ARGS)
-        except Exception as e:  # a chromium Playwright cannot drive
+        except PlaywrightError as e:  # a chromium Playwright cannot drive
             pytest.skip(f"{CHROMIUM} does not start under Playwright: {str(e).splitlines()[0]}")
         yield b
         b.close()
@@ -392,7 +402,8 @@ class SupportCanvas:
         canvas = page.locator("#support-canvas")
         canvas.wait_for(state="visible")
         self.page, self.box = page, canvas.bounding_box()
-        self.sx, self.sy = float(canvas.get_attribute("data-scale-x")), float(canvas.get_attribute("data-scale-y"))
+        self.sx = float(canvas.get_attribute("data-scale-x"))
+        self.sy = float(canvas.get_attribute("data-scale-y"))
 
     def at(self, x, y):
         return self.box["x"] + x * self.sx, self.box["y"] + y * self.sy
@@ -438,11 +449,19 @@ def test_browser_annotate_predict_and_download_match_the_predict_command(server,
     canvas.click(*ann[15])  # the next click places the keypoint taken off
     assert np.abs(np.array(table_xy(page, 15)) - ann[15]).max() <= tol
 
+    # the object's box, dragged around the person (annotated box: 280.8, 44.7, 218.7 x 346.7)
+    page.click("#box-mode")
+    page.mouse.move(*canvas.at(270, 35))
+    page.mouse.down()
+    page.mouse.move(*canvas.at(510, 400), steps=4)
+    page.mouse.up()
+
     kp_path, kp = saved_json(page, "#save-keypoints", tmp_path)
     assert kp_path.name == "000000000785.json" and kp["image"] == "000000000785.jpg"
     assert kp["names"] == ["nose"] + [str(i) for i in range(1, 17)] and kp["skeleton"] == [[0, 1]]
     xy = np.array(kp["keypoints"])
     assert np.abs(np.delete(xy, 16, 0) - np.delete(ann, 16, 0)).max() <= tol and (xy[16] == moved).all()
+    assert np.abs(np.array(kp["box"]) - [270, 35, 240, 365]).max() <= 2 * tol
 
     page.set_input_files("#query-files", str(QUERY))
     page.wait_for_selector(".query-card[data-state=ready]")
@@ -452,27 +471,37 @@ def test_browser_annotate_predict_and_download_match_the_predict_command(server,
     assert page.locator(".query-card table.predictions tbody tr").count() == 17
     _, report = saved_json(page, "#download", tmp_path)
 
-    # the page drew keypoint 16 (drawn last, so on top) in its colour where it was predicted
-    q = report["queries"][0]["keypoints"][16]
-    rgb = page.evaluate("""([x, y]) => {
+    # the page drew each keypoint in its colour where it was predicted: checked at the centre of every
+    # point inside the image that no later (upper) point covers
+    pred = coords(report["queries"][0])
+    qsx = float(page.locator(".query-card canvas").get_attribute("data-scale-x"))
+    inside = (pred >= 0).all(1) & (pred < [500, 333]).all(1)
+    clear = [r for r in range(17) if inside[r] and all(np.hypot(*(pred[r] - pred[t])) * qsx > 12
+                                                        for t in range(r + 1, 17))]
+    assert clear
+    rgb = page.evaluate("""(points) => {
         const c = document.querySelector('.query-card canvas'), d = window.devicePixelRatio || 1;
-        const sx = +c.dataset.scaleX, sy = +c.dataset.scaleY;
-        return Array.from(c.getContext('2d').getImageData(Math.round(x * sx * d), Math.round(y * sy * d), 1, 1).data);
-    }""", [q["x"], q["y"]])
-    assert rgb[:3] == keypoint_colors(17)[16].tolist()  # the colour of predict's drawings
+        const sx = +c.dataset.scaleX, sy = +c.dataset.scaleY, ctx = c.getContext('2d');
+        const at = ([x, y]) => ctx.getImageData(Math.round(x * sx * d), Math.round(y * sy * d), 1, 1).data;
+        return points.map((p) => Array.from(at(p)).slice(0, 3));
+    }""", pred[clear].tolist())
+    assert rgb == keypoint_colors(17)[clear].tolist()  # the colours of predict's drawings
 
     # the same support file, query and method through python -m escape_fast.predict
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "escape_fast.predict", "--support", str(SUPPORT),
                            "--support-keypoints", str(kp_path), "--query", str(QUERY), "--out", str(out),
                            "--device", "cpu", "--method", report["method"]],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     want = json.loads((out / "predictions.json").read_text())
     assert list(report) == list(want)
     for key in ("checkpoint", "method", "device", "keypoint_names", "skeleton", "coordinates", "score"):
         assert report[key] == want[key], key
     assert report["supports"][0]["box"] == want["supports"][0]["box"]
+    # the drawn box was cropped (cleaned as escape_fast.data.coco cleans boxes)
+    assert np.abs(np.array(want["supports"][0]["box"]) - kp["box"]).max() <= 1
     assert report["supports"][0]["keypoints"] == kp_path.name
     (rq,), (wq,) = report["queries"], want["queries"]
     assert list(rq) == list(wq) and rq["box"] == wq["box"]
@@ -548,10 +577,25 @@ def test_browser_sample_two_shots_and_screenshot(server, page, tmp_path):
     page.click("#use-sample")
     page.wait_for_function("document.querySelectorAll('.query-card[data-state=done]').length === 3")
     idle(page)
-    assert "escape with the built-in model, 1-shot, on cpu: 3 of 3 queries" in page.inner_text("#result-status")
+    status = page.inner_text("#result-status")
+    assert "escape with the built-in model, 1-shot, on cpu: 3 of 3 queries" in status
     shot = os.environ.get("ESCAPE_FAST_DEMO_SCREENSHOT")
     if shot:
         page.screenshot(path=shot)
+    # a box drawn on the first query: predicted again inside it
+    card = page.locator(".query-card").first
+    card.locator(".box-mode").click()
+    box = card.locator("canvas").bounding_box()
+    sx = float(card.locator("canvas").get_attribute("data-scale-x"))
+    page.mouse.move(box["x"] + 40 * sx, box["y"] + 30 * sx)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 200 * sx, box["y"] + 230 * sx, steps=4)
+    page.mouse.up()
+    idle(page)
+    _, boxed = saved_json(page, "#download", tmp_path)
+    assert np.abs(np.array(boxed["queries"][0]["box"]) - [40, 30, 160, 200]).max() <= 1.5 / sx + 1
+    assert [q["box"] for q in boxed["queries"][1:]] == [[0.0, 0.0, 255.0, 255.0]] * 2
+
     _, kp = saved_json(page, "#save-keypoints", tmp_path)
     sample = json.loads((SAMPLES / "support.json").read_text())
     assert kp["names"] == sample["names"] and kp["skeleton"] == sample["skeleton"]

@@ -124,7 +124,10 @@ def _model_names(checkpoints) -> list[str]:
     labels = []
     for path in checkpoints:
         p = Path(path)
-        label = p.name if p.is_dir() else (p.parent.name if p.name == "model.pt" and p.parent.name else p.stem)
+        if p.is_dir():
+            label = p.name
+        else:
+            label = p.parent.name if p.name == "model.pt" and p.parent.name else p.stem
         label = label or str(p)
         base, n = label, 1
         while label in labels or label == BUILTIN:
@@ -205,9 +208,10 @@ class DemoService:
                 f.write(data)
             try:
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # large photos are welcome
+                    # large photos are welcome
+                    warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
                     pixels = load_image(path)
-            except PILImage.DecompressionBombError as e:  # not among the errors load_image turns into DataError
+            except PILImage.DecompressionBombError as e:  # load_image lets this one through
                 raise DataError(f"{name}: too many pixels to decode safely ({_one_line(e)})") from None
             except DataError as e:
                 raise DataError(str(e).replace(path, name)) from None
@@ -237,8 +241,8 @@ class DemoService:
             if image is not None:
                 self._images.move_to_end(ident)
         if image is None:
-            raise DemoError(410, f"image {ident} is no longer on the server (evicted or restarted); upload it "
-                                 "again", "unknown_image")
+            raise DemoError(410, f"image {ident} is no longer on the server (evicted or restarted); "
+                                 "upload it again", "unknown_image")
         return image
 
     # -------------------------------------------------------------- keypoints
@@ -300,7 +304,8 @@ class DemoService:
             self._sessions[token] = support
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
-        log.info("support %s: %d-shot, %d keypoints (%s)", token[:8], len(names), len(sets[0]), ", ".join(names))
+        log.info("support %s: %d-shot, %d keypoints (%s)", token[:8], len(names), len(sets[0]),
+                 ", ".join(names))
         return result
 
     @staticmethod
@@ -329,7 +334,8 @@ class DemoService:
             if support is not None:
                 self._sessions.move_to_end(token)
         if support is None:
-            raise DemoError(410, "the support set is no longer on the server; send it again", "unknown_support")
+            raise DemoError(410, "the support set is no longer on the server; send it again",
+                            "unknown_support")
         queries = request.get("queries")
         if not isinstance(queries, list) or not queries:
             raise DataError("no query image: add one or more")
@@ -360,8 +366,7 @@ class DemoService:
         only the JSON ("drawing": null); the uploads' names replace the
         "support #N" / "query #N" it calls arrays."""
         with tempfile.TemporaryDirectory(prefix="escape_fast_demo_") as tmp:
-            with open(write_outputs(predictor, results, tmp)) as f:
-                report = json.load(f)
+            report = json.loads(Path(write_outputs(predictor, results, tmp)).read_text())
         for kind, names, entries in (("support", support_names, report["supports"]),
                                      ("query", query_names, report["queries"])):
             for n, entry in enumerate(entries):
@@ -418,8 +423,9 @@ def create_app(service: DemoService, max_upload_mb: int = 64):
         # an oversized body is read to its end all the same: a client (a browser's fetch too) that is
         # answered and cut off while it still sends sees a reset connection, not the message
         if total > limit:
-            raise DemoError(413, f"{request.query_params.get('name', 'the upload')}: {total / 2**20:.1f} MiB is "
-                                 f"over the server's limit of {max_upload_mb} MiB (--max-upload-mb)")
+            name = request.query_params.get("name", "the upload")
+            raise DemoError(413, f"{name}: {total / 2**20:.1f} MiB is over the server's limit of "
+                                 f"{max_upload_mb} MiB (--max-upload-mb)")
         return b"".join(chunks)
 
     async def json_body(request):
@@ -441,7 +447,8 @@ def create_app(service: DemoService, max_upload_mb: int = 64):
     async def display(request):
         image = service.image(request.path_params["ident"])
         # private: never cached by anything between the page and this server
-        return Response(image.display, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(image.display, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=3600"})
 
     async def keypoints(request):
         text = (await body(request)).decode("utf-8", errors="replace")
@@ -495,8 +502,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import uvicorn
         import starlette  # noqa: F401
+        import uvicorn
     except ImportError as e:
         print(f"error: the demo needs the 'demo' extra ({e.name} is missing): pip install -e \".[demo]\"",
               file=sys.stderr)

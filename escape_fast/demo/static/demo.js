@@ -464,6 +464,7 @@ function queryCard(q) {
   card.querySelector(".remove").addEventListener("click", () => {
     state.queries.splice(state.queries.indexOf(q), 1);
     card.remove();
+    markStale("a query was removed: press Predict");  // the downloadable report still has it
   });
   card.querySelector(".box-mode").addEventListener("click", () => {
     q.boxMode = !q.boxMode;
