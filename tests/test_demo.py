@@ -179,6 +179,16 @@ def test_info_lists_models_methods_and_samples(server):
         assert json.loads(r.read()) == json.loads((SAMPLES / "support.json").read_text())
 
 
+def test_bundled_samples_are_a_support_and_queries():
+    """The shipped samples: a support whose keypoint file predict reads, and queries it predicts."""
+    kps = parse_keypoints(json.loads((SAMPLES / "support.json").read_text()), "support.json")
+    assert len(kps) == 12 and kps.visible.all() and kps.box is None and len(kps.skeleton) == 11
+    queries = sorted(SAMPLES.glob("query-*.jpg"))
+    assert [q.name for q in queries] == ["query-1.jpg", "query-2.jpg", "query-3.jpg"]
+    results = Predictor(device="cpu").adapt(str(SAMPLES / "support.jpg"), kps).predict([str(q) for q in queries])
+    assert all(r.ok and np.isfinite(r.keypoints).all() for r in results)
+
+
 @needs_fixture
 def test_predictions_are_predicts_json(server, tmp_path):
     """The answer of /api/predict is predict's predictions.json for the same support and query
@@ -571,6 +581,13 @@ def test_browser_bad_inputs_show_a_message(server, page, tmp_path):
     _, report = saved_json(page, "#download", tmp_path)
     assert report["queries"][0]["box"] == [0.0, 0.0, 3999.0, 2663.0]  # predicted at full resolution
     alive(server)
+
+    # the sample replaces this work rather than mixing with it
+    page.click("#use-sample")
+    page.wait_for_function("document.querySelectorAll('.query-card[data-state=done]').length === 3")
+    idle(page)
+    assert page.locator("#support-tabs button").all_inner_texts() == ["1: support.jpg"]
+    assert page.locator(".query-card").count() == 3
 
 
 def test_browser_sample_two_shots_and_screenshot(server, page, tmp_path):

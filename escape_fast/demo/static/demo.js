@@ -685,9 +685,20 @@ $("#remove-support").addEventListener("click", () => {
   supportChanged();
 });
 
+// Everything back to an empty page (the sample replaces whatever was there rather than mixing with it).
+function reset() {
+  for (const q of state.queries) q.card.remove();
+  Object.assign(state, {names: [], skeleton: [], supports: [], current: -1, selected: -1, linkFrom: -1,
+                        boxMode: false, queries: [], token: null, tokenFor: null, report: null});
+  $("#download").disabled = true;
+  $("#result-status").textContent = "";
+  renderSupportPanel();
+}
+
 $("#use-sample").addEventListener("click", () => guarded(async () => {
   const samples = state.info && state.info.samples;
   if (!samples) throw new ApiError("This installation has no sample images.");
+  reset();
   const fetchBlob = async (url) => {
     const r = await fetch(url);
     if (!r.ok) throw new ApiError(`cannot fetch ${url}: ${r.status}`);
