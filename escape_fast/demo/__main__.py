@@ -1,0 +1,5 @@
+import sys
+
+from escape_fast.demo.server import main
+
+sys.exit(main())
