@@ -31,7 +31,7 @@ import torch
 import escape_fast
 from escape_fast import builtin
 from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco, mp100_split_files
-from escape_fast.evaluation import evaluate, evaluate_reference
+from escape_fast.eval.engine import evaluate, evaluate_reference
 from escape_fast.models.escape import EscapeModel
 
 
@@ -50,7 +50,7 @@ def main(argv=None):
     root = builtin.dataset_root(progress=False)
     t_data = time.perf_counter() - t0
 
-    from escape_fast import eval as eval_cli
+    from escape_fast.eval import __main__ as eval_cli
 
     totals = []
     for _ in range(args.repeat):
@@ -63,7 +63,7 @@ def main(argv=None):
 
     # reference on a subset of the same episodes, and the fast path on that subset
     coco = load_coco(mp100_split_files(root, 1)["test"])
-    model = EscapeModel.from_checkpoint(builtin.checkpoint_path())
+    model = EscapeModel.load(builtin.checkpoint_path())
     draws = draws_for_episodes(args.episodes, len(coco.category_ids))
     full = EpisodeSampler(coco, shots=1, queries=15, draws=draws, seed=0)
     subset = EpisodeSampler(coco, shots=1, queries=15, draws=args.reference_draws, seed=0)

@@ -33,7 +33,7 @@ import torch
 import escape_fast
 from escape_fast import config as config_mod
 from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco
-from escape_fast.evaluation import evaluate
+from escape_fast.eval.engine import evaluate
 from escape_fast.models.escape import EscapeModel
 
 FULL = {"categories": 20, "instances": 100, "max_keypoints": 68, "image": 320, "backbone": "resnet50",

@@ -97,11 +97,11 @@ def report(vectors: torch.Tensor, keys: np.ndarray, assignment: np.ndarray, gt: 
 def novel_matching(run: str, data: str, parts: dict, clusters: dict, max_instances: int = 10) -> dict:
     """Share of visible novel keypoints matched to a super-keypoint of their own part (see above)."""
     from escape_fast.data import load_coco, mp100_split_files
-    from escape_fast.evaluation import build_bank
+    from escape_fast.eval.engine import build_bank
     from escape_fast.models.adapt import hungarian_assignment
     from escape_fast.models.escape import EscapeModel
 
-    model = EscapeModel.from_checkpoint(os.path.join(run, "model.pt")).eval()
+    model = EscapeModel.load(os.path.join(run, "model.pt")).eval()
     keys, assignment = clusters["keys"].tolist(), clusters["assignment"]
     majority = {}
     for z in range(int(assignment.max()) + 1):

@@ -25,7 +25,7 @@ import os
 import pytest
 import torch
 
-from escape_fast import cluster, ops, reference
+from escape_fast import neighbors, ops, reference
 
 HAS_CUDA = torch.cuda.is_available()
 B, C, H, W, K, SIGMA = 15, 256, 64, 64, 68, 2.0
@@ -119,7 +119,7 @@ def planted(n: int, device: str = "cpu"):
     return v.to(device), cats.to(device)
 
 
-# name -> (device, backend for cluster.knn, FAISS index)
+# name -> (device, backend for neighbors.knn, FAISS index)
 KNN_CASES = {
     "reference-cpu": ("cpu", "reference", None),
     "faiss-flat": ("cpu", "faiss", "flat"),
@@ -136,9 +136,9 @@ def _knn_skip(case: str, n: int, disabled: bool) -> str | None:
     device, backend, index = KNN_CASES[case]
     if device == "cuda" and not HAS_CUDA:
         return "no CUDA device"
-    if backend == "faiss" and not cluster.HAVE_FAISS:
-        return f"faiss not importable ({cluster.FAISS_ERROR})"
-    if case == "faiss-gpu-flat" and not cluster.FAISS_GPU:
+    if backend == "faiss" and not neighbors.HAVE_FAISS:
+        return f"faiss not importable ({neighbors.FAISS_ERROR})"
+    if case == "faiss-gpu-flat" and not neighbors.FAISS_GPU:
         return "faiss has no GPU support here (faiss-cpu)"
     if backend == "reference" and n > 20000:
         return f"the reference builds an N x N similarity matrix: {n}^2 entries do not fit"
@@ -161,7 +161,7 @@ def test_knn(benchmark, case, n):
     if backend == "reference":
         fn = lambda: reference.knn(v, v, KNN_K, (cats, cats))  # noqa: E731
     else:
-        fn = lambda: cluster.knn(v, v, KNN_K, (cats, cats), backend=backend, **opts)  # noqa: E731
+        fn = lambda: neighbors.knn(v, v, KNN_K, (cats, cats), backend=backend, **opts)  # noqa: E731
 
     def run():
         out = fn()
@@ -172,7 +172,7 @@ def test_knn(benchmark, case, n):
     vals, idx = benchmark.pedantic(run, rounds=1 if n > 10_000 else 3, iterations=1)
     # check 200 rows against the exact answer (IVF: the recall of the top-1)
     rows = torch.arange(0, n, max(1, n // 200), device=device)[:200]
-    exact = cluster.knn(v[rows], v, KNN_K, (cats[rows], cats), backend=device)
+    exact = neighbors.knn(v[rows], v, KNN_K, (cats[rows], cats), backend=device)
     if index == "ivf":
         recall = (idx[rows, 0] == exact[1][:, 0]).float().mean().item()
         benchmark.extra_info["top1_recall"] = recall
@@ -183,14 +183,14 @@ def test_knn(benchmark, case, n):
 
 @pytest.mark.parametrize("n", [1_000_000], ids=["1e6"])
 def test_cluster_keypoints_faiss_ivf(benchmark, n):
-    if not cluster.HAVE_FAISS:
-        pytest.skip(f"faiss not importable ({cluster.FAISS_ERROR})")
+    if not neighbors.HAVE_FAISS:
+        pytest.skip(f"faiss not importable ({neighbors.FAISS_ERROR})")
     if benchmark.disabled:
         pytest.skip(MINUTES_ON_CPU)
     v, cats = planted(n)
     benchmark.group = "cluster_keypoints N=1e6 dim 256, 70 categories"
     supers, assign = benchmark.pedantic(
-        lambda: cluster.cluster_keypoints(v, cats, 0.8, 6, backend="faiss", index="ivf"), rounds=1, iterations=1
+        lambda: neighbors.cluster_keypoints(v, cats, 0.8, 6, backend="faiss", index="ivf"), rounds=1, iterations=1
     )
     benchmark.extra_info["clusters"] = int(supers.shape[0])
     assert assign.shape == (n,) and int(assign.min()) == 0 and int(assign.max()) == supers.shape[0] - 1

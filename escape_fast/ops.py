@@ -558,9 +558,9 @@ def knn(
         raise ValueError(f"{op}: backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return reference.knn(queries, base, k, exclude)
-    from escape_fast import cluster
+    from escape_fast import neighbors
 
-    return cluster.knn(queries, base, k, exclude, backend=backend)
+    return neighbors.knn(queries, base, k, exclude, backend=backend)
 
 
 def cluster_keypoints(
@@ -595,6 +595,6 @@ def cluster_keypoints(
         raise ValueError(f"{op}: backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return reference.cluster_keypoints(vectors, categories, threshold, k)
-    from escape_fast import cluster
+    from escape_fast import neighbors
 
-    return cluster.cluster_keypoints(vectors, categories, threshold, k, backend=backend)
+    return neighbors.cluster_keypoints(vectors, categories, threshold, k, backend=backend)

@@ -54,11 +54,12 @@ from matplotlib.figure import Figure
 from escape_fast import builtin, checkpoint
 from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco, load_for_run, mp100_split_files
 from escape_fast.data.coco import DataError, load_image, read_json
-from escape_fast.data.metrics import pck_per_query, valid_keypoints
-from escape_fast.data.transforms import apply_affine, box_to_center_scale, crop_matrix, warp_crop
+from escape_fast.data.transforms import Crop
+from escape_fast.distributed import resolve_device
 from escape_fast.drawing import draw_pose
-from escape_fast.eval import resolve_model_path
+from escape_fast.eval.metrics import pck_per_query, valid_keypoints
 from escape_fast.files import atomic_write
+from escape_fast.models.escape import EscapeModel
 
 PANEL = 192  # pixels of the side of an image panel
 
@@ -74,13 +75,12 @@ def save_figure(fig: Figure, out: str, dpi: int = 110) -> str:
 def crop_view(image: np.ndarray, box, points=None, valid=None, skeleton=(), size: int = PANEL, colors=None,
               labels=None, radius=None) -> np.ndarray:
     """The padded square crop of ``box`` at ``size`` px with image points drawn on it."""
-    center, scale = box_to_center_scale(box, 1.0)
-    m = crop_matrix(center, scale, 0.0, (size, size))
-    view = warp_crop(image, m, (size, size))
+    crop = Crop.of_box(box, (size, size))
+    view = crop.warp(image, (size, size))
     if points is None:
         return view
     radius = max(3, size // 48) if radius is None else radius  # panels are small: dots a little larger
-    return draw_pose(view, apply_affine(m, points), valid, skeleton, labels, colors, radius)
+    return draw_pose(view, crop.to_grid(points, (size, size)), valid, skeleton, labels, colors, radius)
 
 
 def _wrap(text: str, width: int) -> str:
@@ -198,13 +198,11 @@ def members_from_data(model, coco, device, per_category: int = 10, show_progress
     """Members recomputed: each keypoint's mean feature over up to
     ``per_category`` instances of its category joins the nearest
     super-keypoint (cosine similarity)."""
-    from escape_fast.train import base_keypoint_means, base_keypoint_table
+    from escape_fast.prior import base_keypoint_means, base_keypoint_table
 
     instances = [i for c in coco.category_ids for i in coco.instances_of(c)[:per_category]]
-    cfg = {"input_size": model.config["input_size"], "sigma": model.config.get("sigma", 2.0),
-           "batch_size": 16, "workers": 0, "channels": model.config["channels"], "amp": True}
-    vectors, seen = base_keypoint_means(model.extractor, coco, cfg, torch.device(device), instances,
-                                        show_progress=show_progress)
+    vectors, seen = base_keypoint_means(model.extractor, coco, torch.device(device), model.input_size, model.sigma,
+                                        instances=instances, progress=show_progress)
     centers = model.super_keypoints.float()
     nearest = (_unit(vectors.double()) @ _unit(centers.double().to(vectors.device)).T).argmax(1)
     assignment = torch.where(seen, nearest, torch.full_like(nearest, -1))
@@ -351,7 +349,7 @@ def plot_matching(predictor, members: Members, out: str, max_keypoints: int = 20
 def plot_episodes(model, coco, episodes, methods, out: str, query: int = 0, device="cpu") -> str:
     """One row per episode: its (first) support, a query's ground truth and
     each method's prediction with its PCK@0.2."""
-    from escape_fast.evaluation import build_bank, predict_episodes
+    from escape_fast.eval.engine import build_bank, predict_episodes
 
     # one extraction for every method (the matching network only if ESCAPE is shown)
     needed = sorted({i for e in episodes for i in (*e.supports, *e.queries)})
@@ -434,17 +432,9 @@ def plot_pck(report: dict, out: str, methods=None, source: str = "report") -> st
 # --------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------
-def _device(arg: str) -> torch.device:
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
-
-
 def _model(checkpoint_arg, device):
-    from escape_fast.models.escape import EscapeModel
-
-    path = resolve_model_path(checkpoint_arg)
-    return EscapeModel.from_checkpoint(path).to(device).eval(), path
+    model = EscapeModel.load(checkpoint_arg).to(device).eval()
+    return model, model.path
 
 
 def _int_list(text: str) -> list[int]:
@@ -535,7 +525,7 @@ def _run_episodes(args, progress):
         ann = args.annotations or str(mp100_split_files(root, args.split, need=("test",))["test"])
         ckpt, shots, queries, pairs, seed = args.checkpoint, args.shots, args.queries, args.pairs, args.seed
         methods = args.method.split(",") if args.method else None
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, _ = _model(ckpt, device)
     methods = methods or [model.methods[-1]]
     unknown = [m for m in methods if m not in model.methods]
@@ -569,7 +559,7 @@ def run(args) -> int:
         elif args.command == "episodes":
             out = _run_episodes(args, progress)
         elif args.command == "super-keypoints":
-            device = _device(args.device)
+            device = resolve_device(args.device)
             model, _ = _model(args.checkpoint, device)
             members = load_members(args.checkpoint, model, args.annotations, device, args.per_category, progress,
                                    args.bad_images)
@@ -578,7 +568,7 @@ def run(args) -> int:
             from escape_fast.predict import Predictor, _parse_box
 
             boxes = [_parse_box(b) for b in args.support_box] if args.support_box else None
-            predictor = Predictor(args.checkpoint, device=_device(args.device))
+            predictor = Predictor(args.checkpoint, device=resolve_device(args.device))
             kp = args.support_keypoints[0] if len(args.support_keypoints) == 1 else args.support_keypoints
             predictor.adapt(args.support, kp, boxes)
             members = load_members(args.checkpoint, predictor.model, args.annotations, predictor.device,

@@ -59,12 +59,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from escape_fast import ops
 from escape_fast.data.coco import DataError, clean_bbox, load_coco, load_image, read_json
-from escape_fast.data.transforms import box_to_center_scale, crop_matrix, image_to_grid, normalize_image, warp_crop
-from escape_fast.eval import resolve_model_path
+from escape_fast.data.transforms import Crop, normalize_image
+from escape_fast.distributed import resolve_device
 from escape_fast.files import write_json
-from escape_fast.evaluation import DECODE_KERNEL, decode_smoothed, extract, prototypes_for
 from escape_fast.models.escape import EscapeModel
 
 MIN_SIDE = 8  # pixels: a smaller image or box holds no usable object at any crop size
@@ -255,17 +253,16 @@ def read_image(image, name: str) -> np.ndarray:
 
 
 @dataclass
-class Crop:
-    """A normalized crop [3, H, W] and the map back to the image."""
+class CropView:
+    """A normalized crop [3, S, S] of an image, the crop, and the box it came from."""
 
     tensor: torch.Tensor
-    center: np.ndarray
-    scale: np.ndarray
+    crop: Crop
     box: np.ndarray  # the box that was cropped, [x, y, w, h]
 
 
-def make_crop(image: np.ndarray, box, input_size: int, name: str) -> Crop:
-    """Crop ``box`` ([x, y, w, h], default: the whole image) like the evaluation does."""
+def make_crop(image: np.ndarray, box, input_size: int, name: str) -> CropView:
+    """Crop ``box`` ([x, y, w, h], default: the whole image) as the evaluation does."""
     h, w = image.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise DataError(f"{name}: the image is {w} x {h} pixels; at least {MIN_SIDE} x {MIN_SIDE} is needed")
@@ -277,10 +274,9 @@ def make_crop(image: np.ndarray, box, input_size: int, name: str) -> Crop:
     if min(clean[2], clean[3]) < MIN_SIDE:
         what = f"box {box.tolist()} (inside the image: {clean.tolist()})" if given else "image"
         raise DataError(f"{name}: the {what} is smaller than {MIN_SIDE} pixels on a side")
-    center, scale = box_to_center_scale(clean, 1.0)
     size = (input_size, input_size)
-    crop = warp_crop(image, crop_matrix(center, scale, 0.0, size), size)
-    return Crop(normalize_image(crop), center, scale, clean)
+    crop = Crop.of_box(clean, size)
+    return CropView(normalize_image(crop.warp(image, size)), crop, clean)
 
 
 # --------------------------------------------------------------------------
@@ -318,10 +314,6 @@ class Prediction:
         return {"image": self.image, "box": self.box.tolist(), "keypoints": points}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class Predictor:
     """Load a model once, adapt it to a support set once, predict many queries.
 
@@ -339,17 +331,15 @@ class Predictor:
 
     def __init__(self, checkpoint=None, method: str | None = None, device=None, batch_size: int = 16,
                  backend: str = "auto", amp: bool = True):
-        self.checkpoint = resolve_model_path(None if checkpoint is None else os.fspath(checkpoint))
-        self.device = default_device() if device in (None, "auto") else torch.device(device)
-        self.model = EscapeModel.from_checkpoint(self.checkpoint).to(self.device).eval()
+        self.device = resolve_device(device)
+        self.model = EscapeModel.load(checkpoint).to(self.device).eval()
+        self.checkpoint = self.model.path
         self.method = method or self.model.methods[-1]
-        if self.method not in self.model.methods:
-            raise ValueError(f"{self.checkpoint}: method {self.method!r} is not available; this model supports "
-                             f"{', '.join(self.model.methods)}")
+        self.model.check_method(self.method)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size, self.backend, self.amp = int(batch_size), backend, amp
-        self.input_size = int(self.model.config["input_size"])
+        self.input_size = self.model.input_size
         self.heatmap_size = (self.input_size // 4, self.input_size // 4)
         self.supports: list[KeypointSet] = []
         self.prototypes = None
@@ -368,7 +358,7 @@ class Predictor:
             bad = ", ".join(f"'{kps.names[i]}' at ({xy[i, 0]:g}, {xy[i, 1]:g})" for i in np.flatnonzero(outside)[:5])
             raise DataError(f"{where}: keypoint(s) outside the {w} x {h} image: {bad}")
         crop = make_crop(img, box if box is not None else kps.box, self.input_size, name)
-        cells = image_to_grid(xy, crop.center, crop.scale, 0.0, self.heatmap_size)
+        cells = crop.crop.to_grid(xy, self.heatmap_size)
         off = kps.visible & ((cells < 0) | (cells > np.array(self.heatmap_size) - 1)).any(1)
         if off.any():
             bad = ", ".join(f"'{kps.names[i]}' at ({xy[i, 0]:g}, {xy[i, 1]:g})" for i in np.flatnonzero(off)[:5])
@@ -420,13 +410,15 @@ class Predictor:
         batch = torch.stack([c.tensor for c in crops]).to(dev)
         cells_t = torch.from_numpy(np.stack(cells)).float().to(dev)
         vis = torch.from_numpy(np.stack([s.visible for s in sets])).to(dev)
-        _, pooled, scores = extract(self.model, batch, cells_t, vis, self.amp, self.backend)
+        # the matching network runs only for ESCAPE (or for the figure's matches)
+        _, pooled, scores = self.model.features(batch, cells_t, vis, self.amp, self.backend,
+                                                matcher=self.method == "escape")
         self._pooled, self._visible = pooled[None], vis[None]  # [1, S, ...]
         self._match_scores = None if scores is None else scores[None]
-        self.prototypes = prototypes_for(self.model, self.method, self._pooled, self._visible,
-                                         self._match_scores)[0]
+        self.prototypes = self.model.prototypes(self.method, self._pooled, self._visible, self._match_scores)[0]
         self.supports = sets
         self.support_crops = crops
+        self._cells = cells
         self.support_images = [_image_name(im, f"support #{n}") for n, im in enumerate(images)]
         self.known = vis.any(0).cpu().numpy()  # keypoints visible in some support
         return self
@@ -442,27 +434,15 @@ class Predictor:
     @torch.no_grad()
     def matches(self, method: str) -> tuple[np.ndarray, np.ndarray]:
         """Super-keypoint matched to each support keypoint: (index [K], -1 for
-        none; weight [K]). "map": the Hungarian assignment of simple matching
-        (weight 1); "escape": the matching network's most likely
-        super-keypoint and its probability."""
-        from escape_fast.models.adapt import hungarian_assignment, support_mean
-
+        none; weight [K]) by EscapeModel.assignments ("map" or "escape")."""
         self._need_support()
-        mu = self.model.super_keypoints
-        if mu.shape[0] == 0:
-            raise ValueError(f"{self.checkpoint}: the model has no super-keypoints (trained through stage 1 only)")
-        if method == "map":
-            means, valid = support_mean(self._pooled, self._visible)
-            idx = hungarian_assignment(means, valid, mu.to(means.dtype))[0]
-            return idx.cpu().numpy(), (idx >= 0).float().cpu().numpy()
-        if method == "escape":
-            if self.model.matcher is None:
-                raise ValueError(f"{self.checkpoint}: the model has no matching network (stage 4)")
-            log_p = self.model.matcher.assign_scores(self._match_scores, self._visible)[0, :-1]
-            weight, idx = log_p.exp().max(-1)
-            idx = torch.where(self._visible[0].any(0), idx, torch.full_like(idx, -1))
-            return idx.cpu().numpy(), weight.float().cpu().numpy()
-        raise ValueError(f"matches: method must be 'map' or 'escape', got {method!r}")
+        if method == "escape" and self._match_scores is None and "escape" in self.model.methods:
+            images = torch.stack([c.tensor for c in self.support_crops]).to(self.device)
+            cells = torch.from_numpy(np.stack(self._cells)).float().to(self.device)
+            _, _, scores = self.model.features(images, cells, self._visible[0], self.amp, self.backend)
+            self._match_scores = scores[None]
+        index, weight = self.model.assignments(method, self._pooled, self._visible, self._match_scores)
+        return index[0].cpu().numpy(), weight[0].float().cpu().numpy()
 
     def _need_support(self):
         if self.prototypes is None:
@@ -502,17 +482,16 @@ class Predictor:
                 self._decode(chunk, crops)
         return results
 
-    def _decode(self, preds: list[Prediction], crops: list[Crop]):
+    def _decode(self, preds: list[Prediction], crops: list[CropView]):
         dev = self.device
-        feats, _, _ = extract(self.model, torch.stack([c.tensor for c in crops]).to(dev), amp=self.amp,
-                              backend=self.backend)
+        feats, _, _ = self.model.features(torch.stack([c.tensor for c in crops]).to(dev), amp=self.amp,
+                                          backend=self.backend)
         b = feats.shape[0]
-        center = torch.from_numpy(np.stack([c.center for c in crops])).float().to(dev)
-        scale = torch.from_numpy(np.stack([c.scale for c in crops])).float().to(dev)
+        center = torch.from_numpy(np.stack([c.crop.center for c in crops])).float().to(dev)
+        scale = torch.from_numpy(np.stack([c.crop.scale for c in crops])).float().to(dev)
         protos = self.prototypes[None].expand(b, -1, -1).contiguous()
-        # decoded like the evaluation decodes (evaluation.decode_smoothed), so both agree
-        coords, peak = decode_smoothed(ops.smooth_features(feats, DECODE_KERNEL), protos, center, scale,
-                                       backend=self.backend)
+        # decoded as the evaluation decodes, so both agree
+        coords, peak = self.model.decode(self.model.smooth(feats), protos, center, scale, backend=self.backend)
         coords, peak = coords.double().cpu().numpy(), peak.double().cpu().numpy()
         for p, crop, xy, s in zip(preds, crops, coords, peak):
             p.keypoints = np.where(self.known[:, None], xy, np.nan)

@@ -156,8 +156,9 @@ def test_flip_mirrors_the_crop_and_swaps_pairs(tmp_path):
             break
     assert flipped is not None
     s = ds[0]
-    center, scale, rot, flip = ds.crop_params(0)
-    assert flip
+    crop = ds.crop(0)
+    assert crop.flip
+    center, scale, rot = crop.center, crop.scale, crop.rotation
     plain = warp_crop(ds.image(1), crop_matrix(center, scale, rot, (64, 64)), (64, 64))
     mirrored = s["image"].permute(1, 2, 0).numpy()
     diff = np.abs(mirrored.astype(int) - plain[:, ::-1].astype(int))

@@ -6,6 +6,7 @@ import itertools
 
 import torch
 
+from escape_fast import ops
 from escape_fast.models import (
     MatchingNetwork,
     blend,
@@ -89,17 +90,20 @@ def test_matching_network_shapes_masks_and_multi_shot():
     feats2 = feats.clone()
     feats2[~vis] = torch.randn(int((~vis).sum()), 32) * 10
     assert torch.allclose(net(feats2, kps, vis)[0, :3], log_p[0, :3], atol=1e-5)
-    # one shot through assign_shots equals the single-shot forward (on the
+    # one shot through assign_scores equals the single-shot forward (on the
     # rows that carry meaning: visible keypoints and the dustbin)
-    one = net.assign_shots(feats[:, None], kps[:, None], vis[:, None])
+    per_image = net.scores(feats, kps, vis)  # [3, 5, L]
+    one = net.assign_scores(per_image[:, None], vis[:, None])
     rows = torch.cat((vis, torch.ones(3, 1, dtype=torch.bool)), 1)
     assert torch.allclose(one[rows], log_p[rows], atol=1e-5)
     # scores computed once per image and gathered into support sets (what the
-    # evaluation does) give the same multi-shot assignment as assign_shots
-    per_image = net.scores(feats, kps, vis)  # [3, 5, L]
+    # evaluation does) equal the transport of the visibility-weighted mean of
+    # the shots' scores, computed here by hand
     sets = torch.tensor([[0, 1], [2, 0], [1, 1]])
-    direct = net.assign_shots(feats[sets], kps[sets], vis[sets])
     gathered = net.assign_scores(per_image[sets], vis[sets])
+    w = vis[sets].float()[..., None]
+    fused = (per_image[sets] * w).sum(1) / w.sum(1).clamp_min(1)
+    direct = ops.sinkhorn_log(fused, net.bin_score, vis[sets].any(1), net.iters)
     assert torch.allclose(direct, gathered, atol=1e-5, equal_nan=True)
 
 

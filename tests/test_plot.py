@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from escape_fast import builtin, checkpoint
-from escape_fast import eval as eval_cli
+from escape_fast.eval import __main__ as eval_cli  # the command line, run in process
 from escape_fast.data import load_coco
-from escape_fast.evaluation import evaluate, predict_episodes
+from escape_fast.eval.engine import evaluate, predict_episodes
 from escape_fast.models.escape import EscapeModel
 from escape_fast.plot import episodes_from_settings, load_members, main, members_from_run
-from escape_fast.train import base_keypoint_table
+from escape_fast.prior import base_keypoint_table
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("ESCAPE_FAST_FIXTURE", ROOT.parent / "shared" / "data" / "mp100_fixture"))
@@ -55,7 +55,7 @@ def run_dir(tmp_path_factory):
     """A run folder: the built-in model and a stage-2 cluster.pt over the fixture's training keypoints."""
     run = tmp_path_factory.mktemp("run")
     shutil.copy(builtin.checkpoint_path(), run / "model.pt")
-    mu = EscapeModel.from_checkpoint(run / "model.pt").super_keypoints
+    mu = EscapeModel.load(run / "model.pt").super_keypoints
     _, _, keys = base_keypoint_table(load_coco(TRAIN))
     gen = torch.Generator().manual_seed(0)
     assignment = torch.randint(0, 12, (len(keys),), generator=gen)
@@ -90,7 +90,7 @@ def test_episode_grid_shows_the_evaluated_predictions(report, tmp_path):
     coco = load_coco(TEST)
     sampler = episodes_from_settings(coco, settings["shots"], settings["queries"], settings["episodes"],
                                      settings["seed"])
-    model = EscapeModel.from_checkpoint(settings["checkpoint"])
+    model = EscapeModel.load(settings["checkpoint"])
     full = evaluate(model, coco, sampler, ("escape",))["escape"].predictions  # pair p = episode p (Q = 1)
     chosen = [0, 3, 6, 14]
     got = predict_episodes(model, coco, [sampler[i] for i in chosen], "escape")
@@ -121,7 +121,7 @@ def test_super_keypoint_map_from_a_run_folder(run_dir, tmp_path):
     z = int(stored["assignment"][0])
     assert 0 in members.of(z) and all(int(stored["assignment"][i]) == z for i in members.of(z))
     assert members.name(0) == ("human_body", "nose")  # category 1, keypoint 0 of the training file
-    model = EscapeModel.from_checkpoint(run_dir / "model.pt")
+    model = EscapeModel.load(run_dir / "model.pt")
     for ckpt in (str(run_dir), str(run_dir / "model.pt")):
         assert "stage-2 clustering" in load_members(ckpt, model, str(TRAIN), "cpu", show_progress=False).source
     assert main(["super-keypoints", "--checkpoint", str(run_dir), "--annotations", str(TRAIN), "--device", "cpu",

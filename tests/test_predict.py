@@ -22,7 +22,7 @@ from PIL import Image
 from escape_fast import builtin
 from escape_fast.data import DataError, Episode, load_coco
 from escape_fast.data.coco import Category
-from escape_fast.evaluation import predict_episodes
+from escape_fast.eval.engine import predict_episodes
 from escape_fast.predict import MIN_SIDE, Predictor, load_keypoints, main, parse_keypoints
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import torch
 from escape_fast import checkpoint
 from escape_fast.data import EpisodeSampler, load_coco, mp100_split_files
 from escape_fast.data.synthetic import generate
-from escape_fast.evaluation import evaluate, evaluate_reference
+from escape_fast.eval.engine import evaluate, evaluate_reference
 from escape_fast.models.escape import EscapeModel
 
 TINY = [
@@ -85,7 +85,7 @@ def test_clusters_feed_finetuning_and_the_model(trained):
     n_super = clusters["super_keypoints"].shape[0]
     assert finetune["model"]["prototypes"].shape[0] == n_super
     assert (clusters["assignment"] < n_super).all()
-    model = EscapeModel.from_checkpoint(trained / "model.pt")
+    model = EscapeModel.load(trained / "model.pt")
     assert model.methods == ("mle", "map", "escape")
     assert model.super_keypoints.shape[0] == n_super
     # mu lives in the fine-tuned feature space (mean unit features of the
@@ -96,11 +96,11 @@ def test_clusters_feed_finetuning_and_the_model(trained):
     used = torch.bincount(clusters["assignment"][clusters["assignment"] >= 0], minlength=n_super) > 0
     assert (norms[used] > 0).all() and (norms <= 1 + 1e-5).all()
     # alpha was chosen on the validation categories, per shot count, from the grid
-    from escape_fast.train import ALPHA_GRID
+    from escape_fast.eval.alpha import ALPHA_GRID
 
     assert model.config["alpha"] == "val"
     # (this benchmark has 6 instances per category: too few for 5 shots + 3 queries)
-    assert set(model.config["alpha_by_shots"]) == {1}
+    assert set(model.alpha_by_shots) == {1} and "alpha_by_shots" not in model.config
     assert all(model.alpha_for(s) in ALPHA_GRID for s in (1, 2, 5, 10))
 
 
@@ -157,7 +157,7 @@ def _sampler(bench, draws=5, queries=3, shots=1):
 @pytest.mark.parametrize("method", ["mle", "map", "escape"])
 def test_fast_path_equals_reference_path(trained, bench, method):
     coco, sampler = _sampler(bench)  # 20 categories x 5 draws x 3 queries = 300 pairs
-    model = EscapeModel.from_checkpoint(trained / "model.pt")
+    model = EscapeModel.load(trained / "model.pt")
     fast = evaluate(model, coco, sampler, (method,), "cpu")[method]
     ref = evaluate_reference(model, coco, sampler.episodes, method, "cpu", sampler.queries)
     assert fast.scores.shape == ref.scores.shape == (5, 300)
@@ -182,7 +182,7 @@ def test_eval_cli_report_and_all_methods(trained, bench, tmp_path):
     r = report["results"]["escape"]
     assert r["num_pairs"] == 300 and 0.0 <= r["pck"]["0.20"] <= 1.0
     # the support weight used, and the paired differences between methods, printed and in the JSON
-    model = EscapeModel.from_checkpoint(trained / "model.pt")
+    model = EscapeModel.load(trained / "model.pt")
     assert report["alpha"] == model.alpha_for(1) and f"alpha = {model.alpha_for(1):.3f}" in proc.stdout
     assert set(report["differences"]) == {"map-mle", "escape-mle", "escape-map"}
     res = report["results"]
@@ -197,7 +197,7 @@ def test_eval_refuses_a_checkpoint_without_its_alpha(trained, bench, tmp_path):
     """alpha 'val' with no stored choice: a clear error before any work, for
     MAP and ESCAPE; MLE does not need alpha."""
     obj = checkpoint.load(trained / "model.pt")
-    obj["config"] = {k: v for k, v in obj["config"].items() if k != "alpha_by_shots"}
+    obj["alpha_by_shots"] = {}
     path = tmp_path / "no_alpha.pt"
     checkpoint.save(obj, path, kind="model")
     for method, code in (("map", 2), ("escape", 2), ("mle", 0)):
@@ -233,7 +233,7 @@ def test_finetune_checkpoint_without_feature_prior_is_a_clear_error(trained, tmp
     import shutil
 
     from escape_fast import config as config_mod
-    from escape_fast.train import _finetuned
+    from escape_fast.train import _finetuned  # the driver's own helper (tests may import the driver)
 
     state = checkpoint.load(trained / "finetune.pt")
     del state["super_keypoints"]
@@ -275,9 +275,9 @@ def _eval(bench, run, *extra, episodes=60):
 
 
 def test_eval_refuses_a_test_set_of_base_categories(trained, bench):
-    model = EscapeModel.from_checkpoint(trained / "model.pt")
+    model = EscapeModel.load(trained / "model.pt")
     train_file = mp100_split_files(bench, 1)["train"]
-    assert set(model.config["base_categories"]) == {c.name for c in load_coco(train_file).categories.values()}
+    assert set(model.base_categories) == {c.name for c in load_coco(train_file).categories.values()}
     proc = _eval(bench, trained, "--annotations", str(train_file))
     assert proc.returncode == 2 and "--allow-base-categories" in proc.stderr and "Traceback" not in proc.stderr
     allowed = _eval(bench, trained, "--annotations", str(train_file), "--allow-base-categories", episodes=210)
@@ -294,26 +294,22 @@ def test_eval_too_few_instances_is_a_clear_error(trained, bench):
     assert proc.returncode == 2 and "multiple of 60" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_feature_prior_is_the_members_mean_direction():
+def test_feature_prior_is_the_members_mean_direction(monkeypatch):
     """feature_prior against a hand computation: mean unit features per
     keypoint (zeta), averaged over the members of each super-keypoint."""
-    from escape_fast import train
+    from escape_fast import prior
 
     zeta = torch.tensor([[0.6, 0.0], [0.8, 0.0], [0.0, 0.5], [0.0, 0.7]])
     seen = torch.tensor([True, True, True, False])
     assignment = torch.tensor([0, 0, 1, 1])  # keypoint 3 was never seen: it does not count
     calls = []
-    original = train.base_keypoint_means
 
     def fake(*args, **kwargs):
         calls.append(kwargs)
         return zeta, seen
 
-    train.base_keypoint_means = fake
-    try:
-        mu = train.feature_prior(torch.nn.Identity(), None, {}, "cpu", assignment, 3)
-    finally:
-        train.base_keypoint_means = original
+    monkeypatch.setattr(prior, "base_keypoint_means", fake)
+    mu = prior.feature_prior(torch.nn.Identity(), None, "cpu", assignment, 3, input_size=64, sigma=2.0)
     assert calls[0]["unit"] is True
     # the third super-keypoint has no member: its row stays 0
     assert torch.allclose(mu, torch.tensor([[0.7, 0.0], [0.0, 0.5], [0.0, 0.0]]))
@@ -324,7 +320,7 @@ def test_alpha_by_shots_and_its_checks():
     from escape_fast.models.backbone import build_extractor
 
     extractor = build_extractor("tiny", channels=4)
-    model = EscapeModel({"channels": 4, "alpha": "val", "alpha_by_shots": {1: 0.8, 5: 1.0}}, extractor)
+    model = EscapeModel({"channels": 4, "alpha": "val"}, extractor, alpha_by_shots={1: 0.8, 5: 1.0})
     assert [model.alpha_for(s) for s in (1, 2, 4, 5, 10)] == [0.8, 0.8, 0.8, 1.0, 1.0]
     assert EscapeModel({"channels": 4, "alpha": 0.5}, extractor).alpha_for(5) == 0.5
     with pytest.raises(ValueError, match="no choice"):
@@ -338,10 +334,12 @@ def test_alpha_by_shots_and_its_checks():
 def test_choose_alpha_picks_the_best_val_score(monkeypatch):
     """choose_alpha against planted val scores: the best alpha per shot count,
     the larger one on ties, the model's own alpha setting left as it was."""
-    from escape_fast import evaluation, train
+    from escape_fast.config import ConfigError
+    from escape_fast.eval import alpha as alpha_mod
+    from escape_fast.eval.engine import PairResults
 
     planted = {1: {0.5: 0.4, 0.6: 0.5, 0.7: 0.6, 0.8: 0.6, 0.9: 0.55, 1.0: 0.5},
-               5: {a: 0.3 + 0.1 * a for a in train.ALPHA_GRID}}
+               5: {a: 0.3 + 0.1 * a for a in alpha_mod.ALPHA_GRID}}
 
     class Sampler:
         def __init__(self, coco, shots, **kw):
@@ -350,13 +348,11 @@ def test_choose_alpha_picks_the_best_val_score(monkeypatch):
     def pairs(model, coco, sampler, method, device, bank=None, timer=None, alpha=None):
         assert method == "map"
         value = planted[sampler.shots][alpha]
-        return evaluation.PairResults(torch.full((5, 3), value, dtype=torch.float64), None, None, None)
+        return PairResults(torch.full((5, 3), value, dtype=torch.float64), None, None, None)
 
-    import escape_fast.data as data_mod
-
-    monkeypatch.setattr(data_mod, "EpisodeSampler", Sampler)
-    monkeypatch.setattr(evaluation, "build_bank", lambda *a, **k: None)
-    monkeypatch.setattr(evaluation, "evaluate_pairs", pairs)
+    monkeypatch.setattr(alpha_mod, "EpisodeSampler", Sampler)
+    monkeypatch.setattr(alpha_mod, "build_bank", lambda *a, **k: None)
+    monkeypatch.setattr(alpha_mod, "evaluate_pairs", pairs)
 
     class Coco:
         category_ids, path = [], "val.json"
@@ -367,22 +363,21 @@ def test_choose_alpha_picks_the_best_val_score(monkeypatch):
     from escape_fast.models.backbone import build_extractor
 
     model = EscapeModel({"channels": 4, "alpha": "val"}, build_extractor("tiny", channels=4), torch.ones(3, 4))
-    cfg = {"batch_size": 2, "val_queries": 15, "seed": 0}
-    assert train.choose_alpha(model, Coco(), cfg, "cpu") == {1: 0.8, 5: 1.0}
-    assert model.config["alpha"] == "val" and model.config["alpha_by_shots"] == {1: 0.8, 5: 1.0}
-    with pytest.raises(train.config_mod.ConfigError, match="validation"):
-        train.choose_alpha(model, None, cfg, "cpu")
+    assert alpha_mod.choose_alpha(model, Coco(), "cpu") == {1: 0.8, 5: 1.0}
+    assert model.config["alpha"] == "val" and model.alpha_by_shots == {1: 0.8, 5: 1.0}
+    with pytest.raises(ConfigError, match="validation"):
+        alpha_mod.choose_alpha(model, None, "cpu")
     # a shot count without enough val instances is left out; none at all is an error
     Sampler.__init__ = lambda self, coco, shots, **kw: setattr(self, "shots", shots) or setattr(
         self, "episodes", [object()] if shots == 1 else [])
-    assert train.choose_alpha(model, Coco(), cfg, "cpu") == {1: 0.8}
+    assert alpha_mod.choose_alpha(model, Coco(), "cpu") == {1: 0.8}
     Sampler.__init__ = lambda self, coco, shots, **kw: setattr(self, "episodes", [])
     with pytest.raises(ValueError, match="no validation category"):
-        train.choose_alpha(model, Coco(), cfg, "cpu")
+        alpha_mod.choose_alpha(model, Coco(), "cpu")
 
 
 def test_finetuning_starts_from_the_members_prototypes():
-    from escape_fast.train import member_mean
+    from escape_fast.prior import member_mean
 
     protos = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [0.0, 4.0]])
     assignment = torch.tensor([1, 1, -1, 0])

@@ -19,12 +19,11 @@ Top-down pipeline (escape_fast.data.dataset, escape_fast.data.transforms)
     ``grid_to_image`` / ``image_to_grid``: the crop map of
     escape_fast.reference.heatmap_to_image and its exact inverse.
 
-Protocol (escape_fast.data.episodes, escape_fast.data.metrics)
+Protocol (escape_fast.data.episodes)
     ``EpisodeSampler(coco, shots, queries=15, draws=200, seed)``: seeded
     draws identical whatever the batching or number of processes;
-    ``draws_for_episodes(60000, 20) == 200``; ``valid_keypoints``,
-    ``pck_per_query``, ``pck_curve``, ``summarize_pck``,
-    ``PCKAccumulator``: PCK@0.2, per-category means, 95% CI, mPCK.
+    ``draws_for_episodes(60000, 20) == 200``. PCK and its intervals are
+    escape_fast.eval.metrics.
 """
 
 from __future__ import annotations
@@ -45,15 +44,6 @@ from escape_fast.data.coco import (
 )
 from escape_fast.data.dataset import BalancedCategorySampler, KeypointDataset, KeypointLoader, make_loader
 from escape_fast.data.episodes import Episode, EpisodeSampler, draws_for_episodes
-from escape_fast.data.metrics import (
-    THRESHOLDS,
-    PCKAccumulator,
-    PCKSummary,
-    pck_curve,
-    pck_per_query,
-    summarize_pck,
-    valid_keypoints,
-)
 from escape_fast.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -87,13 +77,6 @@ __all__ = [
     "Episode",
     "EpisodeSampler",
     "draws_for_episodes",
-    "THRESHOLDS",
-    "PCKAccumulator",
-    "PCKSummary",
-    "pck_curve",
-    "pck_per_query",
-    "summarize_pck",
-    "valid_keypoints",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "box_to_center_scale",

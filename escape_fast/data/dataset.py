@@ -9,6 +9,7 @@ are padded to ``num_keypoints`` (default: the largest category in play).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 
@@ -17,13 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from escape_fast.data.coco import CocoKeypoints, DataError, load_image
-from escape_fast.data.transforms import (
-    box_to_center_scale,
-    crop_matrix,
-    gaussian_targets,
-    normalize_image,
-    warp_crop,
-)
+from escape_fast.data.transforms import Crop, gaussian_targets, normalize_image
 
 __all__ = ["KeypointDataset", "BalancedCategorySampler", "KeypointLoader", "make_loader"]
 
@@ -141,21 +136,19 @@ class KeypointDataset(Dataset):
                 self._cache.popitem(last=False)
         return img
 
-    def crop_params(self, index: int, draw: int | None = None, epoch: int | None = None):
-        """(center, scale, rotation, flip) of item ``index``."""
+    def crop(self, index: int, draw: int | None = None, epoch: int | None = None) -> Crop:
+        """The crop of item ``index`` (with this epoch's augmentation when training)."""
         inst = self.coco.instances[index]
-        center, scale = box_to_center_scale(
-            inst.bbox, self.input_size[0] / self.input_size[1], self.padding
-        )
-        rotation, flip = 0.0, False
-        if self.train:
-            epoch = self.epoch if epoch is None else epoch
-            rng = np.random.default_rng([self.seed, epoch, index if draw is None else draw])
-            s, r, f = rng.random(3)
-            scale = scale * (1.0 + self.scale_factor * (2.0 * s - 1.0))
-            rotation = float(self.rotation_factor * (2.0 * r - 1.0))
-            flip = bool(self.flip and self._flip_perm[inst.category_id] is not None and f < 0.5)
-        return center, scale, rotation, flip
+        crop = Crop.of_box(inst.bbox, self.input_size, self.padding)
+        if not self.train:
+            return crop
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([self.seed, epoch, index if draw is None else draw])
+        s, r, f = rng.random(3)
+        return dataclasses.replace(
+            crop, scale=crop.scale * (1.0 + self.scale_factor * (2.0 * s - 1.0)),
+            rotation=float(self.rotation_factor * (2.0 * r - 1.0)),
+            flip=bool(self.flip and self._flip_perm[inst.category_id] is not None and f < 0.5))
 
     def __getitem__(self, item):
         if isinstance(item, (tuple, list)):
@@ -164,18 +157,16 @@ class KeypointDataset(Dataset):
         else:
             index, draw, epoch = int(item), None, None
         inst = self.coco.instances[index]
-        center, scale, rotation, flip = self.crop_params(index, draw, epoch)
-
+        crop = self.crop(index, draw, epoch)
         try:
             img = self.image(inst.image_id)
         except DataError as exc:
             return {"error": f"{exc} (annotation id {inst.ann_id})", "index": index}
-        m_in = crop_matrix(center, scale, rotation, self.input_size, flip=flip)
-        crop = warp_crop(img, m_in, self.input_size)
+        pixels = crop.warp(img, self.input_size)
         if self.normalize:
-            image = normalize_image(crop)
+            image = normalize_image(pixels)
         else:
-            image = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
+            image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
         k = self.num_keypoints
         kc = inst.keypoints.shape[0]
@@ -185,8 +176,8 @@ class KeypointDataset(Dataset):
         # flip this is the crop map at the heatmap size; with one, the mirror
         # x -> W_in - 1 - x of the input pixels carries over exactly)
         ratio = np.array(self.heatmap_size, dtype=np.float64) / np.array(self.input_size, dtype=np.float64)
-        kp_hm = (kp_img @ m_in[:, :2].T + m_in[:, 2]) * ratio
-        if flip:
+        kp_hm = crop.to_grid(kp_img, self.input_size) * ratio
+        if crop.flip:
             perm = self._flip_perm[inst.category_id]
             kp_hm, visible = kp_hm[perm], visible[perm]
         kp = np.zeros((k, 2), dtype=np.float32)
@@ -209,10 +200,10 @@ class KeypointDataset(Dataset):
             "keypoints_image": torch.from_numpy(kp_image),
             "visible": torch.from_numpy(vis),
             "keypoint_mask": torch.from_numpy(mask),
-            "center": torch.from_numpy(center),
-            "scale": torch.from_numpy(np.asarray(scale, dtype=np.float64)),
-            "rotation": torch.tensor(rotation, dtype=torch.float64),
-            "flip": torch.tensor(flip),
+            "center": torch.from_numpy(crop.center),
+            "scale": torch.from_numpy(np.asarray(crop.scale, dtype=np.float64)),
+            "rotation": torch.tensor(crop.rotation, dtype=torch.float64),
+            "flip": torch.tensor(crop.flip),
             "bbox": torch.from_numpy(inst.bbox.copy()),
             "bbox_size": torch.tensor(inst.bbox_size, dtype=torch.float64),
             "category_id": inst.category_id,

@@ -132,30 +132,9 @@ class EpisodeSampler:
         """(support set, query) pairs: the paper's episode count."""
         return len(self.episodes) * self.queries
 
-    def shard(self, rank: int, world_size: int) -> list[Episode]:
-        """Contiguous block ``rank`` of ``world_size`` (sizes differ by at most one)."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        n = len(self.episodes)
-        lo, hi = rank * n // world_size, (rank + 1) * n // world_size
-        return self.episodes[lo:hi]
-
-    def batches(self, batch_size: int):
-        """Consecutive lists of at most ``batch_size`` episodes."""
-        for i in range(0, len(self.episodes), batch_size):
-            yield self.episodes[i : i + batch_size]
-
     def by_category(self) -> dict[int, list[Episode]]:
         """Episodes grouped by category (each feature map read once per category)."""
         out: dict[int, list[Episode]] = {c: [] for c in self.category_ids}
         for e in self.episodes:
             out[e.category_id].append(e)
         return out
-
-    def instances_needed(self) -> list[int]:
-        """Sorted instance indices used by any episode (extract features once)."""
-        used = set()
-        for e in self.episodes:
-            used.update(e.supports)
-            used.update(e.queries)
-        return sorted(used)

@@ -16,6 +16,7 @@ after the crop map.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from escape_fast import reference
 
 __all__ = [
+    "Crop",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "box_to_center_scale",
@@ -132,6 +134,44 @@ def warp_crop(image: np.ndarray, matrix: np.ndarray, size) -> np.ndarray:
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=(0, 0, 0),
     )
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One top-down crop, the map of every crop in escape_fast (training
+    items, evaluation, prediction, figures): ``center`` [2] in image pixels,
+    ``scale`` [2] = padded box size / 200, ``rotation`` in degrees, ``flip``.
+    ``size`` arguments are the grid's (width, height): the input crop or the
+    heatmap of the same crop."""
+
+    center: np.ndarray
+    scale: np.ndarray
+    rotation: float = 0.0
+    flip: bool = False
+
+    @classmethod
+    def of_box(cls, box, size, padding: float = 1.25) -> "Crop":
+        """The crop of box [x, y, w, h] for a grid of ``size``: centred on the
+        box, padded to the grid's aspect ratio, then by ``padding``."""
+        center, scale = box_to_center_scale(box, size[0] / size[1], padding)
+        return cls(center, scale)
+
+    def matrix(self, size) -> np.ndarray:
+        """2 x 3 image -> grid affine matrix (what cv2.warpAffine takes)."""
+        return crop_matrix(self.center, self.scale, self.rotation, size, flip=self.flip)
+
+    def warp(self, image: np.ndarray, size) -> np.ndarray:
+        """The crop's pixels [size[1], size[0], 3] (bilinear, zero outside the image)."""
+        return warp_crop(image, self.matrix(size), size)
+
+    def to_grid(self, points, size) -> np.ndarray:
+        """Image pixels [..., 2] -> grid points."""
+        return apply_affine(self.matrix(size), points)
+
+    def to_image(self, points, size) -> np.ndarray:
+        """Grid points [..., 2] -> image pixels: the exact inverse of :meth:`to_grid`."""
+        return apply_affine(crop_matrix(self.center, self.scale, self.rotation, size, flip=self.flip,
+                                        inverse=True), points)
 
 
 def normalize_image(crop: np.ndarray) -> torch.Tensor:

@@ -1,7 +1,9 @@
-"""Models of ESCAPE: adaptation (MLE, MAP, ESCAPE) and the matching network."""
+"""Models of ESCAPE (docs/architecture.md): the whole model and its inference
+(escape.py), feature extractors (backbone.py), prototype estimators
+(adapt.py), the matching network (matching.py), and what only training
+uses (training.py, losses.py)."""
 
 from escape_fast.models.adapt import (
-    METHODS,
     blend,
     escape_prototypes,
     hungarian_assignment,
@@ -9,15 +11,18 @@ from escape_fast.models.adapt import (
     mle_prototypes,
     support_mean,
 )
-from escape_fast.models.matching import MatchingNetwork, matching_loss
+from escape_fast.models.escape import EscapeModel
+from escape_fast.models.losses import heatmap_loss, matching_loss
+from escape_fast.models.matching import MatchingNetwork
 
 __all__ = [
-    "METHODS",
+    "EscapeModel",
     "blend",
     "MatchingNetwork",
     "escape_prototypes",
     "hungarian_assignment",
     "map_prototypes",
+    "heatmap_loss",
     "matching_loss",
     "mle_prototypes",
     "support_mean",

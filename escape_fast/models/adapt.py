@@ -34,9 +34,6 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-METHODS = ("mle", "map", "escape")
-
-
 def support_mean(features: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean keypoint feature over the shots where it is visible.
 
@@ -123,3 +120,18 @@ def escape_prototypes(
     q = log_assignment[:, :k].exp().to(means.dtype)
     prior = q @ super_keypoints.to(means.dtype)
     return torch.where(valid[..., None], blend(means, prior, alpha), means)
+
+
+def assignments(features: torch.Tensor, visible: torch.Tensor, super_keypoints: torch.Tensor,
+                log_assignment: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The super-keypoint each keypoint is matched to: (index [B, K], -1
+    for none; weight [B, K]). Without ``log_assignment``: the Hungarian
+    assignment of MAP (weight 1); with the matching network's
+    ``log_assignment`` [B, K + 1, L]: each row's most likely super-keypoint
+    and its probability (for keypoints visible in some shot)."""
+    means, valid = support_mean(features, visible)
+    if log_assignment is None:
+        index = hungarian_assignment(means, valid, super_keypoints)
+        return index, (index >= 0).to(means.dtype)
+    weight, index = log_assignment[:, : means.shape[1]].exp().max(-1)
+    return torch.where(valid, index, torch.full_like(index, -1)), weight

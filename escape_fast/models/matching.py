@@ -1,4 +1,4 @@
-"""The learnable matching network of ESCAPE (sec. 5.2, SPEC 6).
+"""The learnable matching network of ESCAPE (paper sec. 5.2; docs/method.md, "Matching network").
 
 Novel keypoints (tokens from a second feature extractor) and the L
 super-keypoints (learned tokens) attend to themselves and to each other for
@@ -133,15 +133,6 @@ class MatchingNetwork(nn.Module):
         s = self.scores(features, keypoints, visible)
         return ops.sinkhorn_log(s, self.bin_score, visible.bool(), self.iters, backend=self.backend)
 
-    def assign_shots(self, features, keypoints, visible):
-        """Multi-shot log assignment [B, K + 1, L]: scores averaged over shots first.
-
-        Inputs [B, S, K, C], [B, S, K, 2], [B, S, K].
-        """
-        b, s = features.shape[:2]
-        flat = self.scores(features.flatten(0, 1), keypoints.flatten(0, 1), visible.flatten(0, 1))
-        return self.assign_scores(flat.unflatten(0, (b, s)), visible)
-
     def assign_scores(self, scores, visible):
         """Multi-shot log assignment [B, K + 1, L] from per-shot scores [B, S, K, L].
 
@@ -151,31 +142,3 @@ class MatchingNetwork(nn.Module):
         """
         fused, valid = ops.fuse_shot_scores(scores, visible)
         return ops.sinkhorn_log(fused, self.bin_score, valid, self.iters, backend=self.backend)
-
-
-def matching_loss(log_p: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and accuracy of a transport output against super-keypoint labels.
-
-    Args:
-        log_p (Tensor[B, K + 1, L]): ops.sinkhorn_log output.
-        labels (Tensor[B, K]): super-keypoint of each keypoint (from stage 2).
-        valid (Tensor[B, K]): keypoints that take part.
-    Returns:
-        (loss, accuracy): minus the mean log P at each valid keypoint's label,
-        plus minus the mean dustbin log P over super-keypoints that no valid
-        keypoint of the image uses; accuracy of the row argmax on valid rows.
-    """
-    b, k1, n = log_p.shape
-    k = k1 - 1
-    valid = valid.bool()
-    safe = labels.clamp(0, n - 1)
-    picked = log_p[:, :k].gather(2, safe[..., None]).squeeze(-1)
-    kp_loss = -(picked * valid).sum() / valid.sum().clamp_min(1)
-    used = torch.zeros(b, n, dtype=torch.bool, device=log_p.device)
-    used.scatter_(1, torch.where(valid, safe, torch.zeros_like(safe)), valid)
-    unused = ~used
-    bin_row = log_p[:, k].masked_fill(~unused, 0.0)
-    bin_loss = -bin_row.sum() / unused.sum().clamp_min(1)
-    correct = (log_p[:, :k].argmax(-1) == labels) & valid
-    accuracy = correct.sum().to(log_p.dtype) / valid.sum().clamp_min(1)
-    return kp_loss + bin_loss, accuracy

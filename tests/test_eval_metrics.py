@@ -1,4 +1,4 @@
-"""PCK (SPEC section 8) against hand-computed cases."""
+"""PCK (docs/method.md, "Evaluation") against hand-computed cases."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from escape_fast.data import (
+from escape_fast.eval.metrics import (
     THRESHOLDS,
-    PCKAccumulator,
     pck_curve,
     pck_per_query,
     summarize_pck,
@@ -70,9 +69,9 @@ def test_summary_means_ci_and_mpck():
     assert s.as_dict()["pck"]["0.20"] == pytest.approx(4 / 6)
 
 
-def test_accumulator_matches_direct_computation():
+def test_summary_of_draws_matches_direct_computation():
     rng = np.random.default_rng(0)
-    acc = PCKAccumulator()
+    scores, cats, draws = [], [], []
     rows = []
     for cat in (4, 9):
         for draw in range(3):
@@ -82,15 +81,17 @@ def test_accumulator_matches_direct_computation():
             qv = rng.random((q, k)) < 0.8
             sv = rng.random((1, k)) < 0.9
             size = rng.uniform(40, 120, q)
-            acc.add(pred, gt, qv, sv, size, cat, draw)
+            scores.append(pck_curve(pred, gt, valid_keypoints(qv, sv), size))
+            cats += [cat] * q
+            draws += [draw] * q
             valid = qv & sv
             dist = np.linalg.norm(pred - gt, axis=-1)
             for t in THRESHOLDS:
                 hit = ((dist < t * size[:, None]) & valid).sum(1)
                 n = valid.sum(1)
                 rows.append((t, cat, np.where(n > 0, hit / np.maximum(n, 1), 0.0)))
-    s = acc.summary()
-    assert len(acc) == 30 and s.num_draws == 6
+    s = summarize_pck(torch.cat(scores, 1), torch.tensor(cats), torch.tensor(draws))
+    assert s.num_pairs == 30 and s.num_draws == 6
     for t in THRESHOLDS:
         allq = np.concatenate([r for tt, _, r in rows if tt == t])
         assert s.pck[t] == pytest.approx(allq.mean())
@@ -100,7 +101,7 @@ def test_accumulator_matches_direct_computation():
 
 
 def test_paired_difference_by_hand():
-    from escape_fast.data.metrics import paired_difference
+    from escape_fast.eval.metrics import paired_difference
 
     # two categories x two draws x two queries; b = a + a draw-dependent shift
     a = torch.tensor([0.5, 1.0, 0.0, 0.5, 1.0, 1.0, 0.25, 0.75], dtype=torch.float64)

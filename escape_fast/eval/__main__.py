@@ -16,22 +16,18 @@ result equals the single-process one.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 import torch
-
 import torch.distributed as dist
 
 from escape_fast import builtin, cli, config as config_mod
-from escape_fast.builtin import CacheError
-from escape_fast.checkpoint import CheckpointError
 from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_for_run, mp100_split_files
-from escape_fast.data.metrics import THRESHOLDS, paired_difference
+from escape_fast.distributed import Runtime
+from escape_fast.eval.engine import EvalResult, PairResults, evaluate, evaluate_reference, summarize
+from escape_fast.eval.metrics import THRESHOLDS, paired_difference
 from escape_fast.files import write_json
-from escape_fast.evaluation import EvalResult, PairResults, evaluate, evaluate_reference, summarize
 from escape_fast.models.escape import EscapeModel
 
 
@@ -75,14 +71,6 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the report as JSON to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
-
-
-def resolve_model_path(path: str | None) -> str:
-    if path is None:
-        return builtin.checkpoint_path()
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.pt")
-    return path
 
 
 def method_differences(results: dict[str, EvalResult]) -> dict[str, tuple[float, float]]:
@@ -137,19 +125,17 @@ def format_report(results: dict[str, EvalResult], coco, shots: int, alpha: float
     return "\n".join(lines)
 
 
-def evaluate_sharded(model, coco, sampler, methods, device, args, rank, world):
+def evaluate_sharded(model, coco, sampler, methods, rt: Runtime, args):
     """Categories dealt round-robin over the torchrun processes, results
     gathered on rank 0 in the single-process order (bit for bit the same:
     feature batches never mix categories)."""
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    mine = sampler.category_ids[rank::world]
-    raw = evaluate(model, coco, sampler, methods, device, args.backend, args.batch_size, args.workers,
+    mine = sampler.category_ids[rt.rank :: rt.world]
+    raw = evaluate(model, coco, sampler, methods, rt.device, args.backend, args.batch_size, args.workers,
                    progress=None, categories=mine, summarize_results=False, alpha=args.alpha)
-    gathered = [None] * world
+    gathered = [None] * rt.world
     dist.all_gather_object(gathered, raw)
-    dist.destroy_process_group()
-    if rank != 0:
+    rt.close()
+    if not rt.main:
         return None
     results = {}
     for m in methods:
@@ -162,15 +148,15 @@ def evaluate_sharded(model, coco, sampler, methods, device, args, rank, world):
     return results
 
 
-def check_novel(model: EscapeModel, coco, path: str) -> None:
+def check_novel(model: EscapeModel, coco) -> None:
     """A CAPE result counts only on categories the model has not been trained
-    on; the checkpoint's config lists its base categories (checkpoints made
-    before that field existed are not checked)."""
-    base = set(model.config.get("base_categories", ()))
+    on; the model lists its base categories (models made before that field
+    existed are not checked)."""
+    base = set(model.base_categories)
     seen = sorted(coco.categories[c].name for c in coco.category_ids if coco.categories[c].name in base)
     if seen:
         raise DataError(
-            f"{path} was trained on {len(seen)} of the test categories of {coco.path} ({', '.join(seen[:8])}"
+            f"{model.path} was trained on {len(seen)} of the test categories of {coco.path} ({', '.join(seen[:8])}"
             f"{', ...' if len(seen) > 8 else ''}): wrong --split or --checkpoint? Pass --allow-base-categories "
             "to evaluate anyway"
         )
@@ -192,17 +178,14 @@ def run(args) -> int:
         root = args.data
     ann = args.annotations or str(mp100_split_files(root, args.split, need=("test",))["test"])
     coco = load_for_run(ann, args.bad_images, args.workers, progress)
-    path = resolve_model_path(args.checkpoint)
-    model = EscapeModel.from_checkpoint(path)
+    model = EscapeModel.load(args.checkpoint)
     if not args.allow_base_categories:
-        check_novel(model, coco, path)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
+        check_novel(model, coco)
+    rt = Runtime(args.device)
+    model.to(rt.device)
     methods = model.methods if args.method == "all" else (args.method,)
     for m in methods:
-        if m not in model.methods:
-            raise SystemExit(f"{path}: method {m!r} needs stages this model lacks (it supports "
-                             f"{', '.join(model.methods)})")
+        model.check_method(m)
     # the support weight of MAP / ESCAPE (a checkpoint that lacks it fails here, before the work)
     if args.alpha is not None:
         try:
@@ -221,18 +204,17 @@ def run(args) -> int:
     sampler = EpisodeSampler(coco, shots=args.shots, queries=args.queries, draws=draws, seed=args.seed,
                              too_few=args.too_few)
     setup_seconds = time.perf_counter() - t_start
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if args.reference:
-        if world > 1:
+        if rt.world > 1:
             raise SystemExit("--reference runs in one process; start it without torchrun")
-        results = {m: evaluate_reference(model, coco, sampler.episodes, m, device, args.queries, args.alpha)
+        results = {m: evaluate_reference(model, coco, sampler.episodes, m, rt.device, args.queries, args.alpha)
                    for m in methods}
-    elif world == 1:
-        results = evaluate(model, coco, sampler, methods, device, args.backend, args.batch_size, args.workers,
+    elif rt.world == 1:
+        results = evaluate(model, coco, sampler, methods, rt.device, args.backend, args.batch_size, args.workers,
                            progress=progress, alpha=args.alpha)
     else:
-        results = evaluate_sharded(model, coco, sampler, methods, device, args, rank, world)
-        if rank != 0:
+        results = evaluate_sharded(model, coco, sampler, methods, rt, args)
+        if not rt.main:
             return 0
     differences = method_differences(results)
     print(format_report(results, coco, args.shots, alpha, differences))
@@ -241,12 +223,12 @@ def run(args) -> int:
         # "results" depend only on the model, the data and the episodes: two runs of one
         # evaluation write identical sections; machine and timings are kept apart
         report = {
-            "data": root, "annotations": ann, "checkpoint": path, "shots": args.shots, "queries": args.queries,
+            "data": root, "annotations": ann, "checkpoint": model.path, "shots": args.shots, "queries": args.queries,
             "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed, "reference": args.reference,
             "results": {m: r.as_dict() for m, r in results.items()},
             "differences": differences,
             "category_names": {c: coco.categories[c].name for c in coco.category_ids},
-            "timing": {"backend": args.backend, "device": str(device), "setup_seconds": setup_seconds,
+            "timing": {"backend": args.backend, "device": str(rt.device), "setup_seconds": setup_seconds,
                        **{m: r.timing() for m, r in results.items()}},
         }
         write_json(args.out, report)

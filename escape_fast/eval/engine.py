@@ -1,4 +1,4 @@
-"""Episode evaluation, fast and reference (SPEC 8 and 9).
+"""Episode evaluation, fast and reference (docs/method.md, "Evaluation").
 
 Fast path (``evaluate``):
 1. every distinct instance that any episode uses is cropped and run through
@@ -19,18 +19,15 @@ Both paths take the same episodes and give the same predictions.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from escape_fast import ops, reference
-from escape_fast.data import KeypointDataset, make_loader, pck_curve, summarize_pck, valid_keypoints
-from escape_fast.data.metrics import THRESHOLDS
-from escape_fast.models.adapt import escape_prototypes, map_prototypes, mle_prototypes
+from escape_fast.data import KeypointDataset, make_loader
+from escape_fast.eval.metrics import THRESHOLDS, pck_curve, summarize_pck, valid_keypoints
 
 PHASES = ("data", "features", "adaptation", "heatmaps", "metric")
-DECODE_KERNEL = 15  # SPEC 7: the heatmaps' mean filter
 
 
 class Timer:
@@ -76,12 +73,6 @@ class InstanceBank:
     seconds: dict = field(default_factory=dict)
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def _category_batches(coco, instances, batch_size):
     """Instances grouped by category (id order), in chunks of ``batch_size``.
 
@@ -99,44 +90,13 @@ def _category_batches(coco, instances, batch_size):
 
 
 @torch.no_grad()
-def extract(model, images, keypoints=None, visible=None, amp=True, backend="auto", matcher=True):
-    """Features of normalized crops, as the evaluation and the predictor use them.
-
-    Returns (features [B, C, h, w] float32 contiguous, pooled [B, K, C],
-    match_scores [B, K, L]): the last two need ``keypoints`` (heatmap cells
-    [B, K, 2]) and ``visible`` [B, K]; they are None without them. The
-    matching network's scores of each image as a shot are None for a model
-    without one, or with ``matcher=False`` (only ESCAPE needs them).
-    """
-    sigma = model.config.get("sigma", 2.0)
-    # Convolutions run faster on channels-last input (oneDNN, cuDNN). The
-    # model's own memory format is left alone: training validates with it.
-    images = images.contiguous(memory_format=torch.channels_last)
-    with _autocast(images.device, amp):
-        f = model.extractor(images)
-    f = f.float().contiguous()
-    if keypoints is None:
-        return f, None, None
-    pooled = ops.keypoint_pool(f, keypoints, visible, sigma, backend=backend)
-    scores = None
-    if matcher and model.matcher is not None:
-        with _autocast(images.device, amp):
-            g = model.matcher_extractor(images)
-        tokens = ops.keypoint_pool(g.float().contiguous(), keypoints, visible, sigma, backend=backend)
-        scores = model.matcher.scores(tokens, keypoints, visible)
-    return f, pooled, scores
-
-
-@torch.no_grad()
 def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=True, backend="auto",
                timer: Timer | None = None, progress=None, matcher=True) -> InstanceBank:
     """Crop, extract and pool every instance in ``instances`` once
     (``matcher=False``: without the matching network's scores, which only
     ESCAPE uses), and smooth its features for decoding."""
     timer = timer or Timer(device)
-    cfg = model.config
-    sigma = cfg.get("sigma", 2.0)
-    dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=False, sigma=sigma,
+    dataset = KeypointDataset(coco, input_size=model.input_size, train=False, sigma=model.sigma,
                               num_keypoints=coco.max_keypoints)
     batches = _category_batches(coco, instances, batch_size)
     loader = make_loader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=False)
@@ -152,9 +112,9 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
             break
         with timer.phase("features"):
             images = batch["image"].to(device, non_blocking=True)
-            f, p, ms = extract(model, images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
-                               backend, matcher)
-            feats.append(ops.smooth_features(f, DECODE_KERNEL))
+            f, p, ms = model.features(images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
+                                      backend, matcher)
+            feats.append(model.smooth(f))
             pooled.append(p)
             if ms is not None:
                 mscores.append(ms)
@@ -184,35 +144,6 @@ def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=Tru
     )
 
 
-def prototypes_for(model, method: str, pooled, visible, match_scores=None, alpha=None):
-    """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K]).
-
-    ESCAPE needs the matching network's scores of each shot, ``match_scores``
-    [D, S, K, L] (see :func:`extract`). ``alpha``: the support weight of MAP
-    and ESCAPE; None takes the model's (``EscapeModel.alpha_for``).
-    """
-    if method == "mle":
-        return mle_prototypes(pooled, visible)
-    mu = model.super_keypoints.to(pooled.dtype)
-    if alpha is None:
-        alpha = model.alpha_for(pooled.shape[1])
-    if method == "map":
-        return map_prototypes(pooled, visible, mu, alpha)[0]
-    if method == "escape":
-        if model.matcher is None:
-            raise ValueError("method 'escape' needs a model trained through stage 4 (matching network)")
-        log_p = model.matcher.assign_scores(match_scores, visible)
-        return escape_prototypes(pooled, visible, mu, log_p, alpha)
-    raise ValueError(f"unknown method {method!r}; choose mle, map or escape")
-
-
-def decode_smoothed(smoothed, prototypes, center, scale, backend="auto", rotation=None):
-    """Image coordinates [B, K, 2] and peak values [B, K] of prototypes [B, K, C]
-    on features already smoothed by ``ops.smooth_features(F, DECODE_KERNEL)``:
-    SPEC 7's decoding, with the mean filter moved before the inner product."""
-    return ops.heatmap_decode(smoothed, prototypes, center, scale, kernel=1, backend=backend, rotation=rotation)
-
-
 def _group_slots(query_rows: torch.Tensor):
     """For pair p querying instance row r_p: (unique rows, group of p, slot of p in its group)."""
     uniq, inv = torch.unique(query_rows, return_inverse=True)
@@ -236,7 +167,7 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypo
     d, q = qry.shape
     with timer.phase("adaptation"):
         ms = bank.match_scores[sup] if bank.match_scores is not None else None
-        protos = prototypes_for(model, method, bank.pooled[sup], bank.visible[sup], match_scores=ms, alpha=alpha)
+        protos = model.prototypes(method, bank.pooled[sup], bank.visible[sup], match_scores=ms, alpha=alpha)
     with timer.phase("heatmaps"):
         k = num_keypoints
         k_pad, c = protos.shape[1:]
@@ -246,8 +177,8 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypo
         uniq, group, slot, width = _group_slots(pair_rows)
         stacked = protos.new_zeros(len(uniq), width, k, c)
         stacked[group, slot] = protos[pair_draw]
-        coords, _ = decode_smoothed(bank.smoothed[uniq], stacked.reshape(len(uniq), width * k, c),
-                                    bank.center[uniq], bank.scale[uniq], backend, bank.rotation[uniq])
+        coords, _ = model.decode(bank.smoothed[uniq], stacked.reshape(len(uniq), width * k, c),
+                                 bank.center[uniq], bank.scale[uniq], bank.rotation[uniq], backend)
         coords = coords.reshape(len(uniq), width, k, 2)[group, slot]  # [D * Q, k, 2]
         coords = torch.nn.functional.pad(coords, (0, 0, 0, k_pad - k))
     return coords, sup, pair_rows
@@ -263,7 +194,7 @@ def score_pairs(bank: InstanceBank, coords, sup, pair_rows, queries: int):
 @dataclass
 class EvalResult:
     method: str
-    summary: object  # data.metrics.PCKSummary
+    summary: object  # eval.metrics.PCKSummary
     scores: torch.Tensor  # [T, P] per pair
     predictions: torch.Tensor  # [P, K, 2]
     category_ids: torch.Tensor  # [P]
@@ -302,7 +233,7 @@ class PairResults:
 def evaluate_pairs(model, coco, sampler, method, device, backend="auto", bank=None, categories=None,
                    timer=None, progress=None, alpha=None) -> PairResults:
     """Per-pair PCK and predictions of ``method`` for ``categories`` (default all);
-    ``alpha`` as in :func:`prototypes_for`."""
+    ``alpha`` as in :meth:`EscapeModel.prototypes`."""
     groups = sampler.by_category()
     cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
     scores, preds, cat_ids, draws = [], [], [], []
@@ -333,7 +264,7 @@ def summarize(method: str, pairs: PairResults, seconds: dict) -> EvalResult:
 
 def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto", batch_size=32, workers=0,
              amp=True, progress=None, categories=None, summarize_results=True, alpha=None):
-    """Fast evaluation of ``sampler``'s episodes (``alpha`` as in :func:`prototypes_for`).
+    """Fast evaluation of ``sampler``'s episodes (``alpha`` as in :meth:`EscapeModel.prototypes`).
 
     Returns {method: EvalResult}, or {method: (PairResults, seconds)} when
     ``summarize_results`` is False (a shard of ``categories`` to be merged).
@@ -396,12 +327,11 @@ def predict_episodes(model, coco, episodes, method="escape", device="cpu", backe
 def evaluate_reference(model, coco, episodes, method="mle", device="cpu", queries=15, alpha=None) -> EvalResult:
     """The straightforward evaluation: one episode at a time, features
     recomputed per episode, reference ops. Same outputs as ``evaluate``
-    (``alpha`` as in :func:`prototypes_for`)."""
+    (``alpha`` as in :meth:`EscapeModel.prototypes`)."""
     device = torch.device(device)
     timer = Timer(device)
-    cfg = model.config
-    sigma = cfg.get("sigma", 2.0)
-    dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=False, sigma=sigma,
+    sigma = model.sigma
+    dataset = KeypointDataset(coco, input_size=model.input_size, train=False, sigma=sigma,
                               num_keypoints=coco.max_keypoints)
     model.eval()
     preds, scores, cats, draws = [], [], [], []
@@ -420,7 +350,7 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
             ms = None
             if g is not None:  # the matching network once per episode, on its supports
                 ms = model.matcher.scores(reference.keypoint_pool(g, kp[:s], vis[:s], sigma), kp[:s], vis[:s])[None]
-            protos = prototypes_for(model, method, pooled[None], vis[None, :s], ms, alpha)[0]
+            protos = model.prototypes(method, pooled[None], vis[None, :s], ms, alpha)[0]
         with timer.phase("heatmaps"):
             k = coco.categories[e.category_id].num_keypoints  # decode those; padded slots stay 0
             coords = []

@@ -1,4 +1,4 @@
-"""escape_fast.cluster: kNN with label exclusion and density-peaks clustering vs the reference."""
+"""escape_fast.neighbors: kNN with label exclusion and density-peaks clustering vs the reference."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from escape_fast import cluster, ops, reference
+from escape_fast import neighbors, ops, reference
 from conftest import HAS_CUDA, tol
 
-needs_faiss = pytest.mark.skipif(not cluster.HAVE_FAISS, reason=f"faiss not importable ({cluster.FAISS_ERROR})")
+needs_faiss = pytest.mark.skipif(not neighbors.HAVE_FAISS, reason=f"faiss not importable ({neighbors.FAISS_ERROR})")
 
-# (backend, FAISS index): every exact path of cluster.knn / cluster_keypoints
+# (backend, FAISS index): every exact path of neighbors.knn / cluster_keypoints
 EXACT_PATHS = [
     pytest.param(("cpu", "auto"), id="torch-cpu"),
     pytest.param(
@@ -78,7 +78,7 @@ def test_knn_matches_reference(path, n_centers, per, extra, k, with_labels, dtyp
     queries, qcats = v[: len(v) // 2], cats[: len(v) // 2]
     exclude = (qcats, cats) if with_labels else None
     backend, opts = _options(path, len(v))
-    got = cluster.knn(queries, v, k, exclude, backend=backend, **opts)
+    got = neighbors.knn(queries, v, k, exclude, backend=backend, **opts)
     assert_knn_equal(got, reference.knn(queries, v, k, exclude), dtype)
 
 
@@ -89,14 +89,14 @@ def test_knn_fewer_candidates_than_k(path, dtype):
     v, cats = v.to(device), cats.to(device)
     backend, opts = _options(path, len(v))
     for k in (11, 12, 20):
-        got = cluster.knn(v, v, k, (cats, cats), backend=backend, **opts)
+        got = neighbors.knn(v, v, k, (cats, cats), backend=backend, **opts)
         want = reference.knn(v, v, k, (cats, cats))
         assert_knn_equal(got, want, dtype)
         assert torch.isinf(got[0][:, -1]).all()  # every row is padded
     # a query label absent from the base, and a base of one label only
-    got = cluster.knn(v, v[:5], 3, (torch.full_like(cats, 99), torch.zeros_like(cats[:5])), backend=backend, **opts)
+    got = neighbors.knn(v, v[:5], 3, (torch.full_like(cats, 99), torch.zeros_like(cats[:5])), backend=backend, **opts)
     assert_knn_equal(got, reference.knn(v, v[:5], 3, (torch.full_like(cats, 99), torch.zeros_like(cats[:5]))), dtype)
-    got = cluster.knn(v, v[:5], 3, (torch.zeros_like(cats), torch.zeros_like(cats[:5])), backend=backend, **opts)
+    got = neighbors.knn(v, v[:5], 3, (torch.zeros_like(cats), torch.zeros_like(cats[:5])), backend=backend, **opts)
     assert (got[1] == -1).all() and torch.isinf(got[0]).all()
 
 
@@ -122,7 +122,7 @@ def test_knn_ties_go_to_the_lower_index(path, dtype):
         want = reference.knn(queries, base, 9, exclude)
         assert (want[0][:, 1:] == want[0][:, :-1]).any()  # the case is exercised
         ex = None if exclude is None else (exclude[0].to(device), exclude[1].to(device))
-        vals, idx = cluster.knn(queries.to(device), base.to(device), 9, ex, backend=backend, **opts)
+        vals, idx = neighbors.knn(queries.to(device), base.to(device), 9, ex, backend=backend, **opts)
         assert torch.equal(idx.cpu(), want[1])
         assert torch.equal(vals.cpu(), want[0])
 
@@ -136,7 +136,7 @@ def test_knn_through_public_op_and_backend_errors():
         ops.knn(v, v, 4, backend="cuda")
     with pytest.raises(ops.BackendUnavailable, match="Triton"):
         ops.knn(v, v, 4, backend="triton")
-    empty = cluster.knn(v[:0], v, 3, backend="cpu")
+    empty = neighbors.knn(v[:0], v, 3, backend="cpu")
     assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)
 
 
@@ -147,7 +147,7 @@ def test_torch_block_merge_and_tie_repair():
     queries = _sign_vectors(20, 5, g)
     labels = torch.arange(63) % 4
     qlabels = torch.arange(20) % 5
-    searcher = cluster.TorchSearcher(base, labels, torch.float64)
+    searcher = neighbors.TorchSearcher(base, labels, torch.float64)
     searcher.block_q, searcher.block_b = 8, 10
     repaired = []
     block_topk = searcher._block_topk
@@ -201,7 +201,7 @@ def test_cluster_matches_reference(path, n_centers, per, n_cats, extra, k_grow, 
     backend, opts = _options(path, len(v))
     # count the single-peak re-queries (list used up while still above the threshold)
     calls = []
-    make = cluster.make_searcher
+    make = neighbors.make_searcher
 
     def counting(*args, **kwargs):
         s = make(*args, **kwargs)
@@ -209,8 +209,8 @@ def test_cluster_matches_reference(path, n_centers, per, n_cats, extra, k_grow, 
         s.search = lambda q, lab, k: calls.append(len(q)) or search(q, lab, k)
         return s
 
-    monkeypatch.setattr(cluster, "make_searcher", counting)
-    got = cluster.cluster_keypoints(v.to(device), cats.to(device), 0.8, 6, backend=backend, k_grow=k_grow, **opts)
+    monkeypatch.setattr(neighbors, "make_searcher", counting)
+    got = neighbors.cluster_keypoints(v.to(device), cats.to(device), 0.8, 6, backend=backend, k_grow=k_grow, **opts)
     want = reference.cluster_keypoints(v, cats, 0.8, 6)
     assert torch.equal(got[1].cpu(), want[1])
     torch.testing.assert_close(got[0].cpu(), want[0], **tol(dtype))
@@ -226,15 +226,15 @@ def test_cluster_edge_cases(path):
     backend, opts = _options(path, 5)
     v = torch.randn(5, 4, dtype=torch.float64, device=device)
     # one category: no pair is allowed, every vector is its own cluster, in density order (all 0: index order)
-    supers, assign = cluster.cluster_keypoints(v, torch.zeros(5, dtype=torch.long, device=device), backend=backend, **opts)
+    supers, assign = neighbors.cluster_keypoints(v, torch.zeros(5, dtype=torch.long, device=device), backend=backend, **opts)
     assert torch.equal(assign.cpu(), torch.arange(5)) and torch.equal(supers, v)
-    supers, assign = cluster.cluster_keypoints(v[:0], torch.zeros(0, dtype=torch.long, device=device), backend=backend)
+    supers, assign = neighbors.cluster_keypoints(v[:0], torch.zeros(0, dtype=torch.long, device=device), backend=backend)
     assert supers.shape == (0, 4) and assign.shape == (0,)
-    supers, assign = cluster.cluster_keypoints(v[:1], torch.zeros(1, dtype=torch.long, device=device), backend=backend, **opts)
+    supers, assign = neighbors.cluster_keypoints(v[:1], torch.zeros(1, dtype=torch.long, device=device), backend=backend, **opts)
     assert torch.equal(assign.cpu(), torch.zeros(1, dtype=torch.long))
     # identical vectors of distinct categories: one cluster
     same = v[:1].expand(4, 4).clone()
-    supers, assign = cluster.cluster_keypoints(same, torch.arange(4, device=device), backend=backend, **opts)
+    supers, assign = neighbors.cluster_keypoints(same, torch.arange(4, device=device), backend=backend, **opts)
     assert torch.equal(assign.cpu(), torch.zeros(4, dtype=torch.long))
 
 
@@ -243,7 +243,7 @@ def test_cluster_is_deterministic_and_public_op_dispatches(backend):
     v, cats = planted(20, 8, 6, 16, extra=30, dtype=torch.float32, seed=3)
     first = ops.cluster_keypoints(v, cats, 0.8, 6, backend="cpu" if backend == "cpu" else "auto")
     for _ in range(2):
-        again = cluster.cluster_keypoints(v, cats, 0.8, 6, backend=backend)
+        again = neighbors.cluster_keypoints(v, cats, 0.8, 6, backend=backend)
         assert torch.equal(again[1], first[1]) and torch.equal(again[0], first[0])
     assert_valid_clustering(v, cats, first, 0.8)
 
@@ -251,7 +251,7 @@ def test_cluster_is_deterministic_and_public_op_dispatches(backend):
 @needs_faiss
 def test_ivf_default_probes_give_a_valid_close_clustering():
     v, cats = planted(100, 20, 30, 32, extra=200, dtype=torch.float32, seed=4)
-    got = cluster.cluster_keypoints(v, cats, 0.8, 6, backend="faiss", index="ivf")
+    got = neighbors.cluster_keypoints(v, cats, 0.8, 6, backend="faiss", index="ivf")
     assert_valid_clustering(v, cats, got, 0.8)
     want = reference.cluster_keypoints(v, cats, 0.8, 6)
     # approximate neighbours: the number of clusters stays close to the exact one
@@ -262,14 +262,14 @@ def test_ivf_default_probes_give_a_valid_close_clustering():
 def test_moderately_large_torch_and_faiss_agree():
     # float64: FAISS re-scores its float32 candidates, so both paths are exact
     v, cats = planted(1000, 18, 70, 32, extra=2000, dtype=torch.float64, seed=5)  # 20000 vectors
-    torch_result = cluster.cluster_keypoints(v, cats, 0.8, 6, backend="cpu")
-    faiss_result = cluster.cluster_keypoints(v, cats, 0.8, 6, backend="faiss", index="flat")
+    torch_result = neighbors.cluster_keypoints(v, cats, 0.8, 6, backend="cpu")
+    faiss_result = neighbors.cluster_keypoints(v, cats, 0.8, 6, backend="faiss", index="flat")
     assert torch.equal(torch_result[1], faiss_result[1])
     torch.testing.assert_close(torch_result[0], faiss_result[0])
     assert 1000 <= torch_result[0].shape[0] < 5000
     # float32: the engines round differently (near-equal densities could swap
     # peaks), so there the neighbour lists are compared
     v32 = v.float()
-    k_t = cluster.knn(v32[:1000], v32, 8, (cats[:1000], cats), backend="cpu")
-    k_f = cluster.knn(v32[:1000], v32, 8, (cats[:1000], cats), backend="faiss", index="flat")
+    k_t = neighbors.knn(v32[:1000], v32, 8, (cats[:1000], cats), backend="cpu")
+    k_f = neighbors.knn(v32[:1000], v32, 8, (cats[:1000], cats), backend="faiss", index="flat")
     assert_knn_equal(k_f, k_t, torch.float32)

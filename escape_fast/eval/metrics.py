@@ -1,4 +1,4 @@
-"""PCK of the standard protocol (SPEC section 8), vectorized in torch.
+"""PCK of the standard protocol (docs/method.md, "Evaluation"), vectorized in torch.
 
 PCK@t of one query: among the keypoints visible in the query AND in every
 support of its episode (and existing in the category), the fraction whose
@@ -27,9 +27,9 @@ __all__ = [
     "valid_keypoints",
     "pck_per_query",
     "pck_curve",
-    "PCKAccumulator",
     "PCKSummary",
     "summarize_pck",
+    "paired_difference",
 ]
 
 THRESHOLDS = (0.05, 0.10, 0.15, 0.20, 0.25)
@@ -182,42 +182,3 @@ def summarize_pck(scores, category_ids, draw_ids, thresholds=THRESHOLDS, main_th
         num_draws=nd,
         main_threshold=thresholds[main],
     )
-
-
-class PCKAccumulator:
-    """Collects per-query PCK episode by episode; ``summary()`` aggregates.
-
-    ``add(pred [Q, K, 2], gt [Q, K, 2], query_visible [Q, K],
-    support_visible [S, K], bbox_size [Q], category_id, draw,
-    keypoint_mask=None)`` scores the Q queries of one draw at every
-    threshold.
-    """
-
-    def __init__(self, thresholds=THRESHOLDS, main_threshold: float = 0.2):
-        self.thresholds = tuple(float(t) for t in thresholds)
-        self.main_threshold = float(main_threshold)
-        self._scores: list[torch.Tensor] = []
-        self._cats: list[torch.Tensor] = []
-        self._draws: list[torch.Tensor] = []
-
-    def add(self, pred, gt, query_visible, support_visible, bbox_size, category_id, draw, keypoint_mask=None):
-        valid = valid_keypoints(query_visible, support_visible, keypoint_mask)
-        s = pck_curve(pred, gt, valid, bbox_size, self.thresholds)
-        n = s.shape[1]
-        self._scores.append(s.cpu())
-        # one category and draw for all Q queries, or one per query
-        self._cats.append(_t(category_id, torch.int64).reshape(-1).expand(n))
-        self._draws.append(_t(draw, torch.int64).reshape(-1).expand(n))
-        return s
-
-    def __len__(self) -> int:
-        return sum(s.shape[1] for s in self._scores)
-
-    def summary(self) -> PCKSummary:
-        return summarize_pck(
-            torch.cat(self._scores, dim=1),
-            torch.cat(self._cats),
-            torch.cat(self._draws),
-            self.thresholds,
-            self.main_threshold,
-        )

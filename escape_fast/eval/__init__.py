@@ -1,0 +1,40 @@
+"""Evaluation of category-agnostic pose estimation on the standard episode protocol.
+
+* :mod:`escape_fast.eval.metrics`: PCK at several thresholds, per category,
+  with 95% intervals over support draws, and paired differences of methods;
+* :mod:`escape_fast.eval.engine`: the fast evaluation (every instance's
+  features once, episodes a category at a time) and the straightforward
+  reference path, which give the same predictions;
+* :mod:`escape_fast.eval.alpha`: alpha chosen on validation categories;
+* ``python -m escape_fast.eval`` (:mod:`escape_fast.eval.__main__`): the
+  command line.
+"""
+
+from escape_fast.eval.metrics import (
+    THRESHOLDS,
+    PCKSummary,
+    paired_difference,
+    pck_curve,
+    pck_per_query,
+    summarize_pck,
+    valid_keypoints,
+)
+from escape_fast.eval.engine import (  # noqa: E402 (metrics first: the engine uses them)
+    EvalResult,
+    InstanceBank,
+    PairResults,
+    Timer,
+    build_bank,
+    evaluate,
+    evaluate_pairs,
+    evaluate_reference,
+    predict_category,
+    predict_episodes,
+    summarize,
+)
+
+__all__ = [
+    "THRESHOLDS", "PCKSummary", "paired_difference", "pck_curve", "pck_per_query", "summarize_pck",
+    "valid_keypoints", "EvalResult", "InstanceBank", "PairResults", "Timer", "build_bank", "evaluate",
+    "evaluate_pairs", "evaluate_reference", "predict_category", "predict_episodes", "summarize",
+]
