@@ -98,7 +98,6 @@ def novel_matching(run: str, data: str, parts: dict, clusters: dict, max_instanc
     """Share of visible novel keypoints matched to a super-keypoint of their own part (see above)."""
     from escape_fast.data import load_coco, mp100_split_files
     from escape_fast.eval.engine import build_bank
-    from escape_fast.models.adapt import hungarian_assignment
     from escape_fast.models.escape import EscapeModel
 
     model = EscapeModel.load(os.path.join(run, "model.pt")).eval()
@@ -109,7 +108,7 @@ def novel_matching(run: str, data: str, parts: dict, clusters: dict, max_instanc
                    (keys[i] for i in torch.nonzero(assignment == z).flatten().tolist())]
         if members:
             majority[z] = Counter(members).most_common(1)[0][0]
-    coco = load_coco(str(mp100_split_files(data, 1)["test"]))
+    coco = load_coco(str(mp100_split_files(data, 1, need=("test",))["test"]))
     instances = [i for c in coco.category_ids for i in coco.instances_of(c)[:max_instances]]
     bank = build_bank(model, coco, instances, torch.device("cpu"))
     hits = {"map": 0, "escape": 0}
@@ -117,12 +116,10 @@ def novel_matching(run: str, data: str, parts: dict, clusters: dict, max_instanc
     for inst, row in bank.rows.items():
         truth_k = parts[coco.instances[inst].category_id]["keypoint_super_keypoint"]
         vis = bank.visible[row, : len(truth_k)]
-        picks = {"map": hungarian_assignment(bank.pooled[row : row + 1], bank.visible[row : row + 1],
-                                             model.super_keypoints)[0]}
-        if bank.match_scores is not None:
-            one = slice(row, row + 1)
-            log_p = model.matcher.assign_scores(bank.match_scores[one, None], bank.visible[one, None])
-            picks["escape"] = log_p[0, :-1].argmax(-1)
+        one = slice(row, row + 1)  # this instance as a 1-shot support set
+        picks = {m: model.assignments(m, bank.pooled[one, None], bank.visible[one, None],
+                                      None if bank.match_scores is None else bank.match_scores[one, None])[0][0]
+                 for m in model.methods if m != "mle"}
         for k in torch.nonzero(vis).flatten().tolist():
             total += 1
             for name, pick in picks.items():

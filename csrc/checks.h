@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <initializer_list>
 
 namespace escape_fast::checks {
@@ -85,6 +86,40 @@ inline int64_t sinkhorn_backward_inputs(const at::Tensor& grad, const at::Tensor
                 "), got ", t->scalar_type());
   }
   return iters;
+}
+
+// keypoint_pool(_backward): keypoints [B, K, 2] of the dtype of ref (features or grad), visible [B, K]
+// bool, a positive finite sigma, every tensor on ref's device.
+inline void pool_inputs(const char* op, const at::Tensor& ref, const at::Tensor& keypoints,
+                        const at::Tensor& visible, double sigma, int64_t batch) {
+  TORCH_CHECK(keypoints.dim() == 3 && keypoints.size(0) == batch && keypoints.size(2) == 2, op,
+              ": keypoints must be [B, K, 2] with B=", batch, ", got ", keypoints.sizes());
+  TORCH_CHECK(visible.dim() == 2 && visible.size(0) == batch && visible.size(1) == keypoints.size(1), op,
+              ": visible must be [B, K] = ", keypoints.sizes().slice(0, 2), ", got ", visible.sizes());
+  TORCH_CHECK(keypoints.scalar_type() == ref.scalar_type(), op, ": keypoints must have dtype ", ref.scalar_type(),
+              ", got ", keypoints.scalar_type());
+  TORCH_CHECK(visible.scalar_type() == at::kBool, op, ": visible must be bool, got ", visible.scalar_type());
+  TORCH_CHECK(sigma > 0 && std::isfinite(sigma), op, ": sigma must be a positive finite float, got ", sigma);
+  same_device(op, ref, {&keypoints, &visible});
+}
+
+// keypoint_pool: features [B, C, H, W]; returns B.
+inline int64_t pool_features(const at::Tensor& features, const at::Tensor& keypoints, const at::Tensor& visible,
+                             double sigma) {
+  TORCH_CHECK(features.dim() == 4, "keypoint_pool: features must be [B, C, H, W], got ", features.sizes());
+  pool_inputs("keypoint_pool", features, keypoints, visible, sigma, features.size(0));
+  return features.size(0);
+}
+
+// keypoint_pool_backward: grad [B, K, C] and a grid of height x width >= 0 cells.
+inline void pool_backward(const at::Tensor& grad, const at::Tensor& keypoints, const at::Tensor& visible,
+                          double sigma, int64_t height, int64_t width) {
+  TORCH_CHECK(grad.dim() == 3, "keypoint_pool_backward: grad must be [B, K, C], got ", grad.sizes());
+  TORCH_CHECK(height >= 0 && width >= 0, "keypoint_pool_backward: height and width must be >= 0, got ", height,
+              " x ", width);
+  pool_inputs("keypoint_pool_backward", grad, keypoints, visible, sigma, grad.size(0));
+  TORCH_CHECK(keypoints.size(1) == grad.size(1), "keypoint_pool_backward: keypoints must be [B, K, 2] with K=",
+              grad.size(1), " (from grad), got ", keypoints.sizes());
 }
 
 }  // namespace escape_fast::checks

@@ -25,8 +25,8 @@ DEFAULTS: dict = {
     "weights": "imagenet",  # None, "imagenet" or a state-dict path for the trunk
     "channels": 256,
     # support weight in eq. 7 / 10: "val" (chosen on the validation categories
-    # at the end of training, see train.choose_alpha) or a number in [0, 1]
-    # (SPEC 7 fixes 0.5)
+    # at the end of training, see eval.alpha.choose_alpha) or a number in [0, 1]
+    # (the authors' code fixes 0.5; docs/method.md, "Blending the prior")
     "alpha": "val",
     # run
     "seed": 0,

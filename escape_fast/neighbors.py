@@ -1,4 +1,4 @@
-"""kNN with a same-label exclusion and kNN density-peaks clustering at scale (SPEC 4).
+"""kNN with a same-label exclusion and kNN density-peaks clustering at scale (docs/method.md, "Clustering").
 
 ``escape_fast.ops.knn`` and ``escape_fast.ops.cluster_keypoints`` call into
 this module for every backend but ``"reference"``. The results follow

@@ -340,7 +340,7 @@ def decode_heatmaps(
     backend: str = "auto",
     rotation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keypoint locations from heatmaps (SPEC 7), in original image pixels.
+    """Keypoint locations from heatmaps (docs/method.md, "Decoding"), in original image pixels.
 
     Args:
         heatmaps (Tensor[B, K, H, W]): one map per keypoint.
@@ -445,7 +445,7 @@ def keypoint_pool(
     sigma: float = 2.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Gaussian-weighted keypoint features (SPEC 2), differentiable in ``features``.
+    """Gaussian-weighted keypoint features (docs/method.md, "Keypoint features"), differentiable in ``features``.
 
     Args:
         features (Tensor[B, C, H, W]): dense features.
@@ -480,7 +480,7 @@ def sinkhorn_log(
     iters: int = 50,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Log-domain optimal transport with a dustbin row (SPEC 6), differentiable.
+    """Log-domain optimal transport with a dustbin row (docs/method.md, "Matching network"), differentiable.
 
     Args:
         scores (Tensor[B, M, N]): keypoint x super-keypoint scores.
@@ -570,7 +570,7 @@ def cluster_keypoints(
     k: int = 6,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """kNN density-peaks clustering into super-keypoints (SPEC 4).
+    """kNN density-peaks clustering into super-keypoints (docs/method.md, "Clustering").
 
     Args:
         vectors (Tensor[N, C]): one vector per keypoint.

@@ -2,7 +2,7 @@
 
 Every fast backend (C++ CPU, CUDA, Triton) is tested against these functions.
 They favour clarity over speed, work in float32 and float64, and are
-differentiable by autograd where the op has a gradient. Shapes follow SPEC.md:
+differentiable by autograd where the op has a gradient. Shapes follow docs/method.md:
 B batch, C channels, H x W heatmap grid, K keypoints, L super-keypoints.
 
 Conventions shared by all backends
@@ -13,7 +13,7 @@ Conventions shared by all backends
   pixels, ``scale`` [B, 2] = padded box size / 200, ``rotation`` [B] in degrees.
   Heatmap point p maps to the image as
   ``center + R(rotation) @ ((p - [W/2, H/2]) * 200 * scale / [W, H])``,
-  which for rotation 0 is SPEC's ``x * 200 s_x / W + c_x - 100 s_x``.
+  which for rotation 0 is ``x * 200 s_x / W + c_x - 100 s_x``.
 * The Gaussian of a keypoint at (x, y) is
   ``exp(-((px - x)^2 + (py - y)^2) / (2 sigma^2))`` on the cells with
   ``|px - x| <= 3 sigma`` and ``|py - y| <= 3 sigma`` (zero elsewhere), the
@@ -78,9 +78,10 @@ def heatmap_to_image(
 ) -> torch.Tensor:
     """Map heatmap-cell coordinates [B, K, 2] back to original image pixels.
 
-    heatmap_size is (H, W). center, scale [B, 2]; rotation [B] degrees or None.
+    heatmap_size is (W, H), the convention of escape_fast.data (and mmpose).
+    center, scale [B, 2]; rotation [B] degrees or None.
     """
-    h, w = heatmap_size
+    w, h = heatmap_size
     size = torch.tensor([w, h], dtype=points.dtype, device=points.device)
     offset = (points - size / 2) * (200.0 * scale[:, None, :] / size)
     if rotation is not None:
@@ -128,7 +129,7 @@ def decode_heatmaps(
     dy = torch.sign(at(yr + 1, x) - at(yr - 1, x))
     shift = 0.25 * torch.stack((dx, dy), dim=-1) * inside.unsqueeze(-1)
     coords = coords + shift
-    return heatmap_to_image(coords, center, scale, (h, w), rotation), values
+    return heatmap_to_image(coords, center, scale, (w, h), rotation), values
 
 
 def heatmap_decode(
@@ -154,11 +155,12 @@ def gaussian_heatmaps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated Gaussians [B, K, H, W] and target weights [B, K].
 
-    keypoints [B, K, 2] in heatmap-cell units, visible [B, K] (bool or 0/1).
+    keypoints [B, K, 2] in heatmap-cell units, visible [B, K] (bool or 0/1);
+    heatmap_size is (W, H).
     A keypoint gets weight 0 (and an all-zero map) when it is invisible or its
     3-sigma window holds no cell of the grid.
     """
-    h, w = heatmap_size
+    w, h = heatmap_size
     dtype = keypoints.dtype if keypoints.is_floating_point() else torch.float32
     kp = keypoints.to(dtype)
     xs = torch.arange(w, dtype=dtype, device=kp.device)
@@ -179,19 +181,19 @@ def keypoint_pool(
     visible: torch.Tensor,
     sigma: float = 2.0,
 ) -> torch.Tensor:
-    """Gaussian-weighted keypoint features (SPEC 2): [B, C, H, W] -> [B, K, C].
+    """Gaussian-weighted keypoint features (docs/method.md, "Keypoint features"): [B, C, H, W] -> [B, K, C].
 
     o_r = sum_p F[:, p] G_r[p] / sum_p G_r[p]; zero for keypoints with weight 0.
     """
     _, _, h, w = features.shape
-    g, weight = gaussian_heatmaps(keypoints.to(features.dtype), visible, (h, w), sigma)
+    g, weight = gaussian_heatmaps(keypoints.to(features.dtype), visible, (w, h), sigma)
     norm = g.sum(dim=(-2, -1)).clamp_min(torch.finfo(features.dtype).tiny)
     pooled = torch.einsum("bchw,bkhw->bkc", features, g) / norm[..., None]
     return pooled * weight[..., None]
 
 
 # --------------------------------------------------------------------------
-# d. log-domain optimal transport with a dustbin row (SPEC 6)
+# d. log-domain optimal transport with a dustbin row (docs/method.md, "Matching network")
 # --------------------------------------------------------------------------
 def sinkhorn_log(
     scores: torch.Tensor,
@@ -236,7 +238,7 @@ def sinkhorn_log(
 
 
 def fuse_shot_scores(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average score matrices over shots before the transport (SPEC 7).
+    """Average score matrices over shots before the transport (docs/method.md, "Matching network").
 
     scores [B, S, M, N], visible [B, S, M] -> (scores [B, M, N], valid [B, M]).
     Each keypoint row is the mean over the shots in which it is visible; a
@@ -249,7 +251,7 @@ def fuse_shot_scores(scores: torch.Tensor, visible: torch.Tensor) -> tuple[torch
 
 
 # --------------------------------------------------------------------------
-# e. kNN and density-peaks clustering (SPEC 4)
+# e. kNN and density-peaks clustering (docs/method.md, "Clustering")
 # --------------------------------------------------------------------------
 def _cosine(queries: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return F.normalize(queries, dim=1) @ F.normalize(base, dim=1).T
@@ -289,7 +291,7 @@ def cluster_keypoints(
     threshold: float = 0.8,
     k: int = 6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """kNN density-peaks clustering with the same-category rule (SPEC 4).
+    """kNN density-peaks clustering with the same-category rule (docs/method.md, "Clustering").
 
     vectors [N, C], categories [N] -> (super-keypoints [L, C], assignment [N]).
     Cosine similarity with same-category pairs forbidden; density = mean of the

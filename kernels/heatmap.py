@@ -109,9 +109,9 @@ def _decode_block(
 
 
 @triton.jit
-def _heatmap_decode_kernel(
-    feat_ptr,
-    proto_ptr,
+def _decode_kernel(
+    src_ptr,  # FUSED: features [B, C, H, W]; else heatmaps [B, K, H, W]
+    proto_ptr,  # FUSED: prototypes [B, K, C]; else unused
     center_ptr,
     scale_ptr,
     rot_ptr,
@@ -122,86 +122,51 @@ def _heatmap_decode_kernel(
     W,
     K,
     R,
-    stride_fb,
-    stride_fc,
-    stride_fh,
-    stride_fw,
+    stride_sb,
+    stride_s1,  # channel stride of the features, or keypoint stride of the heatmaps
+    stride_sh,
+    stride_sw,
     stride_pb,
     stride_pk,
     stride_pc,
     stride_cb,
     stride_cd,
-    stride_sb,
-    stride_sd,
+    stride_sclb,
+    stride_scld,
     stride_rb,
+    FUSED: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    bk = tl.program_id(0)
-    b = bk // K
-    k = bk % K
-    ys = tl.arange(0, BLOCK_H)
-    xs = tl.arange(0, BLOCK_W)
-    cs = tl.arange(0, BLOCK_C)
-    pix = (ys[:, None] < H) & (xs[None, :] < W)
-    pix_off = ys[:, None] * stride_fh + xs[None, :] * stride_fw
-    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=feat_ptr.dtype.element_ty)
-    # The map stays in registers; BLOCK_C channel planes are loaded per step
-    # (coalesced along x) and reduced against their prototype weights.
-    for c0 in range(0, C, BLOCK_C):
-        ch = c0 + cs
-        w = tl.load(proto_ptr + b * stride_pb + k * stride_pk + ch * stride_pc, mask=ch < C, other=0.0)
-        f = tl.load(
-            feat_ptr + b * stride_fb + ch[:, None, None] * stride_fc + pix_off[None, :, :],
-            mask=(ch[:, None, None] < C) & pix[None, :, :],
-            other=0.0,
-        )
-        acc += tl.sum(w[:, None, None] * f, axis=0)
-    _decode_block(
-        acc, b, bk, H, W, R, center_ptr, scale_ptr, rot_ptr, coord_ptr, value_ptr,
-        stride_cb, stride_cd, stride_sb, stride_sd, stride_rb, BLOCK_H, BLOCK_W,
-    )
-
-
-@triton.jit
-def _decode_heatmaps_kernel(
-    map_ptr,
-    center_ptr,
-    scale_ptr,
-    rot_ptr,
-    coord_ptr,
-    value_ptr,
-    H,
-    W,
-    K,
-    R,
-    stride_mb,
-    stride_mk,
-    stride_mh,
-    stride_mw,
-    stride_cb,
-    stride_cd,
-    stride_sb,
-    stride_sd,
-    stride_rb,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
+    """One program decodes map (b, k): computed from the features (FUSED, the
+    map never leaves registers) or read from the heatmaps."""
     bk = tl.program_id(0)
     b = bk // K
     k = bk % K
     ys = tl.arange(0, BLOCK_H)
     xs = tl.arange(0, BLOCK_W)
     pix = (ys[:, None] < H) & (xs[None, :] < W)
-    hm = tl.load(
-        map_ptr + b * stride_mb + k * stride_mk + ys[:, None] * stride_mh + xs[None, :] * stride_mw,
-        mask=pix,
-        other=0.0,
-    )
+    pix_off = ys[:, None] * stride_sh + xs[None, :] * stride_sw
+    if FUSED:
+        cs = tl.arange(0, BLOCK_C)
+        hm = tl.zeros((BLOCK_H, BLOCK_W), dtype=src_ptr.dtype.element_ty)
+        # BLOCK_C channel planes are loaded per step (coalesced along x) and
+        # reduced against their prototype weights
+        for c0 in range(0, C, BLOCK_C):
+            ch = c0 + cs
+            w = tl.load(proto_ptr + b * stride_pb + k * stride_pk + ch * stride_pc, mask=ch < C, other=0.0)
+            f = tl.load(
+                src_ptr + b * stride_sb + ch[:, None, None] * stride_s1 + pix_off[None, :, :],
+                mask=(ch[:, None, None] < C) & pix[None, :, :],
+                other=0.0,
+            )
+            hm += tl.sum(w[:, None, None] * f, axis=0)
+    else:
+        hm = tl.load(src_ptr + b * stride_sb + k * stride_s1 + pix_off, mask=pix, other=0.0)
     _decode_block(
         hm, b, bk, H, W, R, center_ptr, scale_ptr, rot_ptr, coord_ptr, value_ptr,
-        stride_cb, stride_cd, stride_sb, stride_sd, stride_rb, BLOCK_H, BLOCK_W,
+        stride_cb, stride_cd, stride_sclb, stride_scld, stride_rb, BLOCK_H, BLOCK_W,
     )
 
 
@@ -306,18 +271,9 @@ def decode_heatmaps(
                          f"{tuple(heatmaps.shape)}")
     b, k, h, w = heatmaps.shape
     _check_crop(op, heatmaps, b, center, scale, rotation, kernel)
-    coords = heatmaps.new_empty(b, k, 2)
-    values = heatmaps.new_empty(b, k)
-    if b * k == 0:
-        return coords, values
-    if h * w == 0:
+    if b * k and h * w == 0:
         raise ValueError(f"{op}: empty heatmaps {tuple(heatmaps.shape)} have no maximum")
-    wrap_triton(_decode_heatmaps_kernel)[(b * k,)](
-        heatmaps, center, scale, rotation, coords, values, h, w, k, min(kernel // 2, max(h, w)),
-        *heatmaps.stride(), *center.stride(), *scale.stride(), *rotation.stride(),
-        BLOCK_H=_block(h), BLOCK_W=_block(w), num_warps=8,
-    )
-    return coords, values
+    return _decode(heatmaps, None, center, scale, rotation, k, kernel)
 
 
 @triton_op("escape_fast_triton::heatmap_decode", mutates_args=())
@@ -334,17 +290,27 @@ def heatmap_decode(
     b, c, h, w = features.shape
     k = prototypes.shape[1]
     _check_crop(op, features, b, center, scale, rotation, kernel)
-    coords = features.new_empty(b, k, 2)
-    values = features.new_empty(b, k)
+    if b * k and h * w == 0:
+        raise ValueError(f"{op}: empty feature grid {tuple(features.shape)} has no maximum")
+    return _decode(features, prototypes, center, scale, rotation, k, kernel)
+
+
+def _decode(src, prototypes, center, scale, rotation, k: int, kernel: int):
+    """Launch _decode_kernel: fused when ``prototypes`` is given (``src`` the
+    features), else on the heatmaps ``src``."""
+    b, c, h, w = src.shape
+    coords = src.new_empty(b, k, 2)
+    values = src.new_empty(b, k)
     if b * k == 0:
         return coords, values
-    if h * w == 0:
-        raise ValueError(f"{op}: empty feature grid {tuple(features.shape)} has no maximum")
-    wrap_triton(_heatmap_decode_kernel)[(b * k,)](
-        features, prototypes, center, scale, rotation, coords, values,
+    fused = prototypes is not None
+    protos = prototypes if fused else src  # an unused pointer of the right type
+    proto_strides = prototypes.stride() if fused else (0, 0, 0)
+    wrap_triton(_decode_kernel)[(b * k,)](
+        src, protos, center, scale, rotation, coords, values,
         c, h, w, k, min(kernel // 2, max(h, w)),
-        *features.stride(), *prototypes.stride(), *center.stride(), *scale.stride(), *rotation.stride(),
-        BLOCK_C=4, BLOCK_H=_block(h), BLOCK_W=_block(w), num_warps=8,
+        *src.stride(), *proto_strides, *center.stride(), *scale.stride(), *rotation.stride(),
+        FUSED=fused, BLOCK_C=4, BLOCK_H=_block(h), BLOCK_W=_block(w), num_warps=8,
     )
     return coords, values
 

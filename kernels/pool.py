@@ -51,28 +51,33 @@ def _axis_weights(center, radius, two_s2, size, WIN: tl.constexpr):
 
 
 @triton.jit
+def _keypoint_window(keypoints_ptr, visible_ptr, bk, radius, two_s2, H, W, WIN: tl.constexpr):
+    """Keypoint bk of the contiguous keypoints [B*K, 2] / visible [B*K]:
+    (x, y, visible, window corner x0, y0, axis factors gx, gy, 1 / normalizer
+    (0 for an invisible keypoint or an empty window))."""
+    x = tl.load(keypoints_ptr + 2 * bk)
+    y = tl.load(keypoints_ptr + 2 * bk + 1)
+    vis = tl.load(visible_ptr + bk) != 0
+    x0, gx = _axis_weights(x, radius, two_s2, W, WIN)
+    y0, gy = _axis_weights(y, radius, two_s2, H, WIN)
+    norm = tl.sum(gx, axis=0) * tl.sum(gy, axis=0)
+    scale = tl.where(vis & (norm > 0), 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
+    return x, y, vis, x0, y0, gx, gy, scale
+
+
+@triton.jit
 def _pool_forward_kernel(
     features_ptr, keypoints_ptr, visible_ptr, consts_ptr, out_ptr,
     K, C, H, W,
     stride_fb, stride_fc, stride_fh, stride_fw,
-    stride_kb, stride_kk, stride_kxy,
-    stride_vb, stride_vk,
     BLOCK_C: tl.constexpr, WIN: tl.constexpr,
 ):
     bk = tl.program_id(0)
     b = (bk // K).to(tl.int64)  # 64-bit offsets: B * C * H * W may pass 2^31
-    k = bk % K
     radius = tl.load(consts_ptr)
     two_s2 = tl.load(consts_ptr + 1)
-    x = tl.load(keypoints_ptr + b * stride_kb + k * stride_kk)
-    y = tl.load(keypoints_ptr + b * stride_kb + k * stride_kk + stride_kxy)
-    vis = tl.load(visible_ptr + b * stride_vb + k * stride_vk) != 0
-
-    x0, gx = _axis_weights(x, radius, two_s2, W, WIN)
-    y0, gy = _axis_weights(y, radius, two_s2, H, WIN)
-    norm = tl.sum(gx, axis=0) * tl.sum(gy, axis=0)
-    # An empty window (norm 0) or an invisible keypoint pools to zero.
-    scale = tl.where(vis & (norm > 0), 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
+    # an empty window or an invisible keypoint pools to zero (scale 0)
+    x, y, vis, x0, y0, gx, gy, scale = _keypoint_window(keypoints_ptr, visible_ptr, bk, radius, two_s2, H, W, WIN)
 
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     px = x0 + tl.arange(0, WIN)
@@ -95,9 +100,6 @@ def _pool_forward_kernel(
 def _pool_backward_kernel(
     grad_ptr, keypoints_ptr, visible_ptr, consts_ptr, out_ptr,
     K, C, H, W, cell_blocks,
-    stride_gb, stride_gk, stride_gc,
-    stride_kb, stride_kk, stride_kxy,
-    stride_vb, stride_vk,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, WIN: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -113,18 +115,13 @@ def _pool_backward_kernel(
 
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=radius.dtype)
     for k in range(K):
-        x = tl.load(keypoints_ptr + b * stride_kb + k * stride_kk)
-        y = tl.load(keypoints_ptr + b * stride_kb + k * stride_kk + stride_kxy)
-        vis = tl.load(visible_ptr + b * stride_vb + k * stride_vk) != 0
-        _, gx = _axis_weights(x, radius, two_s2, W, WIN)
-        _, gy = _axis_weights(y, radius, two_s2, H, WIN)
-        norm = tl.sum(gx, axis=0) * tl.sum(gy, axis=0)
-        scale = tl.where(vis & (norm > 0), 1.0 / tl.where(norm > 0, norm, 1.0), 0.0)
+        x, y, vis, _, _, _, _, scale = _keypoint_window(keypoints_ptr, visible_ptr, b * K + k, radius, two_s2, H, W,
+                                                        WIN)
         dx = px.to(x.dtype) - x
         dy = py.to(y.dtype) - y
         on = (tl.abs(dx) <= radius) & (tl.abs(dy) <= radius) & cell_on
         w = tl.where(on, tl.exp(-(dx * dx + dy * dy) / two_s2) * scale, 0.0)
-        g = tl.load(grad_ptr + b * stride_gb + k * stride_gk + cs * stride_gc, mask=c_on, other=0.0)
+        g = tl.load(grad_ptr + (b * K + k) * C + cs, mask=c_on, other=0.0)
         acc += g[:, None] * w[None, :]
     out = out_ptr + (b * C + cs[:, None]) * (H * W) + cells[None, :]
     tl.store(out, acc, mask=c_on[:, None] & cell_on[None, :])
@@ -158,11 +155,9 @@ def keypoint_pool(features: torch.Tensor, keypoints: torch.Tensor, visible: torc
     block_c = 32
     grid = (b * k, triton.cdiv(c, block_c))
     torch.library.wrap_triton(_pool_forward_kernel)[grid](
-        features, keypoints, visible, _consts(sigma, features), out,
+        features, keypoints.contiguous(), visible.contiguous(), _consts(sigma, features), out,
         k, c, h, w,
         *features.stride(),
-        *keypoints.stride(),
-        *visible.stride(),
         BLOCK_C=block_c, WIN=_window_tile(sigma),
     )
     return out
@@ -182,11 +177,8 @@ def keypoint_pool_backward(
     cell_blocks = triton.cdiv(height * width, block_p)
     grid = (b * cell_blocks, triton.cdiv(c, block_c))
     torch.library.wrap_triton(_pool_backward_kernel)[grid](
-        grad, keypoints, visible, _consts(sigma, grad), out,
+        grad.contiguous(), keypoints.contiguous(), visible.contiguous(), _consts(sigma, grad), out,
         k, c, height, width, cell_blocks,
-        *grad.stride(),
-        *keypoints.stride(),
-        *visible.stride(),
         BLOCK_P=block_p, BLOCK_C=block_c, WIN=_window_tile(sigma),
     )
     return out

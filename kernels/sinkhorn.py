@@ -1,4 +1,4 @@
-"""Log-domain Sinkhorn with a dustbin row (SPEC 6) in Triton.
+"""Log-domain Sinkhorn with a dustbin row (docs/method.md, "Matching network") in Triton.
 
 One program per problem holds the whole padded (M + 1) x N coupling matrix
 as a [BLOCK_M, BLOCK_N] tile in registers and runs every iteration on it, so
@@ -34,22 +34,26 @@ def _logsumexp(x, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _load_problem(
-    scores_ptr, bin_ptr, valid_ptr, b, M, N,
-    stride_sb, stride_sm, stride_sn, stride_bb, stride_vb, stride_vm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Z [BLOCK_M, BLOCK_N] with the dustbin row M = bin, the on rows, log_mu, log N."""
+def _load_problem(scores_ptr, bin_ptr, valid_ptr, uh_ptr, vh_ptr, M, N, iters, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Problem b = program 0: Z [BLOCK_M, BLOCK_N] with the dustbin row M = bin,
+    the on rows, log_mu, log N, the row and column indices and masks, and
+    the problem's history rows (u [iters, M + 1], v [iters, N]).
+
+    Every tensor is contiguous (the wrappers make it so): scores [B, M, N],
+    bins [B], valid [B, M]; so are the outputs, log_p [B, M + 1, N] and the
+    histories [B, iters, M + 1] and [B, iters, N]."""
+    b = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     is_kp = rows < M
     col_in = cols < N
-    valid = tl.load(valid_ptr + b * stride_vb + rows * stride_vm, mask=is_kp, other=0) != 0
+    valid = tl.load(valid_ptr + b * M + rows, mask=is_kp, other=0) != 0
     on = valid | (rows == M)
     m_valid = tl.sum(valid.to(tl.int32), axis=0)
-    bin_score = tl.load(bin_ptr + b * stride_bb)
+    bin_score = tl.load(bin_ptr + b)
     z = tl.load(
-        scores_ptr + b * stride_sb + rows[:, None] * stride_sm + cols[None, :] * stride_sn,
+        scores_ptr + b * M * N + rows[:, None] * N + cols[None, :],
         mask=is_kp[:, None] & col_in[None, :],
         other=0.0,
     )
@@ -60,27 +64,18 @@ def _load_problem(
     # keypoints fill every column
     mass = tl.maximum(N - m_valid, 0).to(z.dtype)
     log_mu = tl.where(rows == M, tl.log(mass) - log_n, -log_n).to(z.dtype)
-    return z, bin_score, on, log_mu, log_n, rows, cols, col_in
+    u_hist = uh_ptr + b * iters * (M + 1)
+    v_hist = vh_ptr + b * iters * N
+    return b, z, bin_score, on, log_mu, log_n, rows, cols, col_in, rows <= M, u_hist, v_hist
 
 
 @triton.jit
 def _sinkhorn_fwd_kernel(
-    scores_ptr, bin_ptr, valid_ptr, logp_ptr, uh_ptr, vh_ptr,
-    M, N, iters,
-    stride_sb, stride_sm, stride_sn,
-    stride_bb,
-    stride_vb, stride_vm,
-    stride_pb, stride_pm, stride_pn,
-    stride_ub, stride_ut, stride_um,
-    stride_hb, stride_ht, stride_hn,
+    scores_ptr, bin_ptr, valid_ptr, logp_ptr, uh_ptr, vh_ptr, M, N, iters,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    z, bin_score, on, log_mu, log_n, rows, cols, col_in = _load_problem(
-        scores_ptr, bin_ptr, valid_ptr, b, M, N,
-        stride_sb, stride_sm, stride_sn, stride_bb, stride_vb, stride_vm, BLOCK_M, BLOCK_N,
-    )
-    row_in = rows <= M
+    b, z, bin_score, on, log_mu, log_n, rows, cols, col_in, row_in, u_hist, v_hist = _load_problem(
+        scores_ptr, bin_ptr, valid_ptr, uh_ptr, vh_ptr, M, N, iters, BLOCK_M, BLOCK_N)
     u = tl.zeros([BLOCK_M], dtype=z.dtype)
     v = tl.zeros([BLOCK_N], dtype=z.dtype)
     for t in range(iters):
@@ -90,40 +85,22 @@ def _sinkhorn_fwd_kernel(
         # column step over the on rows; padded columns are held at 0
         y = tl.where(on[:, None], z + u[:, None], -float("inf"))
         v = tl.where(col_in, -log_n - _logsumexp(y, 0), 0.0)
-        tl.store(uh_ptr + b * stride_ub + t * stride_ut + rows * stride_um, u, mask=row_in)
-        tl.store(vh_ptr + b * stride_hb + t * stride_ht + cols * stride_hn, v, mask=col_in)
+        tl.store(u_hist + t * (M + 1) + rows, u, mask=row_in)
+        tl.store(v_hist + t * N + cols, v, mask=col_in)
     out = z + u[:, None] + v[None, :] + log_n
-    tl.store(
-        logp_ptr + b * stride_pb + rows[:, None] * stride_pm + cols[None, :] * stride_pn,
-        out,
-        mask=row_in[:, None] & col_in[None, :],
-    )
+    tl.store(logp_ptr + b * (M + 1) * N + rows[:, None] * N + cols[None, :], out, mask=row_in[:, None] & col_in[None, :])
 
 
 @triton.jit
 def _sinkhorn_bwd_kernel(
-    grad_ptr, scores_ptr, bin_ptr, valid_ptr, uh_ptr, vh_ptr, gs_ptr, gbin_ptr,
-    M, N, iters,
-    stride_gb, stride_gm, stride_gn,
-    stride_sb, stride_sm, stride_sn,
-    stride_bb,
-    stride_vb, stride_vm,
-    stride_ub, stride_ut, stride_um,
-    stride_hb, stride_ht, stride_hn,
-    stride_ob, stride_om, stride_on,
+    grad_ptr, scores_ptr, bin_ptr, valid_ptr, uh_ptr, vh_ptr, gs_ptr, gbin_ptr, M, N, iters,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    z, bin_score, on, log_mu, log_n, rows, cols, col_in = _load_problem(
-        scores_ptr, bin_ptr, valid_ptr, b, M, N,
-        stride_sb, stride_sm, stride_sn, stride_bb, stride_vb, stride_vm, BLOCK_M, BLOCK_N,
-    )
-    row_in = rows <= M
+    b, z, bin_score, on, log_mu, log_n, rows, cols, col_in, row_in, u_hist, v_hist = _load_problem(
+        scores_ptr, bin_ptr, valid_ptr, uh_ptr, vh_ptr, M, N, iters, BLOCK_M, BLOCK_N)
     tile_in = row_in[:, None] & col_in[None, :]
     on_tile = on[:, None] & col_in[None, :]
-    g = tl.load(
-        grad_ptr + b * stride_gb + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=tile_in, other=0.0
-    )
+    g = tl.load(grad_ptr + b * (M + 1) * N + rows[:, None] * N + cols[None, :], mask=tile_in, other=0.0)
     # log_p = Z + u + v + log N: dZ starts at grad, du_T is the row sum on the
     # on rows (an invalid row's u is fixed at 0), dv_T the column sum over all rows
     dz = g
@@ -131,14 +108,10 @@ def _sinkhorn_bwd_kernel(
     dv = tl.sum(g, axis=0)
     for i in range(iters):
         t = iters - i  # 1-based iteration being undone
-        u = tl.load(uh_ptr + b * stride_ub + (t - 1) * stride_ut + rows * stride_um, mask=row_in, other=0.0)
-        v = tl.load(vh_ptr + b * stride_hb + (t - 1) * stride_ht + cols * stride_hn, mask=col_in, other=0.0)
+        u = tl.load(u_hist + (t - 1) * (M + 1) + rows, mask=row_in, other=0.0)
+        v = tl.load(v_hist + (t - 1) * N + cols, mask=col_in, other=0.0)
         # v_0 = 0: the index is clamped so that no address before the history is formed
-        vp = tl.load(
-            vh_ptr + b * stride_hb + tl.maximum(t - 2, 0) * stride_ht + cols * stride_hn,
-            mask=col_in & (t >= 2),
-            other=0.0,
-        )
+        vp = tl.load(v_hist + tl.maximum(t - 2, 0) * N + cols, mask=col_in & (t >= 2), other=0.0)
         # column step: Pc = exp(Z + u_t + v_t + log N), normalised over the on rows by v_t
         pc = tl.where(on_tile, tl.exp(z + u[:, None] + v[None, :] + log_n), 0.0)
         g_col = dv[None, :] * pc
@@ -155,11 +128,7 @@ def _sinkhorn_bwd_kernel(
         dz -= g_row
         dv = -tl.sum(g_row, axis=0)
         du = tl.zeros([BLOCK_M], dtype=z.dtype)  # u_{t-1} only feeds v_{t-1}
-    tl.store(
-        gs_ptr + b * stride_ob + rows[:, None] * stride_om + cols[None, :] * stride_on,
-        dz,
-        mask=(rows < M)[:, None] & col_in[None, :],
-    )
+    tl.store(gs_ptr + b * M * N + rows[:, None] * N + cols[None, :], dz, mask=(rows < M)[:, None] & col_in[None, :])
     gbin = tl.sum(tl.sum(tl.where((rows == M)[:, None] & col_in[None, :], dz, 0.0), axis=1), axis=0)
     tl.store(gbin_ptr + b, gbin)
 
@@ -202,13 +171,10 @@ def sinkhorn_log(
     v_hist = scores.new_empty(b, iters, n)
     if b == 0:
         return log_p, u_hist, v_hist
-    valid_u8 = valid.to(torch.uint8)
     block_m, block_n, num_warps = _blocks(m, n)
     torch.library.wrap_triton(_sinkhorn_fwd_kernel)[(b,)](
-        scores, bin_score, valid_u8, log_p, u_hist, v_hist,
-        m, n, iters,
-        *scores.stride(), *bin_score.stride(), *valid_u8.stride(), *log_p.stride(), *u_hist.stride(), *v_hist.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        scores.contiguous(), bin_score.contiguous(), valid.to(torch.uint8).contiguous(), log_p, u_hist, v_hist,
+        m, n, iters, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return log_p, u_hist, v_hist
 
@@ -235,14 +201,11 @@ def sinkhorn_log_backward(
     grad_bin = bin_score.new_empty(b)
     if b == 0:
         return grad_scores, grad_bin
-    valid_u8 = valid.to(torch.uint8)
     block_m, block_n, num_warps = _blocks(m, n)
     torch.library.wrap_triton(_sinkhorn_bwd_kernel)[(b,)](
-        grad, scores, bin_score, valid_u8, u_history, v_history, grad_scores, grad_bin,
-        m, n, iters,
-        *grad.stride(), *scores.stride(), *bin_score.stride(), *valid_u8.stride(), *u_history.stride(), *v_history.stride(),
-        *grad_scores.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        grad.contiguous(), scores.contiguous(), bin_score.contiguous(), valid.to(torch.uint8).contiguous(),
+        u_history.contiguous(), v_history.contiguous(), grad_scores, grad_bin,
+        m, n, iters, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return grad_scores, grad_bin
 

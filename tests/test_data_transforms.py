@@ -46,7 +46,7 @@ def test_grid_to_image_matches_reference_and_round_trips(size):
             torch.from_numpy(pts)[None],
             torch.from_numpy(center)[None],
             torch.from_numpy(scale)[None],
-            (h, w),
+            (w, h),
             torch.tensor([rotation], dtype=torch.float64),
         )[0].numpy()
         mine = grid_to_image(pts, center, scale, rotation, size)
@@ -125,7 +125,7 @@ def test_dataset_keypoints_round_trip_through_the_reference_inverse(tmp_path):
             assert s["rotation"] != 0
             v = s["visible"]
             back = reference.heatmap_to_image(
-                s["keypoints"][None].double(), s["center"][None], s["scale"][None], (32, 24), s["rotation"][None]
+                s["keypoints"][None].double(), s["center"][None], s["scale"][None], (24, 32), s["rotation"][None]
             )[0]
             err = (back[v] - s["keypoints_image"][v]).abs().max()
             assert err < 1e-3, err

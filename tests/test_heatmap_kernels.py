@@ -428,7 +428,7 @@ def test_cells_inverse_is_exact():
     cells = torch.stack((torch.randint(0, w, (b, k)), torch.randint(0, h, (b, k))), -1)
     center, scale, rotation = _crop(b, torch.float32, "cpu")
     shifted = cells.float() + 0.25 * torch.randint(-1, 2, (b, k, 2)).float()
-    coords = reference.heatmap_to_image(shifted, center, scale, (h, w), rotation)
+    coords = reference.heatmap_to_image(shifted, center, scale, (w, h), rotation)
     assert torch.equal(_cells(coords, center, scale, rotation, h, w), cells)
     assert math.isfinite(float(coords.abs().max()))
 

@@ -27,11 +27,17 @@ def test_batch_mismatch_is_reported_with_its_origin():
         ops.keypoint_pool(f, kp[:1], vis)
 
 
-def test_nan_in_features_is_reported():
+def test_nan_in_features_is_reported_where_pooling_reads():
     f, kp, vis = _pool_inputs()
-    f[0, 0, 0, 0] = float("nan")
+    kp[0, 0] = torch.tensor([2.0, 3.0])
+    f[0, 1, 3, 2] = float("nan")  # inside keypoint 0's window
     with pytest.raises(ValueError, match="features contains NaN"):
         ops.keypoint_pool(f, kp, vis)
+    # a NaN that no window reads neither reaches the output nor stops the op
+    # (finding it would mean reading all of the features: see ops.CHECK_FINITE)
+    f, kp, vis = torch.randn(1, 4, 32, 32), torch.tensor([[[5.0, 5.0]]]), torch.ones(1, 1, dtype=torch.bool)
+    f[0, 0, 30, 30] = float("nan")
+    assert torch.isfinite(ops.keypoint_pool(f, kp, vis)).all()
 
 
 def test_mixed_devices_are_reported():

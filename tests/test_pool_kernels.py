@@ -90,7 +90,7 @@ def test_constant_map_pools_to_the_constant(backend_device, dtype):
     kp, vis = _with_edge_keypoints(kp, vis, h, w, 2.0)
     f = torch.full((b, c, h, w), 2.5, dtype=dtype, device=device)
     got = _run(backend_device, f, kp, vis, 2.0)
-    _, weight = reference.gaussian_heatmaps(kp, vis, (h, w), 2.0)
+    _, weight = reference.gaussian_heatmaps(kp, vis, (w, h), 2.0)
     want = 2.5 * weight[..., None].expand(b, k, c)
     torch.testing.assert_close(got, want, **tol(dtype))
     assert weight.sum() > 0 and (weight == 0).any()  # both cases are exercised
@@ -103,7 +103,7 @@ def test_only_the_window_is_read(backend_device, dtype):
     backend, device = backend_device
     b, k, c, h, w, sigma = 2, 4, 3, 20, 20, 1.0
     f, kp, vis = _inputs(b, k, c, h, w, dtype, device, seed=5, margin=0.0)
-    g, _ = reference.gaussian_heatmaps(kp, vis, (h, w), sigma)
+    g, _ = reference.gaussian_heatmaps(kp, vis, (w, h), sigma)
     # the reference's window test as a mask (the Gaussian is > 0 on it)
     outside = (g > 0).sum(1, keepdim=True) == 0
     poisoned = f.masked_fill(outside.expand_as(f), float("nan"))

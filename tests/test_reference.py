@@ -109,7 +109,7 @@ def test_crop_map_round_trip_with_rotation(dtype):
                         off[..., 0] * th.sin() + off[..., 1] * th.cos()), -1)
     cells = back / (200 * scale[:, None] / 64) + 32
     assert torch.allclose(cells, pts, atol=1e-4 if dtype == torch.float32 else 1e-10)
-    # rotation 0 is SPEC's formula x * 200 s / W + c - 100 s
+    # rotation 0 is the formula x * 200 s / W + c - 100 s (docs/method.md, "Conventions")
     flat = ref.heatmap_to_image(pts, center, scale, (64, 64))
     expect = pts * 200 * scale[:, None] / 64 + center[:, None] - 100 * scale[:, None]
     assert torch.allclose(flat, expect, **tol(dtype))

@@ -17,8 +17,9 @@
 #include <limits>
 #include <vector>
 
-#include "escape_fast.h"
 #include "checks.h"
+#include "escape_fast.h"
+#include "heatmap_common.h"
 
 namespace escape_fast {
 namespace {
@@ -26,31 +27,6 @@ namespace {
 // Most prototypes per work item of the fused kernel: a chunk's heatmaps
 // (68 x 64 x 64 floats = 1.1 MiB) sit in a thread-local buffer.
 constexpr int64_t kChunkMax = 128;
-
-template <typename T>
-struct Crop {
-  T cx, cy;        // center (image pixels)
-  T fx, fy;        // 200 * scale / [W, H]: image pixels per heatmap cell
-  T cosr, sinr;    // rotation
-  T half_w, half_h;
-};
-
-template <typename T>
-Crop<T> make_crop(const T* center, const T* scale, T rotation, int64_t H, int64_t W) {
-  Crop<T> c;
-  c.cx = center[0];
-  c.cy = center[1];
-  // Same operation order as reference.heatmap_to_image: (200 * s) / size.
-  c.fx = (T(200) * scale[0]) / T(W);
-  c.fy = (T(200) * scale[1]) / T(H);
-  // torch.deg2rad multiplies by pi / 180 rounded to T.
-  const T theta = rotation * static_cast<T>(0.017453292519943295769236907684886);
-  c.cosr = std::cos(theta);
-  c.sinr = std::sin(theta);
-  c.half_w = T(W) / T(2);
-  c.half_h = T(H) / T(2);
-  return c;
-}
 
 // Separable in-image mean filter of one H x W map: out = box(in) / count.
 // Sums run over ascending x (then y) like a direct window sum; the inner
@@ -85,17 +61,12 @@ void box_filter(const T* in, T* tmp, T* out, int64_t H, int64_t W, int64_t r) {
   }
 }
 
-template <typename T>
-T sign(T v) {
-  return static_cast<T>((v > T(0)) - (v < T(0)));
-}
-
 // Argmax (first maximum), quarter-cell shift and inverse crop map of one
 // smoothed map; writes (x, y) image pixels and the peak value, which is NaN
 // when the map holds a NaN or an infinity (how the public op learns of
 // non-finite input without a separate pass over the features).
 template <typename T>
-void decode_smoothed(const T* s, int64_t H, int64_t W, const Crop<T>& crop, T* coord, T* value) {
+void decode_smoothed(const T* s, int64_t H, int64_t W, const heatmap::CropMap<T>& crop, T* coord, T* value) {
   int64_t best = 0;
   T best_v = s[0];
   bool finite = std::isfinite(s[0]);
@@ -106,20 +77,30 @@ void decode_smoothed(const T* s, int64_t H, int64_t W, const Crop<T>& crop, T* c
       best = i;
     }
   }
-  if (!finite) best_v = std::numeric_limits<T>::quiet_NaN();
-  const int64_t x = best % W;
-  const int64_t y = best / W;
-  T px = static_cast<T>(x);
-  T py = static_cast<T>(y);
-  if (x > 1 && x < W - 1 && y > 1 && y < H - 1) {
-    px += T(0.25) * sign(s[best + 1] - s[best - 1]);
-    py += T(0.25) * sign(s[best + W] - s[best - W]);
+  heatmap::decode_peak(s, H, W, best, crop, coord);
+  *value = finite ? best_v : std::numeric_limits<T>::quiet_NaN();
+}
+
+// What both decode ops write: map (b, k), smoothed, decoded into coords / values.
+template <typename T>
+struct Decoder {
+  const T *center, *scale, *rotation;
+  T *coords, *values;
+  int64_t H, W;
+
+  heatmap::CropMap<T> crop(int64_t b) const {
+    return heatmap::CropMap<T>::make(center + 2 * b, scale + 2 * b, rotation[b], H, W);
   }
-  const T ox = (px - crop.half_w) * crop.fx;
-  const T oy = (py - crop.half_h) * crop.fy;
-  coord[0] = ox * crop.cosr - oy * crop.sinr + crop.cx;
-  coord[1] = ox * crop.sinr + oy * crop.cosr + crop.cy;
-  *value = best_v;
+  void decode(const T* smooth, const heatmap::CropMap<T>& crop, int64_t bk) const {
+    decode_smoothed(smooth, H, W, crop, coords + 2 * bk, values + bk);
+  }
+};
+
+template <typename T>
+Decoder<T> make_decoder(const at::Tensor& center, const at::Tensor& scale, const at::Tensor& rotation,
+                        at::Tensor& coords, at::Tensor& values, int64_t H, int64_t W) {
+  return {center.data_ptr<T>(), scale.data_ptr<T>(), rotation.data_ptr<T>(), coords.data_ptr<T>(),
+          values.data_ptr<T>(), H, W};
 }
 
 // heat[t, p] = sum_c pt[c, t] * feat[c, p] for NK prototypes (pt: the
@@ -273,18 +254,12 @@ std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmap
   const int64_t HW = H * W, r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
   ESCAPE_FAST_DISPATCH_FLOATING(maps.scalar_type(), "decode_heatmaps_cpu", [&] {
     const scalar_t* m = maps.data_ptr<scalar_t>();
-    const scalar_t* cp = cen.data_ptr<scalar_t>();
-    const scalar_t* sp = sca.data_ptr<scalar_t>();
-    const scalar_t* rp = rot.data_ptr<scalar_t>();
-    scalar_t* co = coords.data_ptr<scalar_t>();
-    scalar_t* va = values.data_ptr<scalar_t>();
+    const auto out = make_decoder<scalar_t>(cen, sca, rot, coords, values, H, W);
     at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> tmp(HW), smooth(HW);
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / K;
-        const auto crop = make_crop<scalar_t>(cp + 2 * b, sp + 2 * b, rp[b], H, W);
         box_filter(m + i * HW, tmp.data(), smooth.data(), H, W, r);
-        decode_smoothed(smooth.data(), H, W, crop, co + 2 * i, va + i);
+        out.decode(smooth.data(), out.crop(i / K), i);
       }
     });
   });
@@ -318,11 +293,7 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
   ESCAPE_FAST_DISPATCH_FLOATING(feat.scalar_type(), "heatmap_decode_cpu", [&] {
     const scalar_t* f = feat.data_ptr<scalar_t>();
     const scalar_t* p = proto.data_ptr<scalar_t>();
-    const scalar_t* cp = cen.data_ptr<scalar_t>();
-    const scalar_t* sp = sca.data_ptr<scalar_t>();
-    const scalar_t* rp = rot.data_ptr<scalar_t>();
-    scalar_t* co = coords.data_ptr<scalar_t>();
-    scalar_t* va = values.data_ptr<scalar_t>();
+    const auto out = make_decoder<scalar_t>(cen, sca, rot, coords, values, H, W);
     at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> heat(chunk * HW), tmp(HW), smooth(HW), pt(chunk * C);
       for (int64_t i = begin; i < end; ++i) {
@@ -330,11 +301,10 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
         const int64_t k0 = (i % chunks) * chunk;
         const int64_t nk = std::min(chunk, K - k0);
         chunk_heatmaps(f + b * C * HW, p + (b * K + k0) * C, nk, C, HW, heat.data(), pt.data());
-        const auto crop = make_crop<scalar_t>(cp + 2 * b, sp + 2 * b, rp[b], H, W);
+        const auto crop = out.crop(b);
         for (int64_t t = 0; t < nk; ++t) {
-          const int64_t bk = b * K + k0 + t;
           box_filter(heat.data() + t * HW, tmp.data(), smooth.data(), H, W, r);
-          decode_smoothed(smooth.data(), H, W, crop, co + 2 * bk, va + bk);
+          out.decode(smooth.data(), crop, b * K + k0 + t);
         }
       }
     });

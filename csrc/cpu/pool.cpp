@@ -1,4 +1,4 @@
-// Gaussian-weighted keypoint pooling (SPEC 2) on the CPU.
+// Gaussian-weighted keypoint pooling (docs/method.md, "Keypoint features") on the CPU.
 //
 // The Gaussian of a keypoint at (x, y) lives on the cells with
 // |px - x| <= 3 sigma and |py - y| <= 3 sigma (escape_fast.reference). That
@@ -14,6 +14,7 @@
 #include <cmath>
 #include <vector>
 
+#include "checks.h"
 #include "escape_fast.h"
 
 namespace escape_fast {
@@ -78,47 +79,40 @@ Window<scalar_t> make_window(scalar_t x, scalar_t y, bool visible, double sigma,
   return win;
 }
 
-void check_inputs(const char* op, const at::Tensor& keypoints, const at::Tensor& visible, double sigma,
-                  int64_t batch, c10::ScalarType dtype) {
-  TORCH_CHECK(keypoints.dim() == 3 && keypoints.size(0) == batch && keypoints.size(2) == 2, op,
-              ": keypoints must be [B, K, 2] with B=", batch, ", got ", keypoints.sizes());
-  TORCH_CHECK(visible.dim() == 2 && visible.size(0) == batch && visible.size(1) == keypoints.size(1), op,
-              ": visible must be [B, K] = ", keypoints.sizes().slice(0, 2), ", got ", visible.sizes());
-  TORCH_CHECK(keypoints.scalar_type() == dtype, op, ": keypoints must have dtype ", dtype, ", got ",
-              keypoints.scalar_type());
-  TORCH_CHECK(visible.scalar_type() == at::kBool, op, ": visible must be bool, got ", visible.scalar_type());
-  TORCH_CHECK(sigma > 0 && std::isfinite(sigma), op, ": sigma must be a positive finite float, got ", sigma);
-  TORCH_CHECK(keypoints.device().is_cpu() && visible.device().is_cpu(), op,
-              ": every tensor must be on the CPU");
+// The windows of every keypoint of keypoints [B, K, 2] / visible [B, K], in parallel.
+template <typename scalar_t>
+std::vector<Window<scalar_t>> make_windows(const at::Tensor& keypoints, const at::Tensor& visible, double sigma,
+                                           int64_t height, int64_t width) {
+  const auto kp = keypoints.contiguous();
+  const auto vis = visible.contiguous();
+  const scalar_t* p = kp.data_ptr<scalar_t>();
+  const bool* v = vis.data_ptr<bool>();
+  std::vector<Window<scalar_t>> wins(vis.numel());
+  at::parallel_for(0, vis.numel(), 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      wins[i] = make_window<scalar_t>(p[i * 2], p[i * 2 + 1], v[i], sigma, height, width);
+    }
+  });
+  return wins;
 }
 
 at::Tensor keypoint_pool_cpu(const at::Tensor& features, const at::Tensor& keypoints, const at::Tensor& visible,
                              double sigma) {
   TORCH_CHECK(features.device().is_cpu(), "keypoint_pool: features must be a CPU tensor");
-  TORCH_CHECK(features.dim() == 4, "keypoint_pool: features must be [B, C, H, W], got ", features.sizes());
-  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  check_inputs("keypoint_pool", keypoints, visible, sigma, B, features.scalar_type());
+  const int64_t B = checks::pool_features(features, keypoints, visible, sigma);
+  const int64_t C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t K = keypoints.size(1);
   auto out = at::zeros({B, K, C}, features.options());
   if (out.numel() == 0 || H == 0 || W == 0) return out;
 
   const auto feat = features.contiguous();
-  const auto kp = keypoints.contiguous();
-  const auto vis = visible.contiguous();
   ESCAPE_FAST_DISPATCH_FLOATING(features.scalar_type(), "keypoint_pool_cpu", [&] {
     const scalar_t* f = feat.data_ptr<scalar_t>();
-    const scalar_t* p = kp.data_ptr<scalar_t>();
-    const bool* v = vis.data_ptr<bool>();
     scalar_t* o = out.data_ptr<scalar_t>();
     // Windows first, then one task per (b, c) plane: the plane (H * W
     // values, 16 KiB at 64 x 64) stays in L1 while all K windows read it, so
     // the features stream through memory once.
-    std::vector<Window<scalar_t>> wins(B * K);
-    at::parallel_for(0, B * K, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t bk = begin; bk < end; ++bk) {
-        wins[bk] = make_window<scalar_t>(p[bk * 2], p[bk * 2 + 1], v[bk], sigma, H, W);
-      }
-    });
+    const auto wins = make_windows<scalar_t>(keypoints, visible, sigma, H, W);
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;
@@ -146,37 +140,22 @@ at::Tensor keypoint_pool_cpu(const at::Tensor& features, const at::Tensor& keypo
 at::Tensor keypoint_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& keypoints,
                                       const at::Tensor& visible, double sigma, int64_t height, int64_t width) {
   TORCH_CHECK(grad.device().is_cpu(), "keypoint_pool_backward: grad must be a CPU tensor");
-  TORCH_CHECK(grad.dim() == 3, "keypoint_pool_backward: grad must be [B, K, C], got ", grad.sizes());
-  TORCH_CHECK(height >= 0 && width >= 0, "keypoint_pool_backward: height and width must be >= 0, got ", height,
-              " x ", width);
-  const int64_t B = grad.size(0), K = grad.size(1), C = grad.size(2);
-  check_inputs("keypoint_pool_backward", keypoints, visible, sigma, B, grad.scalar_type());
-  TORCH_CHECK(keypoints.size(1) == K, "keypoint_pool_backward: keypoints must be [B, K, 2] with K=", K,
-              " (from grad), got ", keypoints.sizes());
-  const int64_t H = height, W = width;
+  checks::pool_backward(grad, keypoints, visible, sigma, height, width);
+  const int64_t B = grad.size(0), K = grad.size(1), C = grad.size(2), H = height, W = width;
   if (B * C * H * W == 0 || K == 0) return at::zeros({B, C, H, W}, grad.options());
   // Each task zeroes its own plane just before adding to it (while it is in
   // cache) instead of a separate zero-fill pass over the whole output.
   auto out = at::empty({B, C, H, W}, grad.options());
 
   const auto g = grad.contiguous();
-  const auto kp = keypoints.contiguous();
-  const auto vis = visible.contiguous();
   ESCAPE_FAST_DISPATCH_FLOATING(grad.scalar_type(), "keypoint_pool_backward_cpu", [&] {
     const scalar_t* gr = g.data_ptr<scalar_t>();
-    const scalar_t* p = kp.data_ptr<scalar_t>();
-    const bool* v = vis.data_ptr<bool>();
     scalar_t* o = out.data_ptr<scalar_t>();
     // Windows first (B * K small objects), then one task per (b, c) plane
     // that adds its keypoints' windows in order k = 0..K-1: each output
     // cell is written by one thread in a fixed order, so the result is
     // deterministic without atomics.
-    std::vector<Window<scalar_t>> wins(B * K);
-    at::parallel_for(0, B * K, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t bk = begin; bk < end; ++bk) {
-        wins[bk] = make_window<scalar_t>(p[bk * 2], p[bk * 2 + 1], v[bk], sigma, H, W);
-      }
-    });
+    const auto wins = make_windows<scalar_t>(keypoints, visible, sigma, H, W);
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bc = begin; bc < end; ++bc) {
         const int64_t b = bc / C, c = bc % C;

@@ -1,4 +1,4 @@
-// Log-domain Sinkhorn with a dustbin row (SPEC 6) on the CPU: forward with
+// Log-domain Sinkhorn with a dustbin row (docs/method.md, "Matching network") on the CPU: forward with
 // the potentials of every iteration saved, and the backward as a reverse
 // replay of the unrolled iterations from those potentials.
 //
@@ -40,7 +40,7 @@
 #include <vector>
 
 #include "escape_fast.h"
-#include "checks.h"
+#include "sinkhorn_common.h"
 
 namespace escape_fast {
 namespace {
@@ -542,62 +542,42 @@ void for_each_problem(int64_t B, const F& work) {
 // --------------------------------------------------------------------------
 // ops
 // --------------------------------------------------------------------------
-void check_inputs(const char* op, const at::Tensor& scores, const at::Tensor& bin_score, const at::Tensor& valid) {
-  checks::sinkhorn_inputs(op, scores, bin_score, valid);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& scores_in,
-                                                                const at::Tensor& bin_in,
-                                                                const at::Tensor& valid_in, int64_t iters) {
-  check_inputs("sinkhorn_log", scores_in, bin_in, valid_in);
-  TORCH_CHECK(iters >= 0, "sinkhorn_log: iters must be >= 0, got ", iters);
-  TORCH_CHECK(scores_in.device().is_cpu() && bin_in.device().is_cpu() && valid_in.device().is_cpu(),
-              "sinkhorn_log (CPU kernel): all tensors must be on the CPU");
-  const auto scores = scores_in.contiguous();
-  const auto bins = bin_in.contiguous();
-  const auto valid = valid_in.contiguous();
-  const int64_t B = scores.size(0), M = scores.size(1), N = scores.size(2);
-  auto log_p = at::empty({B, M + 1, N}, scores.options());
-  auto u_hist = at::empty({B, iters, M + 1}, scores.options());
-  auto v_hist = at::empty({B, iters, N}, scores.options());
-  if (B == 0) return {log_p, u_hist, v_hist};
-  ESCAPE_FAST_DISPATCH_FLOATING(scores.scalar_type(), "sinkhorn_log_cpu", [&] {
-    const ForwardArgs<scalar_t> args{scores.data_ptr<scalar_t>(), bins.data_ptr<scalar_t>(), valid.data_ptr<bool>(),
-                                     B, M, N, iters, log_p.data_ptr<scalar_t>(), u_hist.data_ptr<scalar_t>(),
-                                     v_hist.data_ptr<scalar_t>()};
-    for_each_problem(B, [&](std::atomic<int64_t>& next) { forward_problems(args, next); });
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& scores, const at::Tensor& bins,
+                                                                const at::Tensor& valid, int64_t iters) {
+  for (const auto* t : {&scores, &bins, &valid}) {
+    TORCH_CHECK(t->device().is_cpu(), "sinkhorn_log (CPU kernel): all tensors must be on the CPU");
+  }
+  auto f = sinkhorn::Forward::make(scores, bins, valid, iters);
+  if (f.B == 0) return {f.log_p, f.u_hist, f.v_hist};
+  ESCAPE_FAST_DISPATCH_FLOATING(f.scores.scalar_type(), "sinkhorn_log_cpu", [&] {
+    const ForwardArgs<scalar_t> args{f.scores.data_ptr<scalar_t>(), f.bins.data_ptr<scalar_t>(),
+                                     f.valid.data_ptr<bool>(),       f.B,
+                                     f.M,                            f.N,
+                                     f.iters,                        f.log_p.data_ptr<scalar_t>(),
+                                     f.u_hist.data_ptr<scalar_t>(),  f.v_hist.data_ptr<scalar_t>()};
+    for_each_problem(f.B, [&](std::atomic<int64_t>& next) { forward_problems(args, next); });
   });
-  return {log_p, u_hist, v_hist};
+  return {f.log_p, f.u_hist, f.v_hist};
 }
 
-std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cpu(const at::Tensor& grad_in, const at::Tensor& scores_in,
-                                                             const at::Tensor& bin_in, const at::Tensor& valid_in,
-                                                             const at::Tensor& u_in, const at::Tensor& v_in) {
-  check_inputs("sinkhorn_log_backward", scores_in, bin_in, valid_in);
-  const int64_t B = scores_in.size(0), M = scores_in.size(1), N = scores_in.size(2);
-  checks::sinkhorn_backward_inputs(grad_in, scores_in, u_in, v_in);
-  for (const auto* t : {&grad_in, &scores_in, &bin_in, &valid_in, &u_in, &v_in}) {
+std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cpu(const at::Tensor& grad, const at::Tensor& scores,
+                                                             const at::Tensor& bins, const at::Tensor& valid,
+                                                             const at::Tensor& u_hist, const at::Tensor& v_hist) {
+  for (const auto* t : {&grad, &scores, &bins, &valid, &u_hist, &v_hist}) {
     TORCH_CHECK(t->device().is_cpu(), "sinkhorn_log_backward (CPU kernel): all tensors must be on the CPU");
   }
-  const auto grad = grad_in.contiguous();
-  const auto scores = scores_in.contiguous();
-  const auto bins = bin_in.contiguous();
-  const auto valid = valid_in.contiguous();
-  const auto u_hist = u_in.contiguous();
-  const auto v_hist = v_in.contiguous();
-  auto grad_scores = at::empty({B, M, N}, scores.options());
-  auto grad_bins = at::empty({B}, bins.options());
-  if (B == 0) return {grad_scores, grad_bins};
-  ESCAPE_FAST_DISPATCH_FLOATING(scores.scalar_type(), "sinkhorn_log_backward_cpu", [&] {
-    const BackwardArgs<scalar_t> args{grad.data_ptr<scalar_t>(),   scores.data_ptr<scalar_t>(),
-                                      bins.data_ptr<scalar_t>(),   valid.data_ptr<bool>(),
-                                      u_hist.data_ptr<scalar_t>(), v_hist.data_ptr<scalar_t>(),
-                                      B,                           M,
-                                      N,                           u_hist.size(1),
-                                      grad_scores.data_ptr<scalar_t>(), grad_bins.data_ptr<scalar_t>()};
-    for_each_problem(B, [&](std::atomic<int64_t>& next) { backward_problems(args, next); });
+  auto b = sinkhorn::Backward::make(grad, scores, bins, valid, u_hist, v_hist);
+  if (b.B == 0) return {b.grad_scores, b.grad_bins};
+  ESCAPE_FAST_DISPATCH_FLOATING(b.scores.scalar_type(), "sinkhorn_log_backward_cpu", [&] {
+    const BackwardArgs<scalar_t> args{b.grad.data_ptr<scalar_t>(),   b.scores.data_ptr<scalar_t>(),
+                                      b.bins.data_ptr<scalar_t>(),   b.valid.data_ptr<bool>(),
+                                      b.u_hist.data_ptr<scalar_t>(), b.v_hist.data_ptr<scalar_t>(),
+                                      b.B,                           b.M,
+                                      b.N,                           b.iters,
+                                      b.grad_scores.data_ptr<scalar_t>(), b.grad_bins.data_ptr<scalar_t>()};
+    for_each_problem(b.B, [&](std::atomic<int64_t>& next) { backward_problems(args, next); });
   });
-  return {grad_scores, grad_bins};
+  return {b.grad_scores, b.grad_bins};
 }
 
 }  // namespace

@@ -22,8 +22,9 @@
 #include <climits>
 #include <cmath>
 
-#include "escape_fast.h"
 #include "checks.h"
+#include "escape_fast.h"
+#include "heatmap_common.h"
 
 namespace escape_fast {
 namespace {
@@ -31,16 +32,6 @@ namespace {
 constexpr int kThreads = 512;  // 16 warps: one resident block per SM must hide latency alone
 constexpr int kWarps = kThreads / 32;
 constexpr int kPix = 4;        // pixels per thread per pass of the heatmap loop
-
-__device__ inline float dev_cos(float x) { return cosf(x); }
-__device__ inline double dev_cos(double x) { return cos(x); }
-__device__ inline float dev_sin(float x) { return sinf(x); }
-__device__ inline double dev_sin(double x) { return sin(x); }
-
-template <typename T>
-__device__ inline T dev_sign(T v) {
-  return static_cast<T>((v > T(0)) - (v < T(0)));
-}
 
 // In-place separable in-image mean filter of one H x W map (shared or global
 // memory) with tmp (H * W) holding the row sums. Window sums run over
@@ -125,25 +116,12 @@ __device__ void block_argmax(const T* s, int n, T* red_v, int* red_i, T& out_v, 
   if (__syncthreads_or(nonfinite)) out_v = T(NAN);
 }
 
-// Quarter-cell shift on the smoothed map s and the crop's inverse map, in
-// the operation order of reference.heatmap_to_image.
+// Quarter-cell shift on the smoothed map s and the crop's inverse map
+// (heatmap_common.h, shared with the CPU kernel); writes the peak value.
 template <typename T>
 __device__ void write_keypoint(const T* s, int H, int W, int best, T best_v, const T* center, const T* scale,
                                T rotation, T* coord, T* value) {
-  const int x = best % W, y = best / W;
-  T px = static_cast<T>(x), py = static_cast<T>(y);
-  if (x > 1 && x < W - 1 && y > 1 && y < H - 1) {
-    px += T(0.25) * dev_sign(s[best + 1] - s[best - 1]);
-    py += T(0.25) * dev_sign(s[best + W] - s[best - W]);
-  }
-  const T fx = (T(200) * scale[0]) / static_cast<T>(W);
-  const T fy = (T(200) * scale[1]) / static_cast<T>(H);
-  const T ox = (px - static_cast<T>(W) / T(2)) * fx;
-  const T oy = (py - static_cast<T>(H) / T(2)) * fy;
-  const T theta = rotation * static_cast<T>(0.017453292519943295769236907684886);  // deg2rad
-  const T c = dev_cos(theta), sn = dev_sin(theta);
-  coord[0] = ox * c - oy * sn + center[0];
-  coord[1] = ox * sn + oy * c + center[1];
+  heatmap::decode_peak(s, H, W, best, heatmap::CropMap<T>::make(center, scale, rotation, H, W), coord);
   *value = best_v;
 }
 

@@ -1,4 +1,4 @@
-// Gaussian-weighted keypoint pooling (SPEC 2) on CUDA.
+// Gaussian-weighted keypoint pooling (docs/method.md, "Keypoint features") on CUDA.
 //
 // Three kernels:
 //   window_params  one thread per keypoint: its in-image window (a rectangle,
@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 
+#include "checks.h"
 #include "escape_fast.h"
 
 namespace escape_fast {
@@ -187,29 +188,28 @@ __global__ void pool_backward_kernel(const scalar_t* __restrict__ grad, const sc
   }
 }
 
-void check_inputs(const char* op, const at::Tensor& main, const at::Tensor& keypoints, const at::Tensor& visible,
-                  double sigma, int64_t batch) {
-  TORCH_CHECK(main.is_cuda() && keypoints.is_cuda() && visible.is_cuda(), op,
-              ": every tensor must be a CUDA tensor");
-  TORCH_CHECK(keypoints.device() == main.device() && visible.device() == main.device(), op,
-              ": every tensor must be on one device");
-  TORCH_CHECK(keypoints.dim() == 3 && keypoints.size(0) == batch && keypoints.size(2) == 2, op,
-              ": keypoints must be [B, K, 2] with B=", batch, ", got ", keypoints.sizes());
-  TORCH_CHECK(visible.dim() == 2 && visible.size(0) == batch && visible.size(1) == keypoints.size(1), op,
-              ": visible must be [B, K] = ", keypoints.sizes().slice(0, 2), ", got ", visible.sizes());
-  TORCH_CHECK(keypoints.scalar_type() == main.scalar_type(), op, ": keypoints must have dtype ",
-              main.scalar_type(), ", got ", keypoints.scalar_type());
-  TORCH_CHECK(visible.scalar_type() == at::kBool, op, ": visible must be bool, got ", visible.scalar_type());
-  TORCH_CHECK(sigma > 0 && std::isfinite(sigma), op, ": sigma must be a positive finite float, got ", sigma);
+void check_cuda(const char* op, const at::Tensor& main) {
+  TORCH_CHECK(main.is_cuda(), op, ": every tensor must be a CUDA tensor");
 }
 
-// (box [B*K] int4 as an int32 tensor [B*K, 4], inv_norm [B*K]) of every keypoint.
-std::pair<at::Tensor, at::Tensor> window_params(const at::Tensor& kp, const at::Tensor& vis, double sigma,
-                                                int64_t height, int64_t width) {
+// Every keypoint's window: the keypoints made contiguous, box [B*K] int4 (as an
+// int32 tensor [B*K, 4]) and inv_norm [B*K], computed on the device.
+struct Windows {
+  at::Tensor keypoints, box, inv_norm;
+
+  const int4* boxes() const {
+    return reinterpret_cast<const int4*>(box.data_ptr<int>());
+  }
+};
+
+Windows make_windows(const at::Tensor& keypoints, const at::Tensor& visible, double sigma, int64_t height,
+                     int64_t width) {
+  const auto kp = keypoints.contiguous();
+  const auto vis = visible.contiguous();
   const int64_t n = vis.numel();
   auto box = at::empty({n, 4}, kp.options().dtype(at::kInt));
   auto inv = at::empty({n}, kp.options());
-  if (n == 0) return {box, inv};
+  if (n == 0) return {kp, box, inv};
   const auto stream = at::cuda::getCurrentCUDAStream();
   ESCAPE_FAST_DISPATCH_FLOATING(kp.scalar_type(), "keypoint_pool_window_params", [&] {
     const auto blocks = static_cast<unsigned>((n + kThreads - 1) / kThreads);
@@ -219,7 +219,7 @@ std::pair<at::Tensor, at::Tensor> window_params(const at::Tensor& kp, const at::
         reinterpret_cast<int4*>(box.data_ptr<int>()), inv.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {box, inv};
+  return {kp, box, inv};
 }
 
 void check_sizes(const char* op, int64_t B, int64_t K, int64_t C, int64_t H, int64_t W) {
@@ -230,9 +230,9 @@ void check_sizes(const char* op, int64_t B, int64_t K, int64_t C, int64_t H, int
 
 at::Tensor keypoint_pool_cuda(const at::Tensor& features, const at::Tensor& keypoints, const at::Tensor& visible,
                               double sigma) {
-  TORCH_CHECK(features.dim() == 4, "keypoint_pool: features must be [B, C, H, W], got ", features.sizes());
-  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  check_inputs("keypoint_pool", features, keypoints, visible, sigma, B);
+  check_cuda("keypoint_pool", features);
+  const int64_t B = checks::pool_features(features, keypoints, visible, sigma);
+  const int64_t C = features.size(1), H = features.size(2), W = features.size(3);
   const int64_t K = keypoints.size(1);
   check_sizes("keypoint_pool", B, K, C, H, W);
   const c10::cuda::CUDAGuard guard(features.device());
@@ -240,10 +240,7 @@ at::Tensor keypoint_pool_cuda(const at::Tensor& features, const at::Tensor& keyp
   if (out.numel() == 0 || H == 0 || W == 0) return out;
 
   const auto feat = features.contiguous();
-  const auto kp = keypoints.contiguous();
-  const auto params = window_params(kp, visible.contiguous(), sigma, H, W);
-  const at::Tensor& box = params.first;
-  const at::Tensor& inv = params.second;
+  const auto win = make_windows(keypoints, visible, sigma, H, W);
   const int64_t channel_blocks = (C + kFwdChannelsPerBlock - 1) / kFwdChannelsPerBlock;
   TORCH_CHECK(channel_blocks <= 65535 && B * K <= std::numeric_limits<int>::max(),
               "keypoint_pool: too many channels or keypoints for one launch");
@@ -251,8 +248,8 @@ at::Tensor keypoint_pool_cuda(const at::Tensor& features, const at::Tensor& keyp
   const auto stream = at::cuda::getCurrentCUDAStream();
   ESCAPE_FAST_DISPATCH_FLOATING(features.scalar_type(), "keypoint_pool_cuda", [&] {
     pool_forward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        feat.data_ptr<scalar_t>(), kp.data_ptr<scalar_t>(), reinterpret_cast<const int4*>(box.data_ptr<int>()),
-        inv.data_ptr<scalar_t>(), static_cast<int>(K), static_cast<int>(C), static_cast<int>(H),
+        feat.data_ptr<scalar_t>(), win.keypoints.data_ptr<scalar_t>(), win.boxes(),
+        win.inv_norm.data_ptr<scalar_t>(), static_cast<int>(K), static_cast<int>(C), static_cast<int>(H),
         static_cast<int>(W), static_cast<scalar_t>(2.0 * sigma * sigma), out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -261,23 +258,16 @@ at::Tensor keypoint_pool_cuda(const at::Tensor& features, const at::Tensor& keyp
 
 at::Tensor keypoint_pool_backward_cuda(const at::Tensor& grad, const at::Tensor& keypoints,
                                        const at::Tensor& visible, double sigma, int64_t height, int64_t width) {
-  TORCH_CHECK(grad.dim() == 3, "keypoint_pool_backward: grad must be [B, K, C], got ", grad.sizes());
-  TORCH_CHECK(height >= 0 && width >= 0, "keypoint_pool_backward: height and width must be >= 0, got ", height,
-              " x ", width);
+  check_cuda("keypoint_pool_backward", grad);
+  checks::pool_backward(grad, keypoints, visible, sigma, height, width);
   const int64_t B = grad.size(0), K = grad.size(1), C = grad.size(2), H = height, W = width;
-  check_inputs("keypoint_pool_backward", grad, keypoints, visible, sigma, B);
-  TORCH_CHECK(keypoints.size(1) == K, "keypoint_pool_backward: keypoints must be [B, K, 2] with K=", K,
-              " (from grad), got ", keypoints.sizes());
   check_sizes("keypoint_pool_backward", B, K, C, H, W);
   const c10::cuda::CUDAGuard guard(grad.device());
   auto out = at::zeros({B, C, H, W}, grad.options());
   if (out.numel() == 0 || K == 0) return out;
 
   const auto g = grad.contiguous();
-  const auto kp = keypoints.contiguous();
-  const auto params = window_params(kp, visible.contiguous(), sigma, H, W);
-  const at::Tensor& box = params.first;
-  const at::Tensor& inv = params.second;
+  const auto win = make_windows(keypoints, visible, sigma, H, W);
   const int64_t cell_blocks = (H * W + kThreads - 1) / kThreads;
   const int64_t channel_blocks = (C + kBwdChannels - 1) / kBwdChannels;
   TORCH_CHECK(B * cell_blocks <= std::numeric_limits<int>::max() && channel_blocks <= 65535,
@@ -286,8 +276,8 @@ at::Tensor keypoint_pool_backward_cuda(const at::Tensor& grad, const at::Tensor&
   const auto stream = at::cuda::getCurrentCUDAStream();
   ESCAPE_FAST_DISPATCH_FLOATING(grad.scalar_type(), "keypoint_pool_backward_cuda", [&] {
     pool_backward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        g.data_ptr<scalar_t>(), kp.data_ptr<scalar_t>(), reinterpret_cast<const int4*>(box.data_ptr<int>()),
-        inv.data_ptr<scalar_t>(), static_cast<int>(K), static_cast<int>(C), static_cast<int>(H),
+        g.data_ptr<scalar_t>(), win.keypoints.data_ptr<scalar_t>(), win.boxes(),
+        win.inv_norm.data_ptr<scalar_t>(), static_cast<int>(K), static_cast<int>(C), static_cast<int>(H),
         static_cast<int>(W), static_cast<int>(cell_blocks), static_cast<scalar_t>(2.0 * sigma * sigma),
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

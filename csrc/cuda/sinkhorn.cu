@@ -1,4 +1,4 @@
-// Log-domain Sinkhorn with a dustbin row (SPEC 6) on CUDA.
+// Log-domain Sinkhorn with a dustbin row (docs/method.md, "Matching network") on CUDA.
 //
 // One launch runs every iteration of a batch: one block per problem, which
 // keeps the potentials u [M + 1] and v [N] in shared memory and synchronises
@@ -36,7 +36,7 @@
 #include <limits>
 
 #include "escape_fast.h"
-#include "checks.h"
+#include "sinkhorn_common.h"
 
 namespace escape_fast {
 namespace {
@@ -427,81 +427,61 @@ void allow_shared(Kernel kernel, size_t bytes) {
   }
 }
 
-void check_inputs(const char* op, const at::Tensor& scores, const at::Tensor& bin_score, const at::Tensor& valid) {
-  checks::sinkhorn_inputs(op, scores, bin_score, valid);
-  const int64_t B = scores.size(0), M = scores.size(1), N = scores.size(2);
-  TORCH_CHECK(B <= std::numeric_limits<int>::max() && M < (1 << 20) && N < (1 << 20), op,
-              ": sizes too large for the CUDA kernel, got ", scores.sizes());
+// On the device of scores, and small enough for the kernels' int indexing.
+void check_cuda(const char* op, const at::Tensor& scores, std::initializer_list<const at::Tensor*> tensors) {
+  for (const auto* t : tensors) {
+    TORCH_CHECK(t->is_cuda() && t->device() == scores.device(), op,
+                " (CUDA kernel): all tensors must be on the device of scores, ", scores.device());
+  }
+  TORCH_CHECK(scores.dim() != 3 || (scores.size(0) <= std::numeric_limits<int>::max() && scores.size(1) < (1 << 20) &&
+                                    scores.size(2) < (1 << 20)),
+              op, ": sizes too large for the CUDA kernel, got ", scores.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cuda(const at::Tensor& scores_in,
-                                                                 const at::Tensor& bin_in,
-                                                                 const at::Tensor& valid_in, int64_t iters) {
-  check_inputs("sinkhorn_log", scores_in, bin_in, valid_in);
-  TORCH_CHECK(iters >= 0 && iters <= std::numeric_limits<int>::max(), "sinkhorn_log: iters must be >= 0, got ",
-              iters);
-  for (const auto* t : {&scores_in, &bin_in, &valid_in}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == scores_in.device(),
-                "sinkhorn_log (CUDA kernel): all tensors must be on the device of scores, ", scores_in.device());
-  }
-  const c10::cuda::CUDAGuard guard(scores_in.device());
-  const auto scores = scores_in.contiguous();
-  const auto bins = bin_in.contiguous();
-  const auto valid = valid_in.contiguous();
-  const int64_t B = scores.size(0), M = scores.size(1), N = scores.size(2);
-  auto log_p = at::empty({B, M + 1, N}, scores.options());
-  auto u_hist = at::empty({B, iters, M + 1}, scores.options());
-  auto v_hist = at::empty({B, iters, N}, scores.options());
-  if (B == 0) return {log_p, u_hist, v_hist};
-  ESCAPE_FAST_DISPATCH_FLOATING(scores.scalar_type(), "sinkhorn_log_cuda", [&] {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cuda(const at::Tensor& scores, const at::Tensor& bins,
+                                                                 const at::Tensor& valid, int64_t iters) {
+  check_cuda("sinkhorn_log", scores, {&scores, &bins, &valid});
+  TORCH_CHECK(iters <= std::numeric_limits<int>::max(), "sinkhorn_log: iters too large, got ", iters);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  auto f = sinkhorn::Forward::make(scores, bins, valid, iters);
+  if (f.B == 0) return {f.log_p, f.u_hist, f.v_hist};
+  const int64_t M = f.M, N = f.N;
+  ESCAPE_FAST_DISPATCH_FLOATING(f.scores.scalar_type(), "sinkhorn_log_cuda", [&] {
     using T = scalar_t;
     const size_t fixed = sizeof(T) * (N + 2 * (M + 1)) + sizeof(bool) * (M + 1);
     const auto plan = plan_launch("sinkhorn_log", M, N, fixed, sizeof(LseAcc<T>), sizeof(T) * N);
     auto kernel = sinkhorn_forward_kernel<T>;
     allow_shared(kernel, plan.smem);
-    kernel<<<static_cast<unsigned>(B), plan.threads, plan.smem, at::cuda::getCurrentCUDAStream()>>>(
-        scores.data_ptr<T>(), bins.data_ptr<T>(), valid.data_ptr<bool>(), static_cast<int>(M), static_cast<int>(N),
-        static_cast<int>(iters), plan.rows_smem, plan.G, log_p.data_ptr<T>(), u_hist.data_ptr<T>(),
-        v_hist.data_ptr<T>());
+    kernel<<<static_cast<unsigned>(f.B), plan.threads, plan.smem, at::cuda::getCurrentCUDAStream()>>>(
+        f.scores.data_ptr<T>(), f.bins.data_ptr<T>(), f.valid.data_ptr<bool>(), static_cast<int>(M),
+        static_cast<int>(N), static_cast<int>(iters), plan.rows_smem, plan.G, f.log_p.data_ptr<T>(),
+        f.u_hist.data_ptr<T>(), f.v_hist.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {log_p, u_hist, v_hist};
+  return {f.log_p, f.u_hist, f.v_hist};
 }
 
-std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cuda(const at::Tensor& grad_in, const at::Tensor& scores_in,
-                                                              const at::Tensor& bin_in, const at::Tensor& valid_in,
-                                                              const at::Tensor& u_in, const at::Tensor& v_in) {
-  check_inputs("sinkhorn_log_backward", scores_in, bin_in, valid_in);
-  const int64_t B = scores_in.size(0), M = scores_in.size(1), N = scores_in.size(2);
-  const int64_t iters = checks::sinkhorn_backward_inputs(grad_in, scores_in, u_in, v_in);
-  for (const auto* t : {&grad_in, &scores_in, &bin_in, &valid_in, &u_in, &v_in}) {
-    TORCH_CHECK(t->is_cuda() && t->device() == scores_in.device(),
-                "sinkhorn_log_backward (CUDA kernel): all tensors must be on the device of scores, ",
-                scores_in.device());
-  }
-  const c10::cuda::CUDAGuard guard(scores_in.device());
-  const auto grad = grad_in.contiguous();
-  const auto scores = scores_in.contiguous();
-  const auto bins = bin_in.contiguous();
-  const auto valid = valid_in.contiguous();
-  const auto u_hist = u_in.contiguous();
-  const auto v_hist = v_in.contiguous();
-  auto grad_scores = at::empty({B, M, N}, scores.options());
-  auto grad_bins = at::empty({B}, bins.options());
-  if (B == 0) return {grad_scores, grad_bins};
-  ESCAPE_FAST_DISPATCH_FLOATING(scores.scalar_type(), "sinkhorn_log_backward_cuda", [&] {
+std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cuda(const at::Tensor& grad, const at::Tensor& scores,
+                                                              const at::Tensor& bins, const at::Tensor& valid,
+                                                              const at::Tensor& u_hist, const at::Tensor& v_hist) {
+  check_cuda("sinkhorn_log_backward", scores, {&grad, &scores, &bins, &valid, &u_hist, &v_hist});
+  const c10::cuda::CUDAGuard guard(scores.device());
+  auto b = sinkhorn::Backward::make(grad, scores, bins, valid, u_hist, v_hist);
+  if (b.B == 0) return {b.grad_scores, b.grad_bins};
+  const int64_t M = b.M, N = b.N;
+  ESCAPE_FAST_DISPATCH_FLOATING(b.scores.scalar_type(), "sinkhorn_log_backward_cuda", [&] {
     using T = scalar_t;
     const size_t fixed = sizeof(T) * (3 * N + 4 * (M + 1)) + sizeof(bool) * (M + 1);
     const auto plan = plan_launch("sinkhorn_log_backward", M, N, fixed, sizeof(SumAcc<T>), 2 * sizeof(T) * N);
     auto kernel = sinkhorn_backward_kernel<T>;
     allow_shared(kernel, plan.smem);
-    kernel<<<static_cast<unsigned>(B), plan.threads, plan.smem, at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<T>(), scores.data_ptr<T>(), bins.data_ptr<T>(), valid.data_ptr<bool>(), u_hist.data_ptr<T>(),
-        v_hist.data_ptr<T>(), static_cast<int>(M), static_cast<int>(N), static_cast<int>(iters), plan.rows_smem,
-        plan.G, grad_scores.data_ptr<T>(), grad_bins.data_ptr<T>());
+    kernel<<<static_cast<unsigned>(b.B), plan.threads, plan.smem, at::cuda::getCurrentCUDAStream()>>>(
+        b.grad.data_ptr<T>(), b.scores.data_ptr<T>(), b.bins.data_ptr<T>(), b.valid.data_ptr<bool>(),
+        b.u_hist.data_ptr<T>(), b.v_hist.data_ptr<T>(), static_cast<int>(M), static_cast<int>(N),
+        static_cast<int>(b.iters), plan.rows_smem, plan.G, b.grad_scores.data_ptr<T>(), b.grad_bins.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_scores, grad_bins};
+  return {b.grad_scores, b.grad_bins};
 }
 
 }  // namespace

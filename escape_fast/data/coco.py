@@ -7,7 +7,7 @@ root (``images/`` beside ``annotations/`` by default), each image's
 ``mp100_split{1..5}_{train,val,test}.json`` (see :func:`mp100_split_files`);
 the fixture and any user dataset use the same format under other names.
 
-Fields read (SPEC section 1)
+Fields read (docs/method.md, "Data and crops")
 ----------------------------
 * ``images[i]``: ``id``, ``file_name``, ``width``, ``height`` (required).
 * ``categories[i]``: ``id``, ``name``, ``keypoints`` (names; their number
@@ -42,7 +42,7 @@ missing):
 Skipped with one :class:`DataWarning` per file that counts them by reason
 (``CocoKeypoints.skipped`` keeps the counts):
 
-* box cleaning (SPEC section 1, mmpose's pixel convention): the box is
+* box cleaning (docs/method.md, "Data and crops"; mmpose's pixel convention): the box is
   clipped to the image as ``x1 = max(x, 0)``, ``x2 = min(x + w - 1,
   width - 1)`` (same for y) and kept as ``[x1, y1, x2 - x1, y2 - y1]``;
   boxes left with no area (zero or negative size, entirely outside the
@@ -157,7 +157,7 @@ class Instance:
 
     @property
     def bbox_size(self) -> float:
-        """max(w, h) of the cleaned box: PCK's normalizer (SPEC section 8)."""
+        """max(w, h) of the cleaned box: PCK's normalizer (docs/method.md, "Evaluation")."""
         return float(max(self.bbox[2], self.bbox[3]))
 
 
@@ -301,12 +301,18 @@ def _read_coco_json(path: Path) -> dict:
     return data
 
 
+def _new_id(path, kind, item, index, taken) -> int:
+    """The integer id of ``item``, which no earlier item of its kind may have."""
+    ident = _int_id(path, kind, item, index)
+    if ident in taken:
+        raise DataError(f"{path}: duplicate {kind} id {ident}")
+    return ident
+
+
 def _parse_categories(path, raw) -> dict[int, Category]:
     cats: dict[int, Category] = {}
     for i, c in enumerate(raw):
-        cid = _int_id(path, "category", c, i)
-        if cid in cats:
-            raise DataError(f"{path}: duplicate category id {cid}")
+        cid = _new_id(path, "category", c, i, cats)
         name = _field(path, "category", c, i, "name", (str,))
         names = _field(path, "category", c, i, "keypoints", (list, tuple))
         if len(names) == 0:
@@ -350,9 +356,7 @@ def _parse_categories(path, raw) -> dict[int, Category]:
 def _parse_images(path, raw, image_root: Path) -> dict[int, ImageInfo]:
     images: dict[int, ImageInfo] = {}
     for i, im in enumerate(raw):
-        iid = _int_id(path, "image", im, i)
-        if iid in images:
-            raise DataError(f"{path}: duplicate image id {iid}")
+        iid = _new_id(path, "image", im, i, images)
         name = _field(path, "image", im, i, "file_name", (str,))
         width = _int_id(path, "image", im, i, "width")
         height = _int_id(path, "image", im, i, "height")
@@ -363,7 +367,7 @@ def _parse_images(path, raw, image_root: Path) -> dict[int, ImageInfo]:
 
 
 def clean_bbox(bbox: np.ndarray, width: int, height: int) -> np.ndarray | None:
-    """SPEC section 1 box cleaning (see the module docstring); None: no area."""
+    """Box cleaning (see the module docstring); None: no area."""
     x, y, w, h = (float(v) for v in bbox)
     x1, y1 = max(x, 0.0), max(y, 0.0)
     x2 = min(x + w - 1.0, width - 1.0)
@@ -413,9 +417,7 @@ def load_coco(
     instances: list[Instance] = []
     ann_ids: set[int] = set()
     for i, a in enumerate(data["annotations"]):
-        aid = _int_id(path, "annotation", a, i)
-        if aid in ann_ids:
-            raise DataError(f"{path}: duplicate annotation id {aid}")
+        aid = _new_id(path, "annotation", a, i, ann_ids)
         ann_ids.add(aid)
         iid = _int_id(path, "annotation", a, i, "image_id")
         cid = _int_id(path, "annotation", a, i, "category_id")

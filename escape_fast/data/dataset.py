@@ -70,7 +70,7 @@ class KeypointDataset(Dataset):
     :class:`KeypointLoader` raises this one-line DataError there.
     Predictions on an unflipped crop map back with
     escape_fast.reference.heatmap_to_image(points, center, scale,
-    (h, w), rotation) or transforms.grid_to_image.
+    (w, h), rotation) or Crop.to_image.
     """
 
     def __init__(

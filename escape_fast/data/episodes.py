@@ -1,4 +1,4 @@
-"""Episodes of the standard few-shot protocol (SPEC section 8).
+"""Episodes of the standard few-shot protocol (docs/method.md, "Evaluation").
 
 For each test category, in id order, ``draws`` seeded draws of S + Q
 distinct instances without replacement: S supports and Q queries (Q = 15).

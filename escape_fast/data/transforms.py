@@ -56,7 +56,7 @@ def box_to_center_scale(bbox, aspect_ratio: float, padding: float = 1.25) -> tup
 
     The box is padded to ``aspect_ratio`` = crop width / height (the shorter
     side grows), then both sides are multiplied by ``padding`` (1.25), and
-    scale = size / 200 (SPEC section 1).
+    scale = size / 200 (docs/method.md, "Data and crops").
     """
     x, y, w, h = (float(v) for v in bbox)
     center = np.array([x + 0.5 * w, y + 0.5 * h], dtype=np.float64)
@@ -200,5 +200,5 @@ def gaussian_targets(
     w, h = heatmap_size
     kp = torch.from_numpy(np.asarray(keypoints, dtype=np.float32))[None]
     vis = torch.from_numpy(np.asarray(visible, dtype=bool))[None]
-    g, weight = reference.gaussian_heatmaps(kp, vis, (int(h), int(w)), sigma)
+    g, weight = reference.gaussian_heatmaps(kp, vis, (int(w), int(h)), sigma)
     return g[0], weight[0]

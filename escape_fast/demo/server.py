@@ -177,6 +177,13 @@ class DemoService:
         device = str(next(iter(self.models.values())).predictor.device)
         return {"models": models, "device": device, "samples": samples, "display_size": self.display_size}
 
+    def _model_and_method(self, request) -> tuple[Model, str]:
+        """The model and method a request (a JSON object) names."""
+        if not isinstance(request, dict):
+            raise DemoError(400, "expected a JSON object")
+        model = self._model(request.get("model"))
+        return model, self._method(model, request.get("method"))
+
     def _model(self, name) -> Model:
         if name is None:
             return self.models[BUILTIN]
@@ -266,10 +273,7 @@ class DemoService:
     # ---------------------------------------------------------------- support
     def adapt(self, request: dict) -> dict:
         """Check and store a support set; returns its token."""
-        if not isinstance(request, dict):
-            raise DemoError(400, "expected a JSON object")
-        model = self._model(request.get("model"))
-        method = self._method(model, request.get("method"))
+        model, method = self._model_and_method(request)
         supports = request.get("supports")
         if not isinstance(supports, list) or not supports:
             raise DataError("no support image: add one and place its keypoints")
@@ -324,10 +328,7 @@ class DemoService:
     # ---------------------------------------------------------------- queries
     def predict(self, request: dict) -> dict:
         """Predict queries with a stored support set: predict's predictions.json."""
-        if not isinstance(request, dict):
-            raise DemoError(400, "expected a JSON object")
-        model = self._model(request.get("model"))
-        method = self._method(model, request.get("method"))
+        model, method = self._model_and_method(request)
         token = request.get("token")
         with self._store:
             support = self._sessions.get(token) if isinstance(token, str) else None

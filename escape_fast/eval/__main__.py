@@ -5,7 +5,7 @@
 With no --data it evaluates the built-in synthetic benchmark (generated into
 a cache folder on first use) with the built-in checkpoint; with --data DIR
 --split N --checkpoint RUN_DIR it evaluates MP-100 or any dataset in its
-format. Episodes follow the standard protocol (SPEC 8): for each test
+format. Episodes follow the standard protocol (docs/method.md, "Evaluation"): for each test
 category, seeded draws of S supports + Q queries; --episodes counts
 (support set, query) pairs, spread evenly over the categories.
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
                    help="prototype estimate (default escape; all: the three side by side)")
     p.add_argument("--alpha", type=float, default=None,
                    help="support weight of MAP / ESCAPE in [0, 1], instead of the checkpoint's (chosen on "
-                        "validation categories when it was trained; SPEC 7's value is 0.5)")
+                        "validation categories when it was trained; the authors' code fixes 0.5)")
     p.add_argument("--seed", type=int, default=0, help="episode seed (default 0)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "reference"),
                    help="op implementation (default auto)")

@@ -1,4 +1,4 @@
-"""Keypoint prototypes for a novel category from its support set (SPEC 7).
+"""Keypoint prototypes for a novel category from its support set (docs/method.md, "Blending the prior").
 
 Three estimators of the prototype w_r of each support keypoint r:
 
@@ -13,13 +13,13 @@ Shapes: B episodes, S shots, K keypoints, C channels, L super-keypoints.
 Where mu comes from. Sec. 4.1 models a keypoint's features as
 o ~ N(zeta_r, phi^2) and its mean as zeta_r ~ N(mu_z, sigma^2): mu is a point
 in feature space, the mean of its members' mean features (eq. 4, sec. 4.2).
-SPEC 5 instead takes the prototypes trained in stage 3; those are heatmap
-detectors, at the heatmap's scale (norm ~0.15 against ~3.7 for features on
-the built-in model) and pointing elsewhere (median cosine 0.66 to the
-members' mean feature). Blended with support features they made MAP and
-ESCAPE worse than MLE at every alpha. Following the paper, mu is now the
+The authors' code instead takes the prototypes trained in stage 3; those are
+heatmap detectors, at the heatmap's scale (norm ~0.15 against ~3.7 for
+features on the built-in model) and pointing elsewhere (median cosine 0.66
+to the members' mean feature). Blended with support features they made MAP
+and ESCAPE worse than MLE at every alpha. Following the paper, mu is the
 members' mean feature under the fine-tuned extractor
-(``train.feature_prior``); the paper wins where it and SPEC differ.
+(``prior.feature_prior``).
 
 Directions. A heatmap's argmax only depends on the prototype's direction,
 so both the matching and the blend work on directions: the matching cost is

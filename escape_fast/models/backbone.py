@@ -1,4 +1,4 @@
-"""Feature extractors: an ImageNet trunk + the deconvolution head (SPEC 2).
+"""Feature extractors: an ImageNet trunk + the deconvolution head (docs/method.md, "Keypoint features").
 
 ``build_extractor(name, weights=...)`` returns a module mapping images
 [B, 3, S, S] to features [B, C, S/4, S/4]:
