@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,6 @@ import torch
 from PIL import Image
 
 from escape_fast import builtin, checkpoint
-from escape_fast.eval import __main__ as eval_cli  # the command line, run in process
 from escape_fast.data import load_coco
 from escape_fast.eval.engine import evaluate, predict_episodes
 from escape_fast.models.escape import EscapeModel
@@ -44,9 +45,11 @@ def _png(path: Path) -> np.ndarray:
 def report(tmp_path_factory):
     """An eval report of the built-in model on the fixture's test categories (1 query per draw)."""
     out = tmp_path_factory.mktemp("eval") / "report.json"
-    rc = eval_cli.main(["--annotations", str(TEST), "--queries", "1", "--episodes", "15", "--method", "all",
-                        "--workers", "0", "--device", "cpu", "--quiet", "--out", str(out)])
-    assert rc == 0
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.eval", "--annotations", str(TEST), "--queries", "1",
+                           "--episodes", "15", "--method", "all", "--workers", "0", "--device", "cpu", "--quiet",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 

@@ -229,19 +229,19 @@ def test_training_with_alpha_val_checks_the_val_split_first(bench, tmp_path):
     assert not (tmp_path / "run" / "baseline.pt").exists()
 
 
-def test_finetune_checkpoint_without_feature_prior_is_a_clear_error(trained, tmp_path):
+def test_finetune_checkpoint_without_feature_prior_is_a_clear_error(trained, bench, tmp_path):
+    """A finetune.pt from before mu was stored: the matching stage says how to mend it."""
     import shutil
 
-    from escape_fast import config as config_mod
-    from escape_fast.train import _finetuned  # the driver's own helper (tests may import the driver)
-
-    state = checkpoint.load(trained / "finetune.pt")
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    state = checkpoint.load(run / "finetune.pt")
     del state["super_keypoints"]
-    checkpoint.save(state, tmp_path / "finetune.pt", kind="finetune")
-    shutil.copy(trained / "config.yaml", tmp_path / "config.yaml")
-    cfg = config_mod.resolve(str(tmp_path / "config.yaml"))
-    with pytest.raises(checkpoint.CheckpointError, match="--stage finetune"):
-        _finetuned(cfg, str(tmp_path))
+    checkpoint.save(state, run / "finetune.pt", kind="finetune")
+    proc = subprocess.run([sys.executable, "-m", "escape_fast.train", "--stage", "matching", "--data", str(bench),
+                           "--split", "1", "--out", str(run), "--resume"], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and "--stage finetune" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_eval_under_torchrun_equals_one_process(trained, bench, tmp_path):
