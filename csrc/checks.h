@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cmath>
 #include <initializer_list>
 
@@ -49,6 +50,33 @@ inline void features_prototypes(const char* op, const at::Tensor& features, cons
   TORCH_CHECK(prototypes.scalar_type() == features.scalar_type(), op, ": prototypes must have dtype ",
               features.scalar_type(), ", got ", prototypes.scalar_type());
   TORCH_CHECK(prototypes.device() == features.device(), op, ": features and prototypes must be on one device");
+}
+
+// decode_heatmaps: heatmaps [B, K, H, W] of a floating dtype, a crop per item, a
+// maximum to find; returns {B, K, H, W}.
+inline std::array<int64_t, 4> decode_inputs(const at::Tensor& maps, const at::Tensor& center,
+                                            const at::Tensor& scale, const at::Tensor& rotation, int64_t kernel) {
+  const char* op = "decode_heatmaps";
+  TORCH_CHECK(maps.dim() == 4, op, ": heatmaps must be [B, K, H, W], got ", maps.sizes());
+  floating(op, "heatmaps", maps);
+  const int64_t B = maps.size(0), K = maps.size(1), H = maps.size(2), W = maps.size(3);
+  crop(op, maps, B, center, scale, rotation, kernel);
+  TORCH_CHECK(B * K == 0 || H * W > 0, op, ": empty heatmaps ", maps.sizes(), " have no maximum");
+  return {B, K, H, W};
+}
+
+// heatmap_decode: features [B, C, H, W], prototypes [B, K, C], a crop per item, a
+// maximum to find; returns {B, C, H, W, K}.
+inline std::array<int64_t, 5> fused_decode_inputs(const at::Tensor& features, const at::Tensor& prototypes,
+                                                  const at::Tensor& center, const at::Tensor& scale,
+                                                  const at::Tensor& rotation, int64_t kernel) {
+  const char* op = "heatmap_decode";
+  features_prototypes(op, features, prototypes);
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t K = prototypes.size(1);
+  crop(op, features, B, center, scale, rotation, kernel);
+  TORCH_CHECK(B * K == 0 || H * W > 0, op, ": empty feature grid ", features.sizes(), " has no maximum");
+  return {B, C, H, W, K};
 }
 
 // scores [B, M, N] (N >= 1), bin_score [B] of the dtype of scores, valid [B, M] bool.

@@ -7,6 +7,8 @@
 // agree with the reference.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -75,6 +77,13 @@ ESCAPE_FAST_HOST_DEVICE inline void decode_peak(const T* s, int64_t H, int64_t W
     py += T(0.25) * sign(s[best + W] - s[best - W]);
   }
   crop.to_image(px, py, coord);
+}
+
+// prototype_heatmaps on any device: the op is one batched GEMM, and the BLAS
+// (CPU) or cuBLAS (CUDA) kernel behind at::matmul beats any hand loop.
+inline at::Tensor prototype_heatmaps_gemm(const at::Tensor& features, const at::Tensor& prototypes) {
+  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
+  return at::matmul(prototypes, features.reshape({B, C, H * W})).reshape({B, prototypes.size(1), H, W});
 }
 
 }  // namespace escape_fast::heatmap

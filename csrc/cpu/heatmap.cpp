@@ -212,39 +212,22 @@ ESCAPE_FAST_ISA_CLONES void chunk_heatmaps(const double* feat, const double* pro
 }
 
 // --------------------------------------------------------------------------
-// argument checks (user errors surface as RuntimeError with the shapes)
-// --------------------------------------------------------------------------
-void check_crop(const char* op, const at::Tensor& ref, int64_t B, const at::Tensor& center,
-                const at::Tensor& scale, const at::Tensor& rotation, int64_t kernel) {
-  checks::crop(op, ref, B, center, scale, rotation, kernel);
-}
-
-void check_features(const char* op, const at::Tensor& features, const at::Tensor& prototypes) {
-  checks::features_prototypes(op, features, prototypes);
-}
-
-// --------------------------------------------------------------------------
 // ops
 // --------------------------------------------------------------------------
+}  // namespace
+
 at::Tensor prototype_heatmaps_cpu(const at::Tensor& features, const at::Tensor& prototypes) {
-  check_features("prototype_heatmaps", features, prototypes);
+  checks::features_prototypes("prototype_heatmaps", features, prototypes);
   TORCH_CHECK(features.device().is_cpu(), "prototype_heatmaps: expected CPU tensors");
-  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t K = prototypes.size(1);
-  // A batched GEMM is the whole op: the BLAS kernel beats any loop here.
-  return at::matmul(prototypes, features.reshape({B, C, H * W})).reshape({B, K, H, W});
+  return heatmap::prototype_heatmaps_gemm(features, prototypes);
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmaps, const at::Tensor& center,
                                                        const at::Tensor& scale, const at::Tensor& rotation,
                                                        int64_t kernel) {
-  TORCH_CHECK(heatmaps.dim() == 4, "decode_heatmaps: heatmaps must be [B, K, H, W], got ", heatmaps.sizes());
   TORCH_CHECK(heatmaps.device().is_cpu(), "decode_heatmaps: expected CPU tensors");
-  TORCH_CHECK(heatmaps.scalar_type() == at::kFloat || heatmaps.scalar_type() == at::kDouble,
-              "decode_heatmaps: heatmaps must be float32 or float64, got ", heatmaps.scalar_type());
-  const int64_t B = heatmaps.size(0), K = heatmaps.size(1), H = heatmaps.size(2), W = heatmaps.size(3);
-  check_crop("decode_heatmaps", heatmaps, B, center, scale, rotation, kernel);
-  TORCH_CHECK(B * K == 0 || H * W > 0, "decode_heatmaps: empty heatmaps ", heatmaps.sizes(), " have no maximum");
+  const auto dims = checks::decode_inputs(heatmaps, center, scale, rotation, kernel);
+  const int64_t B = dims[0], K = dims[1], H = dims[2], W = dims[3];
   auto coords = at::empty({B, K, 2}, heatmaps.options());
   auto values = at::empty({B, K}, heatmaps.options());
   if (B * K == 0) return {coords, values};
@@ -269,13 +252,9 @@ std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmap
 std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features, const at::Tensor& prototypes,
                                                       const at::Tensor& center, const at::Tensor& scale,
                                                       const at::Tensor& rotation, int64_t kernel) {
-  check_features("heatmap_decode", features, prototypes);
   TORCH_CHECK(features.device().is_cpu(), "heatmap_decode: expected CPU tensors");
-  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t K = prototypes.size(1);
-  check_crop("heatmap_decode", features, B, center, scale, rotation, kernel);
-  TORCH_CHECK(B * K == 0 || H * W > 0, "heatmap_decode: empty feature grid ", features.sizes(),
-              " has no maximum");
+  const auto dims = checks::fused_decode_inputs(features, prototypes, center, scale, rotation, kernel);
+  const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], K = dims[4];
   auto coords = at::empty({B, K, 2}, features.options());
   auto values = at::empty({B, K}, features.options());
   if (B * K == 0) return {coords, values};
@@ -310,14 +289,6 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
     });
   });
   return {coords, values};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(escape_fast, CPU, m) {
-  m.impl("prototype_heatmaps", &prototype_heatmaps_cpu);
-  m.impl("decode_heatmaps", &decode_heatmaps_cpu);
-  m.impl("heatmap_decode", &heatmap_decode_cpu);
 }
 
 }  // namespace escape_fast

@@ -96,6 +96,8 @@ std::vector<Window<scalar_t>> make_windows(const at::Tensor& keypoints, const at
   return wins;
 }
 
+}  // namespace
+
 at::Tensor keypoint_pool_cpu(const at::Tensor& features, const at::Tensor& keypoints, const at::Tensor& visible,
                              double sigma) {
   TORCH_CHECK(features.device().is_cpu(), "keypoint_pool: features must be a CPU tensor");
@@ -177,13 +179,6 @@ at::Tensor keypoint_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     });
   });
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(escape_fast, CPU, m) {
-  m.impl("keypoint_pool", &keypoint_pool_cpu);
-  m.impl("keypoint_pool_backward", &keypoint_pool_backward_cpu);
 }
 
 }  // namespace escape_fast

@@ -542,6 +542,8 @@ void for_each_problem(int64_t B, const F& work) {
 // --------------------------------------------------------------------------
 // ops
 // --------------------------------------------------------------------------
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& scores, const at::Tensor& bins,
                                                                 const at::Tensor& valid, int64_t iters) {
   for (const auto* t : {&scores, &bins, &valid}) {
@@ -578,13 +580,6 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cpu(const at::Tensor& g
     for_each_problem(b.B, [&](std::atomic<int64_t>& next) { backward_problems(args, next); });
   });
   return {b.grad_scores, b.grad_bins};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(escape_fast, CPU, m) {
-  m.impl("sinkhorn_log", &sinkhorn_log_cpu);
-  m.impl("sinkhorn_log_backward", &sinkhorn_log_backward_cpu);
 }
 
 }  // namespace escape_fast

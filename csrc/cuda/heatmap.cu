@@ -235,14 +235,8 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------
 // host side
 // ---------------------------------------------------------------------------
-void check_crop(const char* op, const at::Tensor& ref, int64_t B, const at::Tensor& center,
-                const at::Tensor& scale, const at::Tensor& rotation, int64_t kernel) {
-  checks::crop(op, ref, B, center, scale, rotation, kernel);
-}
-
-void check_features(const char* op, const at::Tensor& features, const at::Tensor& prototypes) {
-  checks::features_prototypes(op, features, prototypes);
-  TORCH_CHECK(features.is_cuda(), op, ": expected CUDA tensors, got ", features.device());
+void check_cuda(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got ", t.device());
 }
 
 // Blocks may use more than the default 48 KiB of dynamic shared memory only
@@ -317,25 +311,21 @@ int choose_tile(int64_t B, int64_t K, int64_t C, int64_t HW) {
   return smallest_fit;
 }
 
+}  // namespace
+
 at::Tensor prototype_heatmaps_cuda(const at::Tensor& features, const at::Tensor& prototypes) {
-  check_features("prototype_heatmaps", features, prototypes);
+  check_cuda("prototype_heatmaps", features);
+  checks::features_prototypes("prototype_heatmaps", features, prototypes);
   const at::cuda::OptionalCUDAGuard guard(features.device());
-  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t K = prototypes.size(1);
-  // A batched GEMM is the whole op: cuBLAS is the right kernel.
-  return at::matmul(prototypes, features.reshape({B, C, H * W})).reshape({B, K, H, W});
+  return heatmap::prototype_heatmaps_gemm(features, prototypes);
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cuda(const at::Tensor& heatmaps, const at::Tensor& center,
                                                         const at::Tensor& scale, const at::Tensor& rotation,
                                                         int64_t kernel) {
-  TORCH_CHECK(heatmaps.dim() == 4, "decode_heatmaps: heatmaps must be [B, K, H, W], got ", heatmaps.sizes());
-  TORCH_CHECK(heatmaps.is_cuda(), "decode_heatmaps: expected CUDA tensors, got ", heatmaps.device());
-  TORCH_CHECK(heatmaps.scalar_type() == at::kFloat || heatmaps.scalar_type() == at::kDouble,
-              "decode_heatmaps: heatmaps must be float32 or float64, got ", heatmaps.scalar_type());
-  const int64_t B = heatmaps.size(0), K = heatmaps.size(1), H = heatmaps.size(2), W = heatmaps.size(3);
-  check_crop("decode_heatmaps", heatmaps, B, center, scale, rotation, kernel);
-  TORCH_CHECK(B * K == 0 || H * W > 0, "decode_heatmaps: empty heatmaps ", heatmaps.sizes(), " have no maximum");
+  check_cuda("decode_heatmaps", heatmaps);
+  const auto dims = checks::decode_inputs(heatmaps, center, scale, rotation, kernel);
+  const int64_t B = dims[0], K = dims[1], H = dims[2], W = dims[3];
   TORCH_CHECK(H * W < INT_MAX / 2 && B * K < INT_MAX, "decode_heatmaps: heatmaps ", heatmaps.sizes(), " too large");
   const at::cuda::OptionalCUDAGuard guard(heatmaps.device());
   auto coords = at::empty({B, K, 2}, heatmaps.options());
@@ -352,11 +342,9 @@ std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cuda(const at::Tensor& heatma
 std::tuple<at::Tensor, at::Tensor> heatmap_decode_cuda(const at::Tensor& features, const at::Tensor& prototypes,
                                                        const at::Tensor& center, const at::Tensor& scale,
                                                        const at::Tensor& rotation, int64_t kernel) {
-  check_features("heatmap_decode", features, prototypes);
-  const int64_t B = features.size(0), C = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t K = prototypes.size(1);
-  check_crop("heatmap_decode", features, B, center, scale, rotation, kernel);
-  TORCH_CHECK(B * K == 0 || H * W > 0, "heatmap_decode: empty feature grid ", features.sizes(), " has no maximum");
+  check_cuda("heatmap_decode", features);
+  const auto dims = checks::fused_decode_inputs(features, prototypes, center, scale, rotation, kernel);
+  const int64_t B = dims[0], C = dims[1], H = dims[2], W = dims[3], K = dims[4];
   TORCH_CHECK(H * W < INT_MAX / 16 && C < INT_MAX / 16 && B * K < INT_MAX, "heatmap_decode: inputs ",
               features.sizes(), " x ", prototypes.sizes(), " too large");
   const at::cuda::OptionalCUDAGuard guard(features.device());
@@ -391,14 +379,6 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cuda(const at::Tensor& feature
     }
   });
   return {coords, values};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(escape_fast, CUDA, m) {
-  m.impl("prototype_heatmaps", &prototype_heatmaps_cuda);
-  m.impl("decode_heatmaps", &decode_heatmaps_cuda);
-  m.impl("heatmap_decode", &heatmap_decode_cuda);
 }
 
 }  // namespace escape_fast

@@ -228,6 +228,8 @@ void check_sizes(const char* op, int64_t B, int64_t K, int64_t C, int64_t H, int
               ", K=", K, ", C=", C, ", H=", H, ", W=", W, ")");
 }
 
+}  // namespace
+
 at::Tensor keypoint_pool_cuda(const at::Tensor& features, const at::Tensor& keypoints, const at::Tensor& visible,
                               double sigma) {
   check_cuda("keypoint_pool", features);
@@ -283,13 +285,6 @@ at::Tensor keypoint_pool_backward_cuda(const at::Tensor& grad, const at::Tensor&
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(escape_fast, CUDA, m) {
-  m.impl("keypoint_pool", &keypoint_pool_cuda);
-  m.impl("keypoint_pool_backward", &keypoint_pool_backward_cuda);
 }
 
 }  // namespace escape_fast

@@ -438,6 +438,8 @@ void check_cuda(const char* op, const at::Tensor& scores, std::initializer_list<
               op, ": sizes too large for the CUDA kernel, got ", scores.sizes());
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cuda(const at::Tensor& scores, const at::Tensor& bins,
                                                                  const at::Tensor& valid, int64_t iters) {
   check_cuda("sinkhorn_log", scores, {&scores, &bins, &valid});
@@ -482,13 +484,6 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cuda(const at::Tensor& 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {b.grad_scores, b.grad_bins};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(escape_fast, CUDA, m) {
-  m.impl("sinkhorn_log", &sinkhorn_log_cuda);
-  m.impl("sinkhorn_log_backward", &sinkhorn_log_backward_cuda);
 }
 
 }  // namespace escape_fast
