@@ -6,6 +6,8 @@
   ``~/.cache/escape_fast``). It is written to a temporary folder and renamed
   into place, so an interrupted generation never leaves a partial benchmark
   behind.
+* ``PHOTO_MODEL``: the default model on photographs (no file: a frozen
+  ImageNet trunk whose weights install with pip);
 * ``checkpoint_path()``: the model shipped inside the package
   (escape_fast/assets/builtin.pt), trained on that benchmark by the command
   in README.md.
@@ -19,6 +21,11 @@ from pathlib import Path
 
 from escape_fast.files import remove_stale, staged_folder
 
+# The default model for photographs (Predictor, predict, the demo): the training-free model of the
+# ImageNet EfficientNet-Lite0 trunk, which installs with pip; best on real photographs in
+# benchmarks/real_photos.py (benchmarks/RESULTS.md). The built-in checkpoint stays the default of
+# the built-in (synthetic) benchmark, where it is the better one.
+PHOTO_MODEL = "imagenet:efficientnet_lite0"
 BUILTIN_SIZE = "small"
 BUILTIN_SEED = 0
 ASSETS = Path(__file__).resolve().parent / "assets"

@@ -23,7 +23,13 @@ DEFAULTS: dict = {
     # model
     "backbone": "resnet50",
     "weights": "imagenet",  # None, "imagenet" or a state-dict path for the trunk
-    "channels": 256,
+    "channels": 256,  # of the deconv head; a hypercolumn has its trunk's widths
+    # "deconv" (the paper's) or "hypercolumn" (a pretrained trunk's multi-scale maps at stride 4, docs/method.md)
+    "head": "deconv",
+    "stages": [8, 16, 32],  # the hypercolumn's trunk strides
+    "adapter": False,  # the hypercolumn's trainable 1x1 convolution (starts at zero)
+    "frozen_trunk": False,  # the trunk is not trained (and, with pip weights, not stored in checkpoints)
+    "decode_kernel": 15,  # side of the decoder's mean filter, in heatmap cells
     # support weight in eq. 7 / 10: "val" (chosen on the validation categories
     # at the end of training, see eval.alpha.choose_alpha) or a number in [0, 1]
     # (the authors' code fixes 0.5; docs/method.md, "Blending the prior")

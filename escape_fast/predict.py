@@ -59,13 +59,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from escape_fast.data.coco import DataError, clean_bbox, load_coco, load_image, read_json
+from escape_fast import builtin, ops
+from escape_fast.data.coco import DataError, DataWarning, clean_bbox, load_coco, load_image, read_json
 from escape_fast.data.transforms import Crop, normalize_image
 from escape_fast.distributed import resolve_device
 from escape_fast.files import write_json
 from escape_fast.models.escape import EscapeModel
 
-MIN_SIDE = 8  # pixels: a smaller image or box holds no usable object at any crop size
+MIN_SIDE = 32  # pixels: a smaller image holds no usable object (a crop would upscale it 8x and more)
+MIN_BOX_SIDE = 8  # pixels: a box of a real photograph may be thin (a lying animal), not this thin
 SIMPLE_FIELDS = ("names", "keypoints", "skeleton", "box", "bbox", "image")
 
 
@@ -271,9 +273,9 @@ def make_crop(image: np.ndarray, box, input_size: int, name: str) -> CropView:
     clean = clean_bbox(box, w, h)
     if clean is None:
         raise DataError(f"{name}: box {box.tolist()} has no area inside the {w} x {h} image")
-    if min(clean[2], clean[3]) < MIN_SIDE:
-        what = f"box {box.tolist()} (inside the image: {clean.tolist()})" if given else "image"
-        raise DataError(f"{name}: the {what} is smaller than {MIN_SIDE} pixels on a side")
+    if min(clean[2], clean[3]) < MIN_BOX_SIDE:
+        raise DataError(f"{name}: the box {box.tolist()} (inside the image: {clean.tolist()}) is smaller than "
+                        f"{MIN_BOX_SIDE} pixels on a side")
     size = (input_size, input_size)
     crop = Crop.of_box(clean, size)
     return CropView(normalize_image(crop.warp(image, size)), crop, clean)
@@ -287,10 +289,12 @@ class Prediction:
     """The result for one query.
 
     ``keypoints`` [K, 2] float64 image pixels (NaN for keypoints visible in
-    no support), ``scores`` [K] the heatmap peak (the smoothed inner product
-    of query feature and prototype: higher is surer; not a probability),
-    ``box`` the cropped box; or ``error`` (and no keypoints) when the query
-    could not be read.
+    no support), ``scores`` [K] the cosine similarity of each keypoint's
+    prototype and the query's feature at the prediction (in [-1, 1]: higher
+    is a closer match, low when the object is not there; not a
+    probability), ``box`` the box of the crop that was decoded (given,
+    implied by a first pass, or the whole image); or ``error`` (and no
+    keypoints) when the query could not be read.
     """
 
     image: str
@@ -318,8 +322,9 @@ class Predictor:
     """Load a model once, adapt it to a support set once, predict many queries.
 
     Args:
-        checkpoint: a training run folder (its model.pt), a model.pt, or None
-            for the built-in checkpoint.
+        checkpoint: a training run folder (its model.pt), a model.pt,
+            ``imagenet:NAME`` (a training-free model of an ImageNet trunk), or
+            None: the default model for photographs (builtin.PHOTO_MODEL).
         method: "mle", "map" or "escape" (default: the best the model has).
         device: "cpu", "cuda", ... (default "auto": the GPU when there is one).
         batch_size: queries per feature-extraction batch.
@@ -332,7 +337,8 @@ class Predictor:
     def __init__(self, checkpoint=None, method: str | None = None, device=None, batch_size: int = 16,
                  backend: str = "auto", amp: bool = True):
         self.device = resolve_device(device)
-        self.model = EscapeModel.load(checkpoint).to(self.device).eval()
+        self.model = EscapeModel.load(builtin.PHOTO_MODEL if checkpoint is None else checkpoint)
+        self.model.to(self.device).eval()
         self.checkpoint = self.model.path
         self.method = method or self.model.methods[-1]
         self.model.check_method(self.method)
@@ -346,7 +352,9 @@ class Predictor:
 
     # ---------------------------------------------------------------- support
     def _support_crop(self, image, kps: KeypointSet, box, name: str):
-        """(crop, heatmap cells [K, 2]) of one support, after checking its keypoints."""
+        """(crop, heatmap cells [K, 2], visible [K]) of one support, after
+        checking its keypoints: those outside the crop of its box are left
+        out with a warning (they would pool nothing), none left is an error."""
         where = f"{name} with keypoints {kps.source}"
         if not kps.visible.any():
             raise DataError(f"{kps.source}: no visible keypoint; a support needs at least one")
@@ -362,9 +370,12 @@ class Predictor:
         off = kps.visible & ((cells < 0) | (cells > np.array(self.heatmap_size) - 1)).any(1)
         if off.any():
             bad = ", ".join(f"'{kps.names[i]}' at ({xy[i, 0]:g}, {xy[i, 1]:g})" for i in np.flatnonzero(off)[:5])
-            raise DataError(f"{where}: keypoint(s) outside the crop of box {crop.box.tolist()} (padded by 1.25): "
-                            f"{bad}; give a box that holds every visible keypoint")
-        return crop, cells
+            what = (f"{where}: {int(off.sum())} of {int(kps.visible.sum())} visible keypoint(s) outside the crop of "
+                    f"box {crop.box.tolist()} (padded by 1.25): {bad}")
+            if off.sum() == kps.visible.sum():
+                raise DataError(f"{what}; give a box that holds the keypoints")
+            warnings.warn(f"{what}; left out of this support (give a box that holds them)", DataWarning, 2)
+        return crop, cells, kps.visible & ~off
 
     @torch.no_grad()
     def adapt(self, images, keypoints, boxes=None) -> "Predictor":
@@ -392,7 +403,7 @@ class Predictor:
         if not images or len(keypoints) != len(images) or len(boxes) != len(images):
             raise ValueError(f"adapt: {len(images)} support images, {len(keypoints)} keypoint sets and "
                              f"{len(boxes)} boxes; give one of each per support")
-        sets, crops, cells = [], [], []
+        sets, crops, cells, shown = [], [], [], []
         for n, (image, kp, box) in enumerate(zip(images, keypoints, boxes)):
             name = _image_name(image, f"support #{n}")
             kps = _as_keypoint_set(kp, image)
@@ -402,20 +413,23 @@ class Predictor:
             if shared and any(s.source == kps.source for s in sets):
                 raise DataError(f"{kps.source}: chosen for two supports; one keypoint file for several supports "
                                 "must be a COCO file with one annotation on each support image")
-            crop, cell = self._support_crop(image, kps, box, name)
+            crop, cell, vis = self._support_crop(image, kps, box, name)
             sets.append(kps)
             crops.append(crop)
             cells.append(cell)
+            shown.append(vis)
         dev = self.device
         batch = torch.stack([c.tensor for c in crops]).to(dev)
         cells_t = torch.from_numpy(np.stack(cells)).float().to(dev)
-        vis = torch.from_numpy(np.stack([s.visible for s in sets])).to(dev)
+        vis = torch.from_numpy(np.stack(shown)).to(dev)
         # the matching network runs only for ESCAPE (or for the figure's matches)
         _, pooled, scores = self.model.features(batch, cells_t, vis, self.amp, self.backend,
                                                 matcher=self.method == "escape")
         self._pooled, self._visible = pooled[None], vis[None]  # [1, S, ...]
         self._match_scores = None if scores is None else scores[None]
         self.prototypes = self.model.prototypes(self.method, self._pooled, self._visible, self._match_scores)[0]
+        grid = self.input_size // 4
+        self._positions = self.model.support_positions(cells_t[None], vis[None], grid)[0]  # for the location prior
         self.supports = sets
         self.support_crops = crops
         self._cells = cells
@@ -453,10 +467,11 @@ class Predictor:
     def predict(self, images, boxes=None, raise_errors: bool = False) -> list[Prediction]:
         """Keypoints of each query image (paths or RGB arrays), in batches.
 
-        ``boxes``: None or one [x, y, w, h] (or None: whole image) per image.
-        A query that cannot be read gets a Prediction with ``error`` set (or,
-        with ``raise_errors``, raises its DataError); the others are
-        unaffected.
+        ``boxes``: None or one [x, y, w, h] (or None) per image. In a query
+        without a box the object is found first (:meth:`locate`), then its
+        box is decoded like a given one. A query
+        that cannot be read gets a Prediction with ``error`` set (or, with
+        ``raise_errors``, raises its DataError); the others are unaffected.
         """
         self._need_support()
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -465,11 +480,12 @@ class Predictor:
             raise ValueError(f"predict: {len(images)} images but {len(boxes)} boxes")
         results: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
-            chunk, crops = [], []
+            chunk, crops, pixels, searched = [], [], [], []
             for n in range(start, min(start + self.batch_size, len(images))):
                 result = Prediction(_image_name(images[n], f"query #{n}"))
                 try:
-                    crop = make_crop(read_image(images[n], result.image), boxes[n], self.input_size, result.image)
+                    img = read_image(images[n], result.image)
+                    crop = make_crop(img, boxes[n], self.input_size, result.image)
                 except DataError as e:
                     if raise_errors:
                         raise
@@ -477,23 +493,100 @@ class Predictor:
                 else:
                     chunk.append(result)
                     crops.append(crop)
+                    pixels.append(img)
+                    searched.append(boxes[n] is None)
                 results.append(result)
-            if crops:
-                self._decode(chunk, crops)
+            if not crops:
+                continue
+            # queries without a box: find the object in the whole image first (see locate)
+            for i, is_searched in enumerate(searched):
+                if is_searched:
+                    box = self.locate(crops[i])
+                    if box is not None:
+                        try:
+                            crops[i] = make_crop(pixels[i], box, self.input_size, chunk[i].image)
+                        except DataError:  # no area inside the image: keep the whole image
+                            pass
+            self._decode(chunk, crops)
         return results
 
+    # the object sizes tried by locate, as fractions of the whole-image crop's side
+    SEARCH_SIZES = (0.12, 0.18, 0.25, 0.35, 0.5, 0.7)
+    SEARCH_TEMPERATURE = 0.05  # of the keypoints' cosine maps (softmax) in locate's votes
+
+    @torch.no_grad()
+    def locate(self, view: CropView) -> np.ndarray | None:
+        """The box [x, y, w, h] of the object in a whole-image crop, or None.
+
+        A generalized Hough transform over the supports' layout: each
+        keypoint's cosine map (softmax over the crop, temperature
+        SEARCH_TEMPERATURE) votes for the object's centre at the offset the
+        supports show between that keypoint and their box centre, at each
+        object size of SEARCH_SIZES; the centre and size with the most votes
+        give the box, shaped like the supports' boxes."""
+        rel, aspect = [], []
+        for kps, crop in zip(self.supports, self.support_crops):
+            x, y, w, h = crop.box
+            size = max(w, h)
+            rel.append(np.where(kps.visible[:, None], (kps.keypoints - [x + w / 2, y + h / 2]) / size, np.nan))
+            aspect.append([w / size, h / size])
+        with warnings.catch_warnings():  # a keypoint visible in no support has no offset (NaN)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            u = np.nanmean(np.stack(rel), 0)  # [K, 2]: keypoint offsets from the box centre, in box sizes
+        use = np.flatnonzero(np.isfinite(u).all(1) & self.known)
+        if len(use) < 2:
+            return None
+        dev = self.device
+        feats, _, _ = self.model.features(view.tensor[None].to(dev), amp=self.amp, backend=self.backend)
+        grid = feats.shape[-1]
+        protos = torch.nn.functional.normalize(self.prototypes[use], dim=-1)[None]
+        maps = ops.prototype_heatmaps(self.model.smooth(feats), protos.to(feats.dtype))[0]  # [k, G, G]
+        k = maps.shape[0]
+        prob = torch.softmax(maps.reshape(k, -1) / self.SEARCH_TEMPERATURE, dim=-1).reshape(k, 1, grid, grid)
+        base = torch.arange(grid, device=dev, dtype=prob.dtype)
+        cy, cx = torch.meshgrid(base, base, indexing="ij")
+        offsets = torch.from_numpy(u[use]).to(dev, prob.dtype)  # [k, 2]
+        best = (-1.0, None, None)
+        for frac in self.SEARCH_SIZES:
+            size = frac * grid  # object size in grid cells
+            px = cx[None] + size * offsets[:, 0, None, None]  # where keypoint k is if the centre is at (cx, cy)
+            py = cy[None] + size * offsets[:, 1, None, None]
+            where = torch.stack((2 * px / (grid - 1) - 1, 2 * py / (grid - 1) - 1), -1)  # [k, G, G, 2]
+            votes = torch.nn.functional.grid_sample(prob, where, align_corners=True, padding_mode="zeros")
+            votes = votes[:, 0].sum(0)  # [G, G]
+            value, at = votes.flatten().max(0)
+            if float(value) > best[0]:
+                best = (float(value), size, (int(at) % grid, int(at) // grid))
+        _, size, (gx, gy) = best
+        center = view.crop.to_image(np.array([gx, gy], dtype=np.float64), (grid, grid))
+        cell = 200.0 * view.crop.scale[0] / grid  # image pixels per grid cell
+        wh = size * cell * np.mean(aspect, 0)
+        return np.array([center[0] - wh[0] / 2, center[1] - wh[1] / 2, wh[0], wh[1]])
+
     def _decode(self, preds: list[Prediction], crops: list[CropView]):
+        """Decode the crops of ``preds`` (with the model's location prior, if it has one).
+
+        A keypoint's score is the cosine similarity of its prototype and the
+        query's pooled feature at the predicted point, in [-1, 1]: higher is
+        a closer match, and it falls when the object is not there."""
         dev = self.device
         feats, _, _ = self.model.features(torch.stack([c.tensor for c in crops]).to(dev), amp=self.amp,
                                           backend=self.backend)
-        b = feats.shape[0]
+        b, grid = feats.shape[0], feats.shape[-1]
         center = torch.from_numpy(np.stack([c.crop.center for c in crops])).float().to(dev)
         scale = torch.from_numpy(np.stack([c.crop.scale for c in crops])).float().to(dev)
         protos = self.prototypes[None].expand(b, -1, -1).contiguous()
         # decoded as the evaluation decodes, so both agree
-        coords, peak = self.model.decode(self.model.smooth(feats), protos, center, scale, backend=self.backend)
-        coords, peak = coords.double().cpu().numpy(), peak.double().cpu().numpy()
-        for p, crop, xy, s in zip(preds, crops, coords, peak):
+        positions = self._positions[None].expand(b, -1, -1)
+        xy, _ = self.model.decode(self.model.smooth(feats), protos, center, scale, backend=self.backend,
+                                  positions=positions)
+        coords = xy.double().cpu().numpy()
+        cells = np.stack([c.crop.to_grid(xy, (grid, grid)) for c, xy in zip(crops, coords)])
+        inside = (cells >= 0).all(-1) & (cells <= grid - 1).all(-1)
+        found = ops.keypoint_pool(feats, torch.from_numpy(cells).float().to(dev),
+                                  torch.from_numpy(inside).to(dev), self.model.sigma)
+        cosine = torch.nn.functional.cosine_similarity(found, protos, dim=-1).double().cpu().numpy()
+        for p, crop, xy, s in zip(preds, crops, coords, cosine):
             p.keypoints = np.where(self.known[:, None], xy, np.nan)
             p.scores = np.where(self.known, s, np.nan)
             p.box = crop.box
@@ -533,7 +626,9 @@ def parse_args(argv=None):
     p.add_argument("--query-box", action="append", type=_parse_box, metavar="x,y,w,h",
                    help="object box of each query, in order ('none': whole image; default: whole images)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    p.add_argument("--checkpoint", metavar="RUN_DIR", help="training run folder or model.pt (default: built-in)")
+    p.add_argument("--checkpoint", metavar="MODEL",
+                   help="training run folder, model.pt, builtin (the built-in checkpoint) or imagenet:NAME (a "
+                        f"training-free ImageNet trunk; default: {builtin.PHOTO_MODEL}, the best on photographs)")
     p.add_argument("--method", choices=("escape", "map", "mle"),
                    help="prototype estimate (default: the best the model has, escape for the built-in one)")
     p.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda")
@@ -593,7 +688,8 @@ def write_outputs(predictor: Predictor, results: list[Prediction], out_dir: str,
         "checkpoint": predictor.checkpoint, "method": predictor.method, "device": str(predictor.device),
         "keypoint_names": list(names), "skeleton": [list(limb) for limb in skeleton],
         "coordinates": "image pixels (x right, y down) of the image as displayed (EXIF orientation applied)",
-        "score": "heatmap peak: smoothed inner product of query feature and keypoint prototype (higher is surer)",
+        "score": "cosine similarity of the keypoint's prototype and the query's feature at the prediction, in "
+                 "[-1, 1] (higher is a closer match; low when the object is not there)",
         "supports": supports, "queries": queries,
     }
     path = os.path.join(out_dir, "predictions.json")

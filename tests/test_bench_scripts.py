@@ -40,3 +40,50 @@ def test_mp100_shaped_dataset_has_mp100_shape(tmp_path):
     counts = sorted(coco.categories[c].num_keypoints for c in coco.category_ids)
     assert counts[0] == 8 and counts[-1] == 68  # K from 8 up to MP-100's 68
     assert FULL["categories"] == 20 and FULL["instances"] == 100 and FULL["input_size"] == 256
+
+
+FIXTURE = Path(os.environ.get("ESCAPE_FAST_FIXTURE", ROOT.parent / "shared" / "data" / "mp100_fixture"))
+
+
+def test_real_photo_benchmark_small(tmp_path):
+    """benchmarks/real_photos.py on two of the fixture's categories: both
+    settings (query box given and withheld), the copy baseline and every
+    method of each model, per category."""
+    import pytest
+
+    if not (FIXTURE / "annotations" / "fixture_all.json").is_file():
+        pytest.skip(f"MP-100 photo fixture not found at {FIXTURE}")
+    out = tmp_path / "photos.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "real_photos.py"), "--categories", "fly",
+                           "zebra_dpk", "--models", "imagenet:efficientnet_lite0", "builtin", "--out", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 4 and set(report["results"]) == {"box", "no box"}
+    names = {"copy support pose", "imagenet:efficientnet_lite0 MLE", "builtin MLE", "builtin MAP", "builtin ESCAPE"}
+    for setting in report["results"].values():
+        assert set(setting) == names
+        for r in setting.values():
+            assert 0 <= r["pck"] <= 1 and set(r["per_category"]) == {"fly", "zebra_dpk"}
+    assert "| copy support pose |" in proc.stdout
+
+
+def test_copying_a_pose_onto_its_own_instance_is_exact():
+    import pytest
+
+    if not (FIXTURE / "annotations" / "fixture_all.json").is_file():
+        pytest.skip(f"MP-100 photo fixture not found at {FIXTURE}")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import real_photos
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from escape_fast.data import load_coco
+
+    coco = load_coco(FIXTURE / "annotations" / "fixture_all.json")
+    i = coco.instances_of(coco.category_ids[0])[0]
+    inst = coco.instances[i]
+    copied = real_photos.copy_pose(coco, i, i, query_box=True)
+    assert abs(copied[inst.visible] - inst.keypoints[inst.visible]).max() < 1e-6
+    scores = real_photos.score(coco, [(i, i)], [copied])
+    assert scores.shape == (5, 1) and (scores == 1).all()

@@ -1,8 +1,8 @@
 """The demo page (python -m escape_fast.demo): its API over HTTP, and the page in a real browser.
 
-One server runs for the whole module (a subprocess on a free port, the
-built-in model plus a perturbed copy without a matching network as a second
---checkpoint). Every prediction it returns is checked against
+One server runs for the whole module (a subprocess on a free port, serving
+the default photo model, the built-in checkpoint ("synthetic") and, as a
+--checkpoint, a perturbed copy of it without a matching network). Every prediction it returns is checked against
 escape_fast.Predictor / ``python -m escape_fast.predict`` on the same input.
 
 The browser tests drive Debian's chromium (/usr/bin/chromium, or
@@ -168,10 +168,11 @@ def test_info_lists_models_methods_and_samples(server):
     status, info = call(server, "/api/info")
     assert status == 200
     models = {m["name"]: m for m in info["models"]}
-    assert list(models) == ["built-in", "perturbed"]
-    assert models["built-in"]["methods"] == ["mle", "map", "escape"]
-    assert models["built-in"]["default_method"] == "escape"
-    assert models["built-in"]["checkpoint"] == builtin.checkpoint_path()
+    assert list(models) == ["photos", "synthetic", "perturbed"]
+    assert models["photos"]["methods"] == ["mle"] and models["photos"]["checkpoint"] == builtin.PHOTO_MODEL
+    assert models["synthetic"]["methods"] == ["mle", "map", "escape"]
+    assert models["synthetic"]["default_method"] == "escape"
+    assert models["synthetic"]["checkpoint"] == builtin.checkpoint_path()
     assert models["perturbed"]["methods"] == ["mle", "map"]  # no matching network: no escape
     assert info["device"] == "cpu"
     assert info["samples"]["queries"] == [f"/samples/query-{n}.jpg" for n in (1, 2, 3)]
@@ -197,7 +198,7 @@ def test_predictions_are_predicts_json(server, tmp_path):
     s, q = upload(server, SUPPORT), upload(server, QUERY)
     status, adapted = call(server, "/api/adapt", {"supports": [{"image": s["id"], "keypoints": kp}]})
     assert status == 200, adapted
-    assert adapted["keypoint_names"] == kp["names"] and adapted["method"] == "escape"
+    assert adapted["keypoint_names"] == kp["names"] and adapted["method"] == "mle"  # the default model's
     status, report = call(server, "/api/predict",
                           {"token": adapted["token"], "queries": [{"image": q["id"]}]})
     assert status == 200, report
@@ -212,7 +213,7 @@ def test_predictions_are_predicts_json(server, tmp_path):
     assert rs == {**ws, "image": "000000000785.jpg", "drawing": None}
     (rq,), (wq,) = report["queries"], want["queries"]
     assert list(rq) == list(wq) and rq["image"] == "000000040083.jpg" and rq["drawing"] is None
-    assert rq["box"] == wq["box"] == [0.0, 0.0, 499.0, 332.0]
+    assert rq["box"] == wq["box"]  # no box given: the box the predictor's search found, the same
     assert [p["name"] for p in rq["keypoints"]] == kp["names"]
     np.testing.assert_allclose(coords(rq), coords(wq), atol=1e-6)
     np.testing.assert_allclose(scores(rq), scores(wq), atol=1e-6)
@@ -225,15 +226,15 @@ def test_methods_and_models_switch_on_one_support(server):
     s, q = upload(server, SUPPORT), upload(server, QUERY)
     token = call(server, "/api/adapt", {"supports": [{"image": s["id"], "keypoints": kp}]})[1]["token"]
     got = {}
-    for model, checkpoint, methods in (("built-in", None, ("mle", "map", "escape")),
+    for model, checkpoint, methods in (("photos", None, ("mle",)), ("synthetic", "builtin", ("mle", "map", "escape")),
                                        ("perturbed", server.checkpoint, ("mle", "map"))):
         for method in methods:
             status, report = call(server, "/api/predict", {"token": token, "model": model, "method": method,
                                                            "queries": [{"image": q["id"]}]})
             assert status == 200, report
             assert report["method"] == method
-            assert report["checkpoint"] == (builtin.checkpoint_path() if checkpoint is None
-                                            else str(checkpoint / "model.pt"))
+            assert report["checkpoint"] == {None: builtin.PHOTO_MODEL, "builtin": builtin.checkpoint_path()}.get(
+                checkpoint, str(checkpoint) + "/model.pt")
             want = expected([SUPPORT], [kp], [QUERY], method, checkpoint)[0]
             got[model, method] = coords(report["queries"][0])
             np.testing.assert_allclose(got[model, method], want.keypoints, atol=1e-4,
@@ -260,11 +261,11 @@ def test_sessions_do_not_mix_supports(server):
     }
     tokens, want = {}, {}
     for name, (images, kps, supports) in sessions.items():
-        status, answer = call(server, "/api/adapt", {"method": "mle", "supports": supports})
+        status, answer = call(server, "/api/adapt", {"model": "synthetic", "method": "mle", "supports": supports})
         assert status == 200, answer
         tokens[name] = answer["token"]
         for method in ("mle", "escape"):
-            want[name, method] = expected(images, kps, [QUERY], method)[0].keypoints
+            want[name, method] = expected(images, kps, [QUERY], method, "builtin")[0].keypoints
     assert len(set(tokens.values())) == 3
     assert np.nanmax(np.abs(want["a", "mle"] - want["b", "mle"])) > 1  # a mix would show
 
@@ -272,7 +273,7 @@ def test_sessions_do_not_mix_supports(server):
 
     def run(job):
         name, method = job
-        status, report = call(server, "/api/predict", {"token": tokens[name], "method": method,
+        status, report = call(server, "/api/predict", {"token": tokens[name], "model": "synthetic", "method": method,
                                                        "queries": [{"image": q["id"]}]})
         assert status == 200, report
         return job, report
@@ -310,7 +311,7 @@ def test_bad_inputs_get_one_line_and_the_server_keeps_running(server):
          "support set is no longer"),
         ("/api/predict", {"token": token, "queries": []}, 400, "no query image"),
         ("/api/predict", {"token": token, "model": "resnet", "queries": [{"image": q["id"]}]}, 400,
-         "unknown model 'resnet'; this server has built-in, perturbed"),
+         "unknown model 'resnet'; this server has photos, synthetic, perturbed"),
     ]
     for path, body, status, message in cases:
         raw = body if isinstance(body, bytes) else None
@@ -346,7 +347,8 @@ def test_large_image_is_shown_downscaled_and_predicted_in_full(server, tmp_path)
     status, report = call(server, "/api/predict", {"token": token, "queries": [{"image": info["id"]}]})
     assert status == 200, report
     (q,) = report["queries"]
-    assert q["box"] == [0.0, 0.0, 3999.0, 2663.0]  # the full-resolution image was cropped
+    x, y, w, h = q["box"]  # found in the full-resolution image, beyond the 1600 px shown
+    assert 0 <= x and 0 <= y and x + w <= 4000 and y + h <= 2664 and (x + w > 1600 or y + h > 1066)
     np.testing.assert_allclose(coords(q), expected([SUPPORT], [kp], [big])[0].keypoints, atol=1e-4)
 
 
@@ -518,11 +520,18 @@ def test_browser_annotate_predict_and_download_match_the_predict_command(server,
     np.testing.assert_allclose(coords(rq), coords(wq), atol=1e-3)
     np.testing.assert_allclose(scores(rq), scores(wq), atol=1e-3)
 
-    # another method, then the other model: predicted again, and the results change
-    page.select_option("#method", "mle")
+    # the other model, another method, a third model: predicted again, and the results change
+    page.select_option("#model", "synthetic")
     idle(page)
     _, mle = saved_json(page, "#download", tmp_path)
-    assert mle["method"] == "mle" and np.abs(coords(mle["queries"][0]) - coords(rq)).max() > 1
+    assert mle["method"] == "mle" and mle["checkpoint"] == builtin.checkpoint_path()
+    assert np.abs(coords(mle["queries"][0]) - coords(rq)).max() > 1
+    page.select_option("#method", "escape")
+    idle(page)
+    _, escape = saved_json(page, "#download", tmp_path)
+    assert escape["method"] == "escape" and np.abs(coords(escape["queries"][0]) - coords(mle["queries"][0])).max() > 1
+    page.select_option("#method", "mle")
+    idle(page)
     page.select_option("#model", "perturbed")
     idle(page)
     assert page.locator("#method option").all_inner_texts() == ["mle", "map"]
@@ -579,7 +588,8 @@ def test_browser_bad_inputs_show_a_message(server, page, tmp_path):
     page.wait_for_selector(".query-card[data-state=done]")
     idle(page)
     _, report = saved_json(page, "#download", tmp_path)
-    assert report["queries"][0]["box"] == [0.0, 0.0, 3999.0, 2663.0]  # predicted at full resolution
+    x, y, w, h = report["queries"][0]["box"]  # predicted at full resolution
+    assert 0 <= x and 0 <= y and x + w <= 4000 and y + h <= 2664 and (x + w > 1600 or y + h > 1066)
     alive(server)
 
     # the sample replaces this work rather than mixing with it
@@ -595,7 +605,7 @@ def test_browser_sample_two_shots_and_screenshot(server, page, tmp_path):
     page.wait_for_function("document.querySelectorAll('.query-card[data-state=done]').length === 3")
     idle(page)
     status = page.inner_text("#result-status")
-    assert "escape with the built-in model, 1-shot, on cpu: 3 of 3 queries" in status
+    assert "mle with the photos model, 1-shot, on cpu: 3 of 3 queries" in status
     shot = os.environ.get("ESCAPE_FAST_DEMO_SCREENSHOT")
     if shot:
         page.screenshot(path=shot)
@@ -611,7 +621,9 @@ def test_browser_sample_two_shots_and_screenshot(server, page, tmp_path):
     idle(page)
     _, boxed = saved_json(page, "#download", tmp_path)
     assert np.abs(np.array(boxed["queries"][0]["box"]) - [40, 30, 160, 200]).max() <= 1.5 / sx + 1
-    assert [q["box"] for q in boxed["queries"][1:]] == [[0.0, 0.0, 255.0, 255.0]] * 2
+    for q in boxed["queries"][1:]:  # no box drawn: the predictor's search found one in the 256 x 256 image
+        x, y, w, h = q["box"]
+        assert 0 <= x and 0 <= y and 0 < w and 0 < h and x + w <= 256 and y + h <= 256
 
     _, kp = saved_json(page, "#save-keypoints", tmp_path)
     sample = json.loads((SAMPLES / "support.json").read_text())

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from escape_fast import builtin
-from escape_fast.data import DataError, Episode, load_coco
+from escape_fast.data import DataError, DataWarning, Episode, load_coco
 from escape_fast.data.coco import Category
 from escape_fast.eval.engine import predict_episodes
 from escape_fast.predict import MIN_SIDE, Predictor, load_keypoints, main, parse_keypoints
@@ -60,22 +60,23 @@ def test_command_writes_json_and_drawings_for_real_photographs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "predictions.json").read_text())
     cat = load_coco(ALL).categories[1]
-    assert report["keypoint_names"] == list(cat.keypoints) and report["method"] == "escape"
-    assert report["checkpoint"] == builtin.checkpoint_path()
+    assert report["keypoint_names"] == list(cat.keypoints) and report["method"] == "mle"
+    assert report["checkpoint"] == builtin.PHOTO_MODEL  # the default model for photographs
     assert report["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert report["skeleton"] == [list(limb) for limb in cat.limbs()]
     assert [q["image"] for q in report["queries"]] == [str(QUERY), str(QUERY2)]
     for q in report["queries"]:
         image = np.asarray(Image.open(q["image"]).convert("RGB"))
         h, w = image.shape[:2]
-        assert q["box"] == [0.0, 0.0, w - 1.0, h - 1.0]  # no box given: the whole image
+        # no box given: the box the search found (inside the image), and the predictions inside its crop
+        bx, by, bw, bh = q["box"]
+        assert 0 <= bx and 0 <= by and bw > 0 and bh > 0 and bx + bw <= w and by + bh <= h
         points = q["keypoints"]
         assert [p["name"] for p in points] == list(cat.keypoints)
         xy = np.array([[p["x"], p["y"]] for p in points])
-        assert np.isfinite(xy).all() and all(np.isfinite(p["score"]) for p in points)
-        # the crop is the image padded by 1.25 about its centre: predictions lie inside it
-        half = 1.25 * max(w - 1, h - 1) / 2
-        assert (np.abs(xy - [(w - 1) / 2, (h - 1) / 2]) <= half + 1).all()
+        assert np.isfinite(xy).all() and all(-1 <= p["score"] <= 1 for p in points)
+        half = 1.25 * max(bw, bh) / 2 + 1
+        assert (np.abs(xy - [bx + bw / 2, by + bh / 2]) <= half).all()
         drawn = np.asarray(Image.open(out / q["drawing"]).convert("RGB"))
         assert drawn.shape == image.shape and (drawn != image).any()
     support_png = out / report["supports"][0]["drawing"]
@@ -88,11 +89,12 @@ def test_predictor_matches_the_evaluation_path(predictor):
     coco = load_coco(ALL)
     rows = {inst.ann_id: i for i, inst in enumerate(coco.instances)}
     box = next(a["bbox"] for a in json.loads(ALL.read_text())["annotations"] if a["id"] == 2)  # as written
-    for method in ("mle", "map", "escape"):
-        p = Predictor(method=method, device="cpu").adapt(str(SUPPORT), str(ALL))
+    # the built-in model's three methods, and the default photo model (MLE with its location prior)
+    for checkpoint, method in (("builtin", "mle"), ("builtin", "map"), ("builtin", "escape"), (None, "mle")):
+        p = Predictor(checkpoint, method=method, device="cpu").adapt(str(SUPPORT), str(ALL))
         got = p.predict([str(QUERY)], boxes=[box])[0].keypoints
         want = predict_episodes(p.model, coco, [Episode(1, 0, (rows[1],), (rows[2],))], method)[0][0, :17]
-        np.testing.assert_allclose(got, want.double().numpy(), atol=1e-3, err_msg=method)
+        np.testing.assert_allclose(got, want.double().numpy(), atol=1e-3, err_msg=f"{checkpoint} {method}")
 
 
 def test_batches_arrays_and_several_supports_agree(predictor, tmp_path):
@@ -113,10 +115,11 @@ def test_batches_arrays_and_several_supports_agree(predictor, tmp_path):
     assert two.predict(str(QUERY))[0].ok
 
 
-def test_default_device_builtin_checkpoint_and_run_dir(tmp_path):
+def test_default_device_model_and_run_dir(tmp_path):
     p = Predictor()
     assert p.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert p.checkpoint == builtin.checkpoint_path() and p.method == "escape"
+    assert p.checkpoint == builtin.PHOTO_MODEL and p.method == "mle" and p.model.location_prior > 0
+    assert Predictor("builtin").checkpoint == builtin.checkpoint_path() and Predictor("builtin").method == "escape"
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(builtin.checkpoint_path(), run / "model.pt")
@@ -195,8 +198,17 @@ def test_support_keypoints_outside_the_image(tmp_path):
 
 
 def test_support_keypoints_outside_the_box(tmp_path):
+    # some outside the crop of the box: left out of the support with a warning naming them
     path = _simple_file(tmp_path, box=[280, 50, 60, 60])
-    with pytest.raises(DataError, match="outside the crop of box .* give a box that holds") as err:
+    with pytest.warns(DataWarning, match=r"2 of 3 visible keypoint\(s\) outside the crop of box .*'b' at"):
+        predictor = Predictor(device="cpu").adapt(str(SUPPORT), str(path))
+    assert predictor.known.tolist() == [True, False, False]
+    result = predictor.predict([str(QUERY)])[0]
+    assert np.isfinite(result.keypoints[0]).all() and np.isnan(result.keypoints[1:]).all()
+    # all of them outside: nothing to adapt to, an error
+    path = _simple_file(tmp_path, "far.json", box=[20, 20, 40, 40])
+    with pytest.raises(DataError, match="3 of 3 visible keypoint.*outside the crop of box .* give a box that holds") \
+            as err:
         Predictor(device="cpu").adapt(str(SUPPORT), str(path))
     assert str(path) in str(err.value)
 

@@ -59,7 +59,8 @@ log = logging.getLogger("escape_fast.demo")
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 SAMPLES = HERE / "samples"
-BUILTIN = "built-in"
+DEFAULT = "photos"  # builtin.PHOTO_MODEL: the default Predictor model, the best on photographs
+SYNTHETIC = "synthetic"  # the built-in checkpoint (MLE, MAP and ESCAPE; trained on the synthetic benchmark)
 
 
 class DemoError(Exception):
@@ -130,7 +131,7 @@ def _model_names(checkpoints) -> list[str]:
             label = p.parent.name if p.name == "model.pt" and p.parent.name else p.stem
         label = label or str(p)
         base, n = label, 1
-        while label in labels or label == BUILTIN:
+        while label in labels or label in (DEFAULT, SYNTHETIC):
             n += 1
             label = f"{base}-{n}"
         labels.append(label)
@@ -154,7 +155,8 @@ class DemoService:
                  max_image_mb: int = 1024, max_sessions: int = 256):
         self.models: dict[str, Model] = {}
         # loaded once, here: a request never loads weights
-        self.models[BUILTIN] = Model(BUILTIN, Predictor(None, None, device, batch_size))
+        self.models[DEFAULT] = Model(DEFAULT, Predictor(None, None, device, batch_size))
+        self.models[SYNTHETIC] = Model(SYNTHETIC, Predictor("builtin", None, device, batch_size))
         for label, path in zip(_model_names(checkpoints), checkpoints):
             self.models[label] = Model(label, Predictor(path, None, device, batch_size))
         self.display_size = int(display_size)
@@ -186,7 +188,7 @@ class DemoService:
 
     def _model(self, name) -> Model:
         if name is None:
-            return self.models[BUILTIN]
+            return self.models[DEFAULT]
         if name not in self.models:
             raise DemoError(400, f"unknown model {name!r}; this server has {', '.join(self.models)}")
         return self.models[name]

@@ -177,8 +177,14 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypo
         uniq, group, slot, width = _group_slots(pair_rows)
         stacked = protos.new_zeros(len(uniq), width, k, c)
         stacked[group, slot] = protos[pair_draw]
+        positions = None
+        if model.location_prior > 0:  # where each keypoint sits in its supports' crops
+            pos = model.support_positions(bank.keypoints[sup], bank.visible[sup], bank.smoothed.shape[-1])[:, :k]
+            stacked_pos = pos.new_zeros(len(uniq), width, k, 2)
+            stacked_pos[group, slot] = pos[pair_draw]
+            positions = stacked_pos.reshape(len(uniq), width * k, 2)
         coords, _ = model.decode(bank.smoothed[uniq], stacked.reshape(len(uniq), width * k, c),
-                                 bank.center[uniq], bank.scale[uniq], bank.rotation[uniq], backend)
+                                 bank.center[uniq], bank.scale[uniq], bank.rotation[uniq], backend, positions)
         coords = coords.reshape(len(uniq), width, k, 2)[group, slot]  # [D * Q, k, 2]
         coords = torch.nn.functional.pad(coords, (0, 0, 0, k_pad - k))
     return coords, sup, pair_rows

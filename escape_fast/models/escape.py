@@ -27,7 +27,9 @@ writes one atomically.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -35,12 +37,31 @@ from torch import nn
 from escape_fast import checkpoint, ops
 from escape_fast.distributed import autocast
 from escape_fast.models.adapt import assignments, escape_prototypes, map_prototypes, mle_prototypes
-from escape_fast.models.backbone import build_extractor
+from escape_fast.models.backbone import PIP_WEIGHTS, build_extractor, pip_weights_file
 from escape_fast.models.matching import MatchingNetwork
 
 MODEL_KEYS = ("config", "extractor", "super_keypoints")
 METHODS = ("mle", "map", "escape")
-DECODE_KERNEL = 15  # the side of the decoder's mean filter (docs/method.md, "Decoding")
+PRETRAINED_PREFIX = "imagenet:"  # --checkpoint imagenet:efficientnet_lite0, a training-free model
+
+
+def _extractor(config: dict, weights=None):
+    """The feature extractor a model config describes (random weights unless ``weights``)."""
+    return build_extractor(config["backbone"], weights=weights, channels=config["channels"],
+                           head=config.get("head", "deconv"), stages=tuple(config.get("stages", (8, 16, 32))),
+                           adapter=bool(config.get("adapter", False)),
+                           frozen_trunk=bool(config.get("frozen_trunk", False)))
+
+
+def pretrained_config(name: str) -> dict:
+    """The settings of the training-free model of ImageNet trunk ``name``
+    (docs/method.md, "Pretrained trunks"; benchmarks/RESULTS.md measures them)."""
+    from escape_fast.models.backbone import hypercolumn_channels
+
+    stages = [8, 16, 32]
+    return {"backbone": name, "weights": "imagenet", "head": "hypercolumn", "stages": stages, "adapter": False,
+            "frozen_trunk": True, "channels": hypercolumn_channels(name, tuple(stages)), "input_size": 256,
+            "sigma": 2.0, "decode_kernel": 5, "alpha": 0.5, "location_prior": 2.0}
 
 
 def build_matcher(config: dict, num_super: int) -> MatchingNetwork:
@@ -69,10 +90,22 @@ def extract(extractor: nn.Module, images: torch.Tensor, keypoints=None, visible=
     return f, ops.keypoint_pool(f, keypoints, visible, sigma, backend=backend)
 
 
+@lru_cache(maxsize=None)
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def model_path(path=None) -> str:
-    """The model file behind a ``--checkpoint`` argument: None is the
-    built-in checkpoint, a folder is a training run (its model.pt)."""
-    if path is None:
+    """The model file behind a ``--checkpoint`` argument: None or "builtin"
+    is the built-in checkpoint, a folder is a training run (its model.pt),
+    ``imagenet:NAME`` a training-free model (built, not read)."""
+    if path is not None and os.fspath(path).startswith(PRETRAINED_PREFIX):
+        return os.fspath(path)
+    if path is None or os.fspath(path) == "builtin":
         from escape_fast import builtin
 
         return builtin.checkpoint_path()
@@ -103,28 +136,56 @@ class EscapeModel(nn.Module):
     def build(cls, config: dict, num_super: int = 0, with_matcher: bool = False, **fields) -> "EscapeModel":
         """Modules from the config alone (random weights; load a checkpoint next)."""
         c = config
-        extractor = build_extractor(c["backbone"], weights=None, channels=c["channels"])
+        # a frozen pip-installed trunk is not in the checkpoint: its weights come from the package
+        weights = "imagenet" if c.get("frozen_trunk") and c["backbone"] in PIP_WEIGHTS else None
+        extractor = _extractor(c, weights)
         matcher_extractor = matcher = None
         if with_matcher:
-            matcher_extractor = build_extractor(c["backbone"], weights=None, channels=c["channels"])
+            matcher_extractor = _extractor(c, weights)
             matcher = build_matcher(c, num_super)
         return cls(c, extractor, torch.zeros(num_super, c["channels"]), matcher_extractor, matcher, **fields)
+
+    @classmethod
+    def pretrained(cls, name: str) -> "EscapeModel":
+        """The training-free model of ImageNet trunk ``name``: its frozen
+        multi-scale features and MLE prototypes (no prior, so no MAP or ESCAPE)."""
+        if name not in PIP_WEIGHTS:
+            raise checkpoint.CheckpointError(
+                f"{PRETRAINED_PREFIX}{name}: the training-free models are those of trunks whose ImageNet weights "
+                f"install with pip: {', '.join(PRETRAINED_PREFIX + n for n in PIP_WEIGHTS)}")
+        config = pretrained_config(name)
+        model = cls(config, _extractor(config, "imagenet"))
+        model.path = PRETRAINED_PREFIX + name
+        return model
 
     def to_checkpoint(self) -> dict:
         def cpu(state):  # a model.pt loads on a machine without the GPU it was made on
             return {k: v.detach().cpu() for k, v in state.items()}
 
+        def own(module):  # a frozen pip-installed trunk is named (with its hash), not stored
+            state = cpu(module.state_dict())
+            if self._pip_trunk:
+                state = {k: v for k, v in state.items() if not k.startswith("trunk.")}
+            return state
+
         obj = {
             "config": self.config,
-            "extractor": cpu(self.extractor.state_dict()),
+            "extractor": own(self.extractor),
             "super_keypoints": self.super_keypoints.detach().cpu(),
             "alpha_by_shots": dict(self.alpha_by_shots),
             "base_categories": list(self.base_categories),
         }
+        if self._pip_trunk:
+            obj["trunk_weights"] = {"name": self.config["backbone"], "sha256": _sha256(pip_weights_file(
+                self.config["backbone"]))}
         if self.matcher is not None:
-            obj["matcher_extractor"] = cpu(self.matcher_extractor.state_dict())
+            obj["matcher_extractor"] = own(self.matcher_extractor)
             obj["matcher"] = cpu(self.matcher.state_dict())
         return obj
+
+    @property
+    def _pip_trunk(self) -> bool:
+        return bool(self.config.get("frozen_trunk")) and self.config["backbone"] in PIP_WEIGHTS
 
     def save(self, path) -> None:
         checkpoint.save(self.to_checkpoint(), path, kind="model")
@@ -133,6 +194,8 @@ class EscapeModel(nn.Module):
     def load(cls, path=None, map_location="cpu") -> "EscapeModel":
         """A model file, a training run folder (its model.pt), or None: the built-in checkpoint."""
         path = model_path(path)
+        if path.startswith(PRETRAINED_PREFIX):
+            return cls.pretrained(path[len(PRETRAINED_PREFIX):])
         obj = checkpoint.load(path, required=MODEL_KEYS, map_location=map_location)
         config = dict(obj["config"])
         # files written before these were fields kept them in the config
@@ -140,16 +203,32 @@ class EscapeModel(nn.Module):
                   "base_categories": obj.get("base_categories", config.pop("base_categories", ()))}
         sk = obj["super_keypoints"]
         model = cls.build(config, num_super=sk.shape[0], with_matcher="matcher" in obj, **fields)
+        if model._pip_trunk:
+            want = obj.get("trunk_weights", {}).get("sha256")
+            have = _sha256(pip_weights_file(config["backbone"]))
+            if want != have:
+                raise checkpoint.CheckpointError(
+                    f"{path!r} was made with other {config['backbone']} weights (sha256 {want}) than the installed "
+                    f"package's ({have}); install the version it names or retrain")
         try:
-            model.extractor.load_state_dict(obj["extractor"])
+            model._load_extractor(model.extractor, obj["extractor"])
             model.super_keypoints.copy_(sk)
             if model.matcher is not None:
-                model.matcher_extractor.load_state_dict(obj["matcher_extractor"])
+                model._load_extractor(model.matcher_extractor, obj["matcher_extractor"])
                 model.matcher.load_state_dict(obj["matcher"])
         except (RuntimeError, KeyError) as exc:
             raise checkpoint.CheckpointError(f"{path!r} does not match its own config: {exc}") from exc
         model.path = path
         return model
+
+    def _load_extractor(self, extractor, state: dict) -> None:
+        if not self._pip_trunk:
+            extractor.load_state_dict(state)
+            return
+        missing, unexpected = extractor.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("trunk.")]  # the trunk came from the package
+        if missing or unexpected:
+            raise RuntimeError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     # ------------------------------------------------------------ what it can do
     @property
@@ -240,15 +319,49 @@ class EscapeModel(nn.Module):
         log_p = self.matcher.assign_scores(match_scores, visible) if method == "escape" else None
         return assignments(pooled, visible, self.super_keypoints.to(pooled.dtype), log_p)
 
-    @staticmethod
-    def smooth(features: torch.Tensor) -> torch.Tensor:
+    @property
+    def decode_kernel(self) -> int:
+        """Side of the decoder's mean filter in heatmap cells (15 in the paper)."""
+        return int(self.config.get("decode_kernel", 15))
+
+    def smooth(self, features: torch.Tensor) -> torch.Tensor:
         """The decoder's mean filter on every channel (once per query, see ops.smooth_features)."""
-        return ops.smooth_features(features, DECODE_KERNEL)
+        return ops.smooth_features(features, self.decode_kernel)
+
+    @property
+    def location_prior(self) -> float:
+        """Strength lambda of the location prior (0: none; docs/method.md, "Location prior")."""
+        return float(self.config.get("location_prior", 0.0))
 
     @staticmethod
-    def decode(smoothed, prototypes, center, scale, rotation=None, backend="auto"):
+    def support_positions(cells, visible, grid: int) -> torch.Tensor:
+        """Mean position [D, K, 2] of each keypoint of D support sets in its
+        crop, as a fraction of the grid side (cells [D, S, K, 2], visible
+        [D, S, K]): where the location prior expects it in a query's crop."""
+        vis = visible.to(cells.dtype)[..., None]
+        return (cells * vis).sum(1) / vis.sum(1).clamp_min(1) / grid
+
+    def decode(self, smoothed, prototypes, center, scale, rotation=None, backend="auto", positions=None):
         """Image coordinates [B, K, 2] and heatmap peaks [B, K] of prototypes
         [B, K, C] on features from :meth:`smooth`: the heatmap decoding of
         docs/method.md with the linear mean filter moved before the inner
-        product (equal up to float rounding)."""
+        product (equal up to float rounding).
+
+        With a location prior (lambda > 0) and the support ``positions``
+        [B, K, 2] (:meth:`support_positions`), each heatmap is the cosine of
+        its unit prototype, plus ``-lambda |p - p0|^2`` (p in the crop as a
+        fraction of its side): three position channels (x, y, x^2 + y^2)
+        appended to the features and ``(2 lambda x0, 2 lambda y0, -lambda)``
+        to the prototypes make the same op compute it.
+        """
+        lam = self.location_prior
+        if lam > 0 and positions is not None:
+            b, _, h, w = smoothed.shape
+            ys, xs = torch.meshgrid(torch.arange(h, device=smoothed.device, dtype=smoothed.dtype) / h,
+                                    torch.arange(w, device=smoothed.device, dtype=smoothed.dtype) / w, indexing="ij")
+            fields = torch.stack((xs, ys, xs * xs + ys * ys))[None].expand(b, -1, -1, -1)
+            smoothed = torch.cat((smoothed, fields), 1)
+            p0 = positions.to(prototypes.dtype)
+            prior = torch.stack((2 * lam * p0[..., 0], 2 * lam * p0[..., 1], torch.full_like(p0[..., 0], -lam)), -1)
+            prototypes = torch.cat((torch.nn.functional.normalize(prototypes, dim=-1), prior), -1)
         return ops.heatmap_decode(smoothed, prototypes, center, scale, kernel=1, backend=backend, rotation=rotation)
