@@ -30,6 +30,7 @@ DEFAULTS: dict = {
     "adapter": False,  # the hypercolumn's trainable 1x1 convolution (starts at zero)
     "frozen_trunk": False,  # the trunk is not trained (and, with pip weights, not stored in checkpoints)
     "decode_kernel": 15,  # side of the decoder's mean filter, in heatmap cells
+    "location_prior": 0.0,  # lambda of the decoder's location prior (0: none; docs/method.md)
     # support weight in eq. 7 / 10: "val" (chosen on the validation categories
     # at the end of training, see eval.alpha.choose_alpha) or a number in [0, 1]
     # (the authors' code fixes 0.5; docs/method.md, "Blending the prior")

@@ -568,7 +568,8 @@ def run(args) -> int:
             from escape_fast.predict import Predictor, _parse_box
 
             boxes = [_parse_box(b) for b in args.support_box] if args.support_box else None
-            predictor = Predictor(args.checkpoint, device=resolve_device(args.device))
+            # the figure shows the prior: the built-in checkpoint unless another is named (the photo default has none)
+            predictor = Predictor(args.checkpoint or "builtin", device=resolve_device(args.device))
             kp = args.support_keypoints[0] if len(args.support_keypoints) == 1 else args.support_keypoints
             predictor.adapt(args.support, kp, boxes)
             members = load_members(args.checkpoint, predictor.model, args.annotations, predictor.device,

@@ -34,8 +34,8 @@ from escape_fast.data import BalancedCategorySampler, KeypointDataset, load_for_
 from escape_fast.distributed import Runtime, autocast, sync_batchnorm
 from escape_fast.eval.alpha import check_alpha_data, choose_alpha
 from escape_fast.files import remove_stale
-from escape_fast.models.backbone import build_extractor, ensure_weights
-from escape_fast.models.escape import EscapeModel, build_matcher
+from escape_fast.models.backbone import ensure_weights, hypercolumn_channels
+from escape_fast.models.escape import EscapeModel, build_matcher, config_extractor
 from escape_fast.models.losses import heatmap_loss, matching_loss
 from escape_fast.models.training import HeatmapModel, MatchingModel
 from escape_fast.prior import base_keypoint_means, base_keypoint_table, feature_prior, member_mean
@@ -160,7 +160,7 @@ def _heatmap_step(model, batch):
 
 def _extractor(cfg, state=None, weights=None):
     """f_theta or f_gamma of the config, with ``state`` (a state dict) loaded."""
-    extractor = build_extractor(cfg["backbone"], weights=weights, channels=cfg["channels"])
+    extractor = config_extractor(cfg, weights)
     if state is not None:
         extractor.load_state_dict(state)
     return extractor
@@ -345,6 +345,8 @@ def run(args) -> int:
         overrides.append({"compile": True})
     base = config_mod.resolve(saved) if args.resume and os.path.exists(saved) else None
     cfg = config_mod.resolve(args.config, overrides, base=base)
+    if cfg["head"] == "hypercolumn":  # its channels are the trunk's stage widths
+        cfg["channels"] = hypercolumn_channels(cfg["backbone"], tuple(cfg["stages"]))
     stages = STAGES if args.stage == "all" else (args.stage,)
     if "baseline" in stages:  # before any work: say now if the trunk's weights cannot be had here
         ensure_weights(cfg["backbone"], cfg["weights"])

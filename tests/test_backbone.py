@@ -89,3 +89,45 @@ def test_dinov2_through_torch_hub_from_a_local_directory(tmp_path):
     with torch.no_grad():
         out = net(torch.randn(2, 3, 56, 56))
     assert out.shape == (2, 16, 14, 14)
+
+
+def test_frozen_pip_trunk_is_named_not_stored(tmp_path):
+    """A model on a frozen trunk whose weights install with pip: its
+    checkpoint holds the head (here a trained adapter) and the weights'
+    hash, not the trunk; loading takes the trunk from the package and
+    refuses other weights."""
+    from escape_fast import checkpoint
+    from escape_fast.models.escape import EscapeModel, pretrained_config
+
+    config = {**pretrained_config("efficientnet_lite0"), "adapter": True}
+    model = EscapeModel.build(config)
+    with torch.no_grad():
+        model.extractor.head.adapter.weight.normal_(0, 0.01)  # as if trained
+    path = tmp_path / "model.pt"
+    model.save(path)
+    obj = checkpoint.load(path)
+    assert not any(k.startswith("trunk.") for k in obj["extractor"]) and "head.adapter.weight" in obj["extractor"]
+    assert len(obj["trunk_weights"]["sha256"]) == 64 and path.stat().st_size < 5_000_000
+    back = EscapeModel.load(path)
+    images = torch.randn(2, 3, 64, 64)
+    model.eval()
+    torch.testing.assert_close(back.extractor(images), model.extractor(images))
+    obj["trunk_weights"]["sha256"] = "0" * 64
+    checkpoint.save({k: v for k, v in obj.items() if k not in ("format", "format_version", "escape_fast", "kind")},
+                    tmp_path / "other.pt", kind="model")
+    with pytest.raises(checkpoint.CheckpointError, match="other efficientnet_lite0 weights"):
+        EscapeModel.load(tmp_path / "other.pt")
+
+
+def test_hypercolumn_is_unit_per_stage_and_the_adapter_starts_at_zero():
+    plain = build_extractor("efficientnet_lite0", "imagenet", head="hypercolumn", frozen_trunk=True).eval()
+    adapted = build_extractor("efficientnet_lite0", "imagenet", head="hypercolumn", adapter=True,
+                              frozen_trunk=True).eval()
+    images = torch.randn(2, 3, 96, 96)
+    f = plain(images)
+    assert f.shape == (2, plain.channels, 24, 24) and plain.channels == 40 + 112 + 320
+    for part in f.split(plain.head.widths, dim=1):
+        torch.testing.assert_close(part.norm(dim=1), torch.ones(2, 24, 24))
+    torch.testing.assert_close(adapted(images), f)  # a zero adapter: the training-free features
+    assert not any(p.requires_grad for p in adapted.trunk.parameters())
+    assert all(p.requires_grad for p in adapted.head.parameters())

@@ -70,13 +70,14 @@ class Server:
 
 
 def _perturbed_checkpoint(run: Path) -> Path:
-    """The built-in model with its extractor weights perturbed and no matching network: a second model
-    whose predictions differ and which offers mle and map only."""
+    """The built-in model without its location prior, with its super-keypoints perturbed and no
+    matching network: a second model whose predictions differ and which offers mle and map only."""
     obj = torch.load(builtin.checkpoint_path(), map_location="cpu", weights_only=True)
     obj.pop("matcher"), obj.pop("matcher_extractor")
     gen = torch.Generator().manual_seed(0)
-    obj["extractor"] = {k: v * (1 + 0.2 * torch.randn(v.shape, generator=gen)) if v.is_floating_point() else v
-                        for k, v in obj["extractor"].items()}
+    obj["config"] = {**obj["config"], "location_prior": 0.0}
+    obj["super_keypoints"] = obj["super_keypoints"] * (1 + 0.2 * torch.randn(obj["super_keypoints"].shape,
+                                                                            generator=gen))
     run.mkdir(parents=True)
     torch.save(obj, run / "model.pt")
     return run

@@ -267,3 +267,24 @@ def test_bad_query_on_the_command_line(tmp_path, capsys):
     report = json.loads((out / "predictions.json").read_text())
     assert "error" in report["queries"][0] and "keypoints" not in report["queries"][0]
     assert (out / report["queries"][1]["drawing"]).is_file()
+
+
+# --------------------------------------------------------------------------
+# queries without a box, scores
+# --------------------------------------------------------------------------
+def test_query_without_a_box_is_found_and_scored(predictor, tmp_path):
+    """The default model finds the object in a query given without a box:
+    the box it decodes lies around the annotated person, and its keypoints'
+    scores (cosine similarities) fall when the object is not there."""
+    coco = load_coco(ALL)
+    truth = next(inst for inst in coco.instances if inst.ann_id == 1)  # the support itself, as a query
+    found = predictor.predict([str(SUPPORT)])[0]
+    x, y, w, h = found.box
+    cx, cy = truth.bbox[0] + truth.bbox[2] / 2, truth.bbox[1] + truth.bbox[3] / 2
+    assert x <= cx <= x + w and y <= cy <= y + h  # the found box holds the person's centre
+    assert found.box[2] * found.box[3] < 0.8 * truth.image.width * truth.image.height  # not the whole image
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((240, 320, 3), 127, dtype=np.uint8)).save(blank)
+    empty = predictor.predict([str(blank)])[0]
+    assert np.nanmean(empty.scores) < np.nanmean(found.scores) - 0.2
+    assert np.all(np.abs(found.scores[np.isfinite(found.scores)]) <= 1 + 1e-6)

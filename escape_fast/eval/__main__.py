@@ -45,8 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="run folder or model.pt (default: the built-in checkpoint)")
     p.add_argument("--shots", type=int, default=1, help="supports per episode, 1 or 5 (default 1)")
     p.add_argument("--queries", type=int, default=15, help="queries per support draw (default 15)")
-    p.add_argument("--method", choices=("mle", "map", "escape", "all"), default="escape",
-                   help="prototype estimate (default escape; all: the three side by side)")
+    p.add_argument("--method", choices=("mle", "map", "escape", "all"), default=None,
+                   help="prototype estimate (default: the best the model has, escape for the built-in one; all: "
+                        "every one it has, side by side)")
     p.add_argument("--alpha", type=float, default=None,
                    help="support weight of MAP / ESCAPE in [0, 1], instead of the checkpoint's (chosen on "
                         "validation categories when it was trained; the authors' code fixes 0.5)")
@@ -183,7 +184,7 @@ def run(args) -> int:
         check_novel(model, coco)
     rt = Runtime(args.device)
     model.to(rt.device)
-    methods = model.methods if args.method == "all" else (args.method,)
+    methods = model.methods if args.method == "all" else (args.method or model.methods[-1],)
     for m in methods:
         model.check_method(m)
     # the support weight of MAP / ESCAPE (a checkpoint that lacks it fails here, before the work)

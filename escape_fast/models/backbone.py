@@ -104,6 +104,7 @@ class FeatureExtractor(nn.Module):
         self.frozen_trunk = frozen_trunk
         if frozen_trunk:
             self.trunk.requires_grad_(False)
+            self.trunk.eval()  # a new module is in training mode; a frozen trunk never is
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -45,7 +45,7 @@ METHODS = ("mle", "map", "escape")
 PRETRAINED_PREFIX = "imagenet:"  # --checkpoint imagenet:efficientnet_lite0, a training-free model
 
 
-def _extractor(config: dict, weights=None):
+def config_extractor(config: dict, weights=None):
     """The feature extractor a model config describes (random weights unless ``weights``)."""
     return build_extractor(config["backbone"], weights=weights, channels=config["channels"],
                            head=config.get("head", "deconv"), stages=tuple(config.get("stages", (8, 16, 32))),
@@ -138,10 +138,10 @@ class EscapeModel(nn.Module):
         c = config
         # a frozen pip-installed trunk is not in the checkpoint: its weights come from the package
         weights = "imagenet" if c.get("frozen_trunk") and c["backbone"] in PIP_WEIGHTS else None
-        extractor = _extractor(c, weights)
+        extractor = config_extractor(c, weights)
         matcher_extractor = matcher = None
         if with_matcher:
-            matcher_extractor = _extractor(c, weights)
+            matcher_extractor = config_extractor(c, weights)
             matcher = build_matcher(c, num_super)
         return cls(c, extractor, torch.zeros(num_super, c["channels"]), matcher_extractor, matcher, **fields)
 
@@ -154,7 +154,7 @@ class EscapeModel(nn.Module):
                 f"{PRETRAINED_PREFIX}{name}: the training-free models are those of trunks whose ImageNet weights "
                 f"install with pip: {', '.join(PRETRAINED_PREFIX + n for n in PIP_WEIGHTS)}")
         config = pretrained_config(name)
-        model = cls(config, _extractor(config, "imagenet"))
+        model = cls(config, config_extractor(config, "imagenet"))
         model.path = PRETRAINED_PREFIX + name
         return model
 
@@ -184,11 +184,25 @@ class EscapeModel(nn.Module):
         return obj
 
     @property
+    def _fixed_features(self) -> bool:
+        """A frozen trunk without a trainable head: f_theta and f_gamma are the same function."""
+        return bool(self.config.get("frozen_trunk")) and self.config.get("head") == "hypercolumn" and not \
+            self.config.get("adapter")
+
+    @property
     def _pip_trunk(self) -> bool:
         return bool(self.config.get("frozen_trunk")) and self.config["backbone"] in PIP_WEIGHTS
 
-    def save(self, path) -> None:
-        checkpoint.save(self.to_checkpoint(), path, kind="model")
+    def save(self, path, half: bool = False) -> None:
+        """Write the model to ``path``; ``half`` stores the networks' weights
+        as float16 (a shipped checkpoint stays under 20 MB; they are read
+        back into float32)."""
+        obj = self.to_checkpoint()
+        if half:
+            for key in ("extractor", "matcher_extractor", "matcher"):
+                if key in obj:
+                    obj[key] = {k: v.half() if v.is_floating_point() else v for k, v in obj[key].items()}
+        checkpoint.save(obj, path, kind="model")
 
     @classmethod
     def load(cls, path=None, map_location="cpu") -> "EscapeModel":
@@ -286,7 +300,10 @@ class EscapeModel(nn.Module):
         f, pooled = extract(self.extractor, images, keypoints, visible, self.sigma, amp, backend)
         scores = None
         if pooled is not None and matcher and self.matcher is not None:
-            _, tokens = extract(self.matcher_extractor, images, keypoints, visible, self.sigma, amp, backend)
+            if self._fixed_features:  # f_gamma is f_theta: nothing in either was trained
+                tokens = pooled
+            else:
+                _, tokens = extract(self.matcher_extractor, images, keypoints, visible, self.sigma, amp, backend)
             scores = self.matcher.scores(tokens, keypoints, visible)
         return f, pooled, scores
 
