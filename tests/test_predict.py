@@ -236,6 +236,15 @@ def test_supports_with_different_keypoints(tmp_path):
         Predictor(device="cpu").adapt([str(SUPPORT), str(SUPPORT)], [str(_simple_file(tmp_path)), str(other)])
 
 
+def test_tiny_support_image_is_refused_by_name(tmp_path):
+    tiny = tmp_path / "tiny_support.png"
+    Image.new("RGB", (40, MIN_SIDE - 1)).save(tiny)
+    kps = tmp_path / "kp.json"
+    kps.write_text(json.dumps({"names": ["a", "b"], "keypoints": [[5, 5], [20, 20]]}))
+    with pytest.raises(DataError, match=f"tiny_support.png: the image is 40 x {MIN_SIDE - 1} pixels"):
+        Predictor(device="cpu").adapt(str(tiny), str(kps))
+
+
 # --------------------------------------------------------------------------
 # bad queries: an error for that query, results for the others
 # --------------------------------------------------------------------------
