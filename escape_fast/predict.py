@@ -628,8 +628,8 @@ def parse_args(argv=None):
                    help="object box of each query, in order ('none': whole image; default: whole images)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--checkpoint", metavar="MODEL",
-                   help="training run folder, model.pt, builtin (the built-in checkpoint) or imagenet:NAME (a "
-                        f"training-free ImageNet trunk; default: {builtin.PHOTO_MODEL}, the best on photographs)")
+                   help="training run folder, model.pt, builtin (the built-in checkpoint) or imagenet:NAME[=FILE] "
+                        f"(a training-free pretrained trunk: efficientnet_lite0/1/2, resnet50/18, dinov2_vits14/...; default: {builtin.PHOTO_MODEL}, the best on photographs)")
     p.add_argument("--method", choices=("escape", "map", "mle"),
                    help="prototype estimate (default: the best the model has, escape for the built-in one)")
     p.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda")

