@@ -81,8 +81,8 @@ def report(vectors: torch.Tensor, keys: np.ndarray, assignment: np.ndarray, gt: 
     nn_idx = sim.argmax(1).numpy()
     out = {f"nn_same_{name}": float((v[nn_idx] == v).mean()) for name, v in gt.items()}
     clustered = assignment >= 0
-    out["clusters"] = int(len(np.unique(assignment[clustered])))
-    out["base_keypoints"] = int(len(assignment))
+    out["clusters"] = len(np.unique(assignment[clustered]))
+    out["base_keypoints"] = len(assignment)
     out["ari"] = adjusted_rand_index(assignment[clustered], gt["super"][clustered])
     out["ari_part_type"] = adjusted_rand_index(assignment[clustered], gt["type"][clustered])
     majority = 0

@@ -22,7 +22,6 @@ a markdown table on stdout and, with --out, JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,11 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from escape_fast.data import load_coco  # noqa: E402
-from escape_fast.data.transforms import Crop  # noqa: E402
-from escape_fast.eval.metrics import THRESHOLDS, pck_curve  # noqa: E402
-from escape_fast.files import write_json  # noqa: E402
-from escape_fast.predict import KeypointSet, Predictor  # noqa: E402
+from escape_fast.data import load_coco
+from escape_fast.data.transforms import Crop
+from escape_fast.eval.metrics import THRESHOLDS, pck_curve
+from escape_fast.files import write_json
+from escape_fast.predict import KeypointSet, Predictor
 
 DEFAULT_FIXTURE = Path(os.environ.get("ESCAPE_FAST_FIXTURE", ROOT.parent / "shared" / "data" / "mp100_fixture"))
 COPY = "copy support pose"

@@ -159,9 +159,9 @@ def test_knn(benchmark, case, n):
     v, cats = planted(n, device)
     opts = {"index": index} if index else {}
     if backend == "reference":
-        fn = lambda: reference.knn(v, v, KNN_K, (cats, cats))  # noqa: E731
+        fn = lambda: reference.knn(v, v, KNN_K, (cats, cats))
     else:
-        fn = lambda: neighbors.knn(v, v, KNN_K, (cats, cats), backend=backend, **opts)  # noqa: E731
+        fn = lambda: neighbors.knn(v, v, KNN_K, (cats, cats), backend=backend, **opts)
 
     def run():
         out = fn()

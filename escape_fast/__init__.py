@@ -11,9 +11,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from escape_fast import _extension, ops, reference  # noqa: E402
+from escape_fast import _extension, ops, reference
 
-__all__ = ["__version__", "Predictor", "info", "ops", "reference"]
+__all__ = ["Predictor", "__version__", "info", "ops", "reference"]
 
 
 def __getattr__(name):

@@ -37,7 +37,6 @@ which of the two it shows; the projection is of unit vectors too.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

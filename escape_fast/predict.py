@@ -47,7 +47,6 @@ error is reported for that query while the other queries get their results.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import numbers
 import os
@@ -268,7 +267,6 @@ def make_crop(image: np.ndarray, box, input_size: int, name: str) -> CropView:
     h, w = image.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise DataError(f"{name}: the image is {w} x {h} pixels; at least {MIN_SIDE} x {MIN_SIDE} is needed")
-    given = box is not None
     box = np.array([0.0, 0.0, w, h]) if box is None else _box(list(box), name)
     clean = clean_bbox(box, w, h)
     if clean is None:
@@ -378,7 +376,7 @@ class Predictor:
         return crop, cells, kps.visible & ~off
 
     @torch.no_grad()
-    def adapt(self, images, keypoints, boxes=None) -> "Predictor":
+    def adapt(self, images, keypoints, boxes=None) -> Predictor:
         """Compute the keypoint prototypes of a support set.
 
         Args:

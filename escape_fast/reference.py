@@ -28,17 +28,17 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "prototype_heatmaps",
-    "smooth_heatmaps",
+    "cluster_keypoints",
     "decode_heatmaps",
+    "fuse_shot_scores",
+    "gaussian_heatmaps",
     "heatmap_decode",
     "heatmap_to_image",
-    "gaussian_heatmaps",
     "keypoint_pool",
-    "sinkhorn_log",
-    "fuse_shot_scores",
     "knn",
-    "cluster_keypoints",
+    "prototype_heatmaps",
+    "sinkhorn_log",
+    "smooth_heatmaps",
 ]
 
 

@@ -29,8 +29,15 @@ import time
 import torch
 from torch import nn
 
-from escape_fast import checkpoint, cli, config as config_mod, ops
-from escape_fast.data import BalancedCategorySampler, KeypointDataset, load_for_run, make_loader, mp100_split_files
+from escape_fast import checkpoint, cli, ops
+from escape_fast import config as config_mod
+from escape_fast.data import (
+    BalancedCategorySampler,
+    KeypointDataset,
+    load_for_run,
+    make_loader,
+    mp100_split_files,
+)
 from escape_fast.distributed import Runtime, autocast, sync_batchnorm
 from escape_fast.eval.alpha import check_alpha_data, choose_alpha
 from escape_fast.files import remove_stale

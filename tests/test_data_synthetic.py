@@ -15,8 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from escape_fast.data import DataWarning, EpisodeSampler, KeypointDataset, load_coco, load_image, mp100_split_files
-from escape_fast.data import synthetic
+from escape_fast.data import (
+    DataWarning,
+    EpisodeSampler,
+    KeypointDataset,
+    load_coco,
+    load_image,
+    mp100_split_files,
+    synthetic,
+)
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import HAS_CUDA, tol
 
 from escape_fast import neighbors, ops, reference
-from conftest import HAS_CUDA, tol
 
 needs_faiss = pytest.mark.skipif(not neighbors.HAVE_FAISS, reason=f"faiss not importable ({neighbors.FAISS_ERROR})")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import kernel_backends, tol
 
 from escape_fast import ops, reference
-from conftest import kernel_backends, tol
 
 BACKENDS = kernel_backends("keypoint_pool")
 

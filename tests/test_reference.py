@@ -6,10 +6,9 @@ import math
 
 import pytest
 import torch
+from conftest import tol
 
 from escape_fast import reference as ref
-
-from conftest import tol
 
 
 def _gen(seed=0):

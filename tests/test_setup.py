@@ -85,7 +85,7 @@ def test_missing_cuda_headers_skip_cuda_with_the_reason(setup_py, tmp_path, monk
         pytest.skip("torch is a CPU-only build")
     toolkit = _toolkit(tmp_path / "cuda")
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
-    monkeypatch.setattr(setup_py, "wheel_include_dirs", lambda: [])
+    monkeypatch.setattr(setup_py, "wheel_include_dirs", list)
     want, reason = setup_py._cuda_plan()
     assert not want and "cusparse.h" in reason and "site-packages/nvidia" in reason
 

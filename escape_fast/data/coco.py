@@ -67,18 +67,18 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "MP100_SPLITS",
+    "Category",
+    "CocoKeypoints",
     "DataError",
     "DataWarning",
-    "Category",
     "ImageInfo",
     "Instance",
-    "CocoKeypoints",
-    "load_coco",
-    "load_image",
     "drop_unreadable_images",
+    "load_coco",
     "load_for_run",
+    "load_image",
     "mp100_split_files",
-    "MP100_SPLITS",
 ]
 
 MP100_SPLITS = (1, 2, 3, 4, 5)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from escape_fast.data.coco import CocoKeypoints, DataError, load_image
 from escape_fast.data.transforms import Crop, gaussian_targets, normalize_image
 
-__all__ = ["KeypointDataset", "BalancedCategorySampler", "KeypointLoader", "make_loader"]
+__all__ = ["BalancedCategorySampler", "KeypointDataset", "KeypointLoader", "make_loader"]
 
 
 def _pair(size) -> tuple[int, int]:

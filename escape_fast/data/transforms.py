@@ -25,18 +25,18 @@ import torch
 from escape_fast import reference
 
 __all__ = [
-    "Crop",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "Crop",
+    "apply_affine",
     "box_to_center_scale",
     "crop_matrix",
+    "gaussian_targets",
     "grid_to_image",
     "image_to_grid",
-    "apply_affine",
-    "warp_crop",
-    "normalize_image",
     "normalize_batch",
-    "gaussian_targets",
+    "normalize_image",
+    "warp_crop",
 ]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -150,7 +150,7 @@ class Crop:
     flip: bool = False
 
     @classmethod
-    def of_box(cls, box, size, padding: float = 1.25) -> "Crop":
+    def of_box(cls, box, size, padding: float = 1.25) -> Crop:
         """The crop of box [x, y, w, h] for a grid of ``size``: centred on the
         box, padded to the grid's aspect ratio, then by ``padding``."""
         center, scale = box_to_center_scale(box, size[0] / size[1], padding)

@@ -10,16 +10,7 @@
   command line.
 """
 
-from escape_fast.eval.metrics import (
-    THRESHOLDS,
-    PCKSummary,
-    paired_difference,
-    pck_curve,
-    pck_per_query,
-    summarize_pck,
-    valid_keypoints,
-)
-from escape_fast.eval.engine import (  # noqa: E402 (metrics first: the engine uses them)
+from escape_fast.eval.engine import (
     EvalResult,
     InstanceBank,
     PairResults,
@@ -32,9 +23,33 @@ from escape_fast.eval.engine import (  # noqa: E402 (metrics first: the engine u
     predict_episodes,
     summarize,
 )
+from escape_fast.eval.metrics import (
+    THRESHOLDS,
+    PCKSummary,
+    paired_difference,
+    pck_curve,
+    pck_per_query,
+    summarize_pck,
+    valid_keypoints,
+)
 
 __all__ = [
-    "THRESHOLDS", "PCKSummary", "paired_difference", "pck_curve", "pck_per_query", "summarize_pck",
-    "valid_keypoints", "EvalResult", "InstanceBank", "PairResults", "Timer", "build_bank", "evaluate",
-    "evaluate_pairs", "evaluate_reference", "predict_category", "predict_episodes", "summarize",
+    "THRESHOLDS",
+    "EvalResult",
+    "InstanceBank",
+    "PCKSummary",
+    "PairResults",
+    "Timer",
+    "build_bank",
+    "evaluate",
+    "evaluate_pairs",
+    "evaluate_reference",
+    "paired_difference",
+    "pck_curve",
+    "pck_per_query",
+    "predict_category",
+    "predict_episodes",
+    "summarize",
+    "summarize_pck",
+    "valid_keypoints",
 ]

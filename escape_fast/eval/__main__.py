@@ -22,7 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from escape_fast import builtin, cli, config as config_mod
+from escape_fast import builtin, cli
+from escape_fast import config as config_mod
 from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_for_run, mp100_split_files
 from escape_fast.distributed import Runtime
 from escape_fast.eval.engine import EvalResult, PairResults, evaluate, evaluate_reference, summarize

@@ -228,7 +228,7 @@ class PairResults:
     draws: torch.Tensor  # [P]
 
     @staticmethod
-    def concat(parts: list["PairResults"]) -> "PairResults":
+    def concat(parts: list[PairResults]) -> PairResults:
         parts = [p for p in parts if p.scores.shape[1]]
         k = max(p.predictions.shape[1] for p in parts)
         preds = [torch.nn.functional.pad(p.predictions, (0, 0, 0, k - p.predictions.shape[1])) for p in parts]

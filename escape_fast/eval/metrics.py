@@ -24,12 +24,12 @@ import torch
 
 __all__ = [
     "THRESHOLDS",
-    "valid_keypoints",
-    "pck_per_query",
-    "pck_curve",
     "PCKSummary",
-    "summarize_pck",
     "paired_difference",
+    "pck_curve",
+    "pck_per_query",
+    "summarize_pck",
+    "valid_keypoints",
 ]
 
 THRESHOLDS = (0.05, 0.10, 0.15, 0.20, 0.25)

@@ -17,12 +17,12 @@ from escape_fast.models.matching import MatchingNetwork
 
 __all__ = [
     "EscapeModel",
-    "blend",
     "MatchingNetwork",
+    "blend",
     "escape_prototypes",
+    "heatmap_loss",
     "hungarian_assignment",
     "map_prototypes",
-    "heatmap_loss",
     "matching_loss",
     "mle_prototypes",
     "support_mean",

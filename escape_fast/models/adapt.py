@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+
 def support_mean(features: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean keypoint feature over the shots where it is visible.
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import nn
@@ -102,7 +102,7 @@ def extract(extractor: nn.Module, images: torch.Tensor, keypoints=None, visible=
     return f, ops.keypoint_pool(f, keypoints, visible, sigma, backend=backend)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -145,7 +145,7 @@ class EscapeModel(nn.Module):
 
     # ------------------------------------------------------------ building and files
     @classmethod
-    def build(cls, config: dict, num_super: int = 0, with_matcher: bool = False, **fields) -> "EscapeModel":
+    def build(cls, config: dict, num_super: int = 0, with_matcher: bool = False, **fields) -> EscapeModel:
         """Modules from the config alone (random weights; load a checkpoint next)."""
         c = config
         # a frozen pip-installed trunk is not in the checkpoint: its weights come from the package
@@ -158,7 +158,7 @@ class EscapeModel(nn.Module):
         return cls(c, extractor, torch.zeros(num_super, c["channels"]), matcher_extractor, matcher, **fields)
 
     @classmethod
-    def pretrained(cls, spec: str) -> "EscapeModel":
+    def pretrained(cls, spec: str) -> EscapeModel:
         """The training-free model of a pretrained trunk: its frozen
         multi-scale features and MLE prototypes (no prior, so no MAP or ESCAPE).
 
@@ -230,7 +230,7 @@ class EscapeModel(nn.Module):
         checkpoint.save(obj, path, kind="model")
 
     @classmethod
-    def load(cls, path=None, map_location="cpu") -> "EscapeModel":
+    def load(cls, path=None, map_location="cpu") -> EscapeModel:
         """A model file, a training run folder (its model.pt), or None: the built-in checkpoint."""
         path = model_path(path)
         if path.startswith(PRETRAINED_PREFIX):
