@@ -75,15 +75,22 @@ HUBCONF = textwrap.dedent(
 )
 
 
-def test_dinov2_through_torch_hub_from_a_local_directory(tmp_path):
-    (tmp_path / "hubconf.py").write_text(HUBCONF)
+def _fake_dinov2_repo(folder) -> dict:
+    """A torch.hub repository in ``folder`` whose dinov2_vits14 is a small ViT; its weights (saved there)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("hubconf_test", tmp_path / "hubconf.py")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hubconf.py").write_text(HUBCONF)
+    spec = importlib.util.spec_from_file_location(f"hubconf_{abs(hash(str(folder)))}", folder / "hubconf.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     weights = mod.TinyViT().state_dict()
-    torch.save(weights, tmp_path / "w.pth")
+    torch.save(weights, folder / "w.pth")
+    return weights
+
+
+def test_dinov2_through_torch_hub_from_a_local_directory(tmp_path):
+    weights = _fake_dinov2_repo(tmp_path)
     net = build_extractor("dinov2_vits14", weights="imagenet", channels=16, hub_dir=str(tmp_path)).eval()
     assert torch.equal(net.trunk.vit.patch.weight, weights["patch.weight"])
     with torch.no_grad():
@@ -170,16 +177,7 @@ def test_training_free_dinov2_from_torch_hubs_cache(tmp_path, monkeypatch):
     from escape_fast.models.escape import EscapeModel
 
     hub = _hub_cache(tmp_path, monkeypatch)
-    repo = hub / "facebookresearch_dinov2_main"  # where torch.hub keeps its clone of the repository
-    repo.mkdir()
-    (repo / "hubconf.py").write_text(HUBCONF)
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("hubconf_cached", repo / "hubconf.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    weights = mod.TinyViT().state_dict()
-    torch.save(weights, repo / "w.pth")
+    weights = _fake_dinov2_repo(hub / "facebookresearch_dinov2_main")  # where torch.hub keeps its clone
     model = EscapeModel.load("imagenet:dinov2_vits14").eval()
     assert torch.equal(model.extractor.trunk.vit.patch.weight, weights["patch.weight"])
     assert model.config["channels"] == 24 and model.input_size == 448
