@@ -151,7 +151,7 @@ class DemoService:
         max_sessions: support sets kept (least recently used dropped first).
     """
 
-    def __init__(self, checkpoints=(), device="auto", batch_size: int = 16, display_size: int = 1600,
+    def __init__(self, checkpoints=(), device="auto", batch_size: int | None = None, display_size: int = 1600,
                  max_image_mb: int = 1024, max_sessions: int = 256):
         self.models: dict[str, Model] = {}
         # loaded once, here: a request never loads weights
@@ -493,7 +493,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", action="append", default=[], metavar="RUN_DIR",
                    help="a training run folder or model.pt to offer besides the built-in model (repeatable)")
     p.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda")
-    p.add_argument("--batch-size", type=int, default=16, help="queries per batch (default 16)")
+    p.add_argument("--batch-size", type=int, help="queries per batch (default: 16 on a GPU, 4 on the CPU)")
     p.add_argument("--max-upload-mb", type=int, default=64, help="largest upload accepted (default 64 MiB)")
     p.add_argument("--display-size", type=int, default=1600,
                    help="longest side of the image shown in the page (default 1600; prediction uses the "
