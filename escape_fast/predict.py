@@ -61,7 +61,7 @@ import torch
 from escape_fast import builtin, ops
 from escape_fast.data.coco import DataError, DataWarning, clean_bbox, load_coco, load_image, read_json
 from escape_fast.data.transforms import Crop, normalize_image
-from escape_fast.distributed import resolve_device
+from escape_fast.distributed import inference_batch_size, resolve_device
 from escape_fast.files import write_json
 from escape_fast.models.escape import EscapeModel
 
@@ -325,9 +325,9 @@ class Predictor:
             None: the default model for photographs (builtin.PHOTO_MODEL).
         method: "mle", "map" or "escape" (default: the best the model has).
         device: "cpu", "cuda", ... (default "auto": the GPU when there is one).
-        batch_size: queries per feature-extraction batch (default: 16 on a GPU,
-            4 on the CPU, where larger batches ran slower: 62 boxed photos took
-            1.6 s in batches of 4 and 3.0 s in batches of 16 on 2 cores).
+        batch_size: queries per feature-extraction batch (default:
+            :func:`escape_fast.distributed.inference_batch_size`, 32 on a GPU
+            and 4 at 256 px on the CPU, where larger batches ran slower).
         backend: op implementation (escape_fast.ops).
 
     >>> p = Predictor().adapt("dog.jpg", "dog.json")
@@ -343,7 +343,7 @@ class Predictor:
         self.method = method or self.model.methods[-1]
         self.model.check_method(self.method)
         if batch_size is None:
-            batch_size = 4 if self.device.type == "cpu" else 16
+            batch_size = inference_batch_size(self.device, self.model.input_size)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size, self.backend, self.amp = int(batch_size), backend, amp
@@ -635,7 +635,8 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=("escape", "map", "mle"),
                    help="prototype estimate (default: the best the model has, escape for the built-in one)")
     p.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda")
-    p.add_argument("--batch-size", type=int, help="queries per batch (default: 16 on a GPU, 4 on the CPU)")
+    p.add_argument("--batch-size", type=int,
+                   help="queries per batch (default: 32 on a GPU; on the CPU, 4 at 256 px, more for smaller inputs)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "reference"),
                    help="op implementation (default auto)")
     p.add_argument("--labels", action="store_true", help="write keypoint numbers beside the drawn keypoints")

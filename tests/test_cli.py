@@ -317,3 +317,33 @@ def test_two_runs_of_one_evaluation_write_identical_results(bench, tmp_path):
     assert a["results"] == b["results"] and a["differences"] == b["differences"]
     assert set(a["timing"]) >= {"setup_seconds", "device", "mle", "escape"}
     assert "seconds" in a["timing"]["mle"] and all("seconds" not in r for r in a["results"].values())
+
+
+def test_loader_workers_keep_quiet_when_the_main_process_leaves(capsys):
+    """In a loader worker, the resource-sharer thread's errors when the
+    stopping main process resets its connection print nothing (it reports
+    them through sys.excepthook; other threads through threading.excepthook);
+    any other error still prints."""
+    import threading
+
+    from escape_fast.data import dataset
+
+    def fail(exc):
+        raise exc
+
+    old_sys, old_threading = sys.excepthook, threading.excepthook
+    try:
+        dataset._init_worker(0)
+        for exc in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), ValueError("a real bug")):
+            try:
+                raise exc
+            except Exception:
+                sys.excepthook(*sys.exc_info())
+            t = threading.Thread(target=fail, args=(exc,))
+            t.start()
+            t.join()
+    finally:
+        sys.excepthook, threading.excepthook = old_sys, old_threading
+    err = capsys.readouterr().err
+    assert "BrokenPipeError" not in err and "ConnectionResetError" not in err
+    assert err.count("ValueError: a real bug") == 2

@@ -297,3 +297,12 @@ def test_query_without_a_box_is_found_and_scored(predictor, tmp_path):
     empty = predictor.predict([str(blank)])[0]
     assert np.nanmean(empty.scores) < np.nanmean(found.scores) - 0.2
     assert np.all(np.abs(found.scores[np.isfinite(found.scores)]) <= 1 + 1e-6)
+
+
+def test_feature_batches_shrink_with_the_input_on_the_cpu():
+    from escape_fast.distributed import inference_batch_size
+
+    cpu = torch.device("cpu")
+    assert [inference_batch_size(cpu, s) for s in (128, 256, 448, 2048)] == [16, 4, 1, 1]
+    assert inference_batch_size(torch.device("cuda"), 256) == 32
+    assert Predictor(device="cpu").batch_size == 4 and Predictor(device="cpu", batch_size=7).batch_size == 7

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -316,6 +318,29 @@ class KeypointLoader(DataLoader):
             yield batch
 
 
+# A worker's tensors reach the main process through the worker's
+# multiprocessing resource-sharer thread; when the main process stops (Ctrl-C,
+# SIGTERM) while a batch is in flight, that thread's connection is reset or its
+# pipe broken, and it would print the traceback (through sys.excepthook): an
+# end, not an error. Workers keep quiet about those and only those.
+_PARENT_LEFT = (ConnectionError, EOFError)
+
+
+def _quiet_excepthook(kind, value, tb) -> None:
+    if not isinstance(value, _PARENT_LEFT):
+        sys.__excepthook__(kind, value, tb)
+
+
+def _quiet_thread_excepthook(args) -> None:
+    if not isinstance(args.exc_value, _PARENT_LEFT):
+        threading.__excepthook__(args)
+
+
+def _init_worker(worker_id: int) -> None:
+    sys.excepthook = _quiet_excepthook
+    threading.excepthook = _quiet_thread_excepthook
+
+
 def make_loader(
     dataset: KeypointDataset,
     batch_size: int = 16,
@@ -350,4 +375,6 @@ def make_loader(
     else:
         kwargs.update(batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
                       drop_last=drop_last)
+    if num_workers > 0:
+        kwargs["worker_init_fn"] = _init_worker
     return KeypointLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, **kwargs)

@@ -493,7 +493,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", action="append", default=[], metavar="RUN_DIR",
                    help="a training run folder or model.pt to offer besides the built-in model (repeatable)")
     p.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda")
-    p.add_argument("--batch-size", type=int, help="queries per batch (default: 16 on a GPU, 4 on the CPU)")
+    p.add_argument("--batch-size", type=int,
+                   help="queries per batch (default: 32 on a GPU; on the CPU, 4 at 256 px, more for smaller inputs)")
     p.add_argument("--max-upload-mb", type=int, default=64, help="largest upload accepted (default 64 MiB)")
     p.add_argument("--display-size", type=int, default=1600,
                    help="longest side of the image shown in the page (default 1600; prediction uses the "

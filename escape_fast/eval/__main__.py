@@ -25,7 +25,7 @@ import torch.distributed as dist
 from escape_fast import builtin, cli
 from escape_fast import config as config_mod
 from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_for_run, mp100_split_files
-from escape_fast.distributed import Runtime
+from escape_fast.distributed import Runtime, inference_batch_size
 from escape_fast.eval.engine import EvalResult, PairResults, evaluate, evaluate_reference, summarize
 from escape_fast.eval.metrics import THRESHOLDS, paired_difference
 from escape_fast.files import write_json
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "reference"),
                    help="op implementation (default auto)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch")
+    p.add_argument("--batch-size", type=int, help="images per feature-extraction batch (default: 32 on a GPU; on "
+                                                  "the CPU, 16 at 128 px, fewer for larger inputs)")
     p.add_argument("--workers", type=int, default=2, help="data loading processes")
     p.add_argument("--reference", action="store_true",
                    help="the straightforward way: features recomputed per episode, reference ops, one episode "
@@ -186,6 +187,8 @@ def run(args) -> int:
         check_novel(model, coco)
     rt = Runtime(args.device)
     model.to(rt.device)
+    if args.batch_size is None:
+        args.batch_size = inference_batch_size(rt.device, model.input_size)
     methods = model.methods if args.method == "all" else (args.method or model.methods[-1],)
     for m in methods:
         model.check_method(m)

@@ -25,6 +25,7 @@ import torch
 
 from escape_fast import ops, reference
 from escape_fast.data import KeypointDataset, make_loader
+from escape_fast.distributed import inference_batch_size
 from escape_fast.eval.metrics import THRESHOLDS, pck_curve, summarize_pck, valid_keypoints
 
 PHASES = ("data", "features", "adaptation", "heatmaps", "metric")
@@ -90,12 +91,15 @@ def _category_batches(coco, instances, batch_size):
 
 
 @torch.no_grad()
-def build_bank(model, coco, instances, device, batch_size=32, workers=0, amp=True, backend="auto",
+def build_bank(model, coco, instances, device, batch_size=None, workers=0, amp=True, backend="auto",
                timer: Timer | None = None, progress=None, matcher=True) -> InstanceBank:
     """Crop, extract and pool every instance in ``instances`` once
     (``matcher=False``: without the matching network's scores, which only
-    ESCAPE uses), and smooth its features for decoding."""
+    ESCAPE uses), and smooth its features for decoding. ``batch_size``:
+    images per batch (default: distributed.inference_batch_size)."""
     timer = timer or Timer(device)
+    if batch_size is None:
+        batch_size = inference_batch_size(device, model.input_size)
     dataset = KeypointDataset(coco, input_size=model.input_size, train=False, sigma=model.sigma,
                               num_keypoints=coco.max_keypoints)
     batches = _category_batches(coco, instances, batch_size)
@@ -268,7 +272,7 @@ def summarize(method: str, pairs: PairResults, seconds: dict) -> EvalResult:
     return EvalResult(method, summary, pairs.scores, pairs.predictions, pairs.category_ids, pairs.draws, seconds)
 
 
-def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto", batch_size=32, workers=0,
+def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto", batch_size=None, workers=0,
              amp=True, progress=None, categories=None, summarize_results=True, alpha=None):
     """Fast evaluation of ``sampler``'s episodes (``alpha`` as in :meth:`EscapeModel.prototypes`).
 
@@ -300,7 +304,7 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
     return results
 
 
-def predict_episodes(model, coco, episodes, method="escape", device="cpu", backend="auto", batch_size=32,
+def predict_episodes(model, coco, episodes, method="escape", device="cpu", backend="auto", batch_size=None,
                      amp=True, bank=None) -> list[torch.Tensor]:
     """Predictions of a few chosen episodes (for figures), on the fast path.
 
