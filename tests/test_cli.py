@@ -337,7 +337,7 @@ def test_loader_workers_keep_quiet_when_the_main_process_leaves(capsys):
         for exc in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), ValueError("a real bug")):
             try:
                 raise exc
-            except Exception:
+            except (ConnectionError, ValueError):
                 sys.excepthook(*sys.exc_info())
             t = threading.Thread(target=fail, args=(exc,))
             t.start()
