@@ -38,18 +38,48 @@ def save(obj: dict, path: str | os.PathLike, kind: str) -> None:
         torch.save(payload, f)
 
 
-def load(path: str | os.PathLike, kind: str | None = None, required: Iterable[str] = (),
-         map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save`, checking header and keys."""
+def _numpy_scalars() -> list:
+    """What pickled numpy scalars need, under the names numpy 1 and 2 write:
+    mmcv checkpoints (the authors' files) keep the best validation score in
+    'meta' as a numpy.float64. Only scalars: no arrays, no code."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
+                                              "Int32DType", "BoolDType") if hasattr(np, "dtypes")]
+    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def read(path: str | os.PathLike, map_location="cpu"):
+    """The object in a torch file, read with ``weights_only=True`` (tensors,
+    plain Python values and numpy scalars only); a clear error otherwise."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalars()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, pickle with code objects, not torch at all
-        raise CheckpointError(f"checkpoint {path!r} cannot be read safely: {type(exc).__name__}: {exc}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's weights-only refusal is a paragraph; its one telling line names the global
+        telling = [line for line in lines if "Unsupported global" in line or "WeightsUnpickler error" in line]
+        reason = (telling or lines or [""])[0]
+        raise CheckpointError(f"checkpoint {path!r} cannot be read safely: {type(exc).__name__}: {reason}") from exc
+
+
+def load(path: str | os.PathLike, kind: str | None = None, required: Iterable[str] = (),
+         map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save`, checking header and keys."""
+    return check(read(path, map_location), path, kind, required)
+
+
+def check(obj, path, kind: str | None = None, required: Iterable[str] = ()) -> dict:
+    """``obj`` (read from ``path``) if it is an escape_fast checkpoint of
+    ``kind`` with the ``required`` keys; a CheckpointError saying what is not."""
+    path = os.fspath(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path!r} is not an escape_fast checkpoint (no '{FORMAT}' header)")
+        raise CheckpointError(f"{path!r} is not an escape_fast checkpoint (no '{FORMAT}' header) nor one of the "
+                              "ESCAPE authors' (backbone.*, deconv.*, keypoint_head.* weights)")
     if obj.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path!r} has checkpoint format {obj.get('format_version')} (written by escape_fast "

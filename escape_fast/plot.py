@@ -452,7 +452,7 @@ def parse_args(argv=None):
         q.add_argument("--out", required=True, help="PNG file to write")
         if model:
             q.add_argument("--checkpoint", metavar="RUN_DIR",
-                           help="training run folder or model.pt (default: the built-in checkpoint)")
+                           help="training run folder, model.pt or an ESCAPE authors' .pth (default: the built-in checkpoint)")
             q.add_argument("--device", default="auto", help="auto | cpu | cuda")
             q.add_argument("--bad-images", choices=("raise", "skip"), default="raise",
                            help="an image that is missing or cannot be decoded: stop with an error naming it "

@@ -423,7 +423,7 @@ class Predictor:
         dev = self.device
         batch = torch.stack([c.tensor for c in crops]).to(dev)
         cells_t = torch.from_numpy(np.stack(cells)).float().to(dev)
-        vis = torch.from_numpy(np.stack(shown)).to(dev)
+        vis = self.model.support_visible(cells_t, torch.from_numpy(np.stack(shown)).to(dev))
         # the matching network runs only for ESCAPE (or for the figure's matches)
         _, pooled, scores = self.model.features(batch, cells_t, vis, self.amp, self.backend,
                                                 matcher=self.method == "escape")
@@ -630,7 +630,7 @@ def parse_args(argv=None):
                    help="object box of each query, in order ('none': whole image; default: whole images)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--checkpoint", metavar="MODEL",
-                   help="training run folder, model.pt, builtin (the built-in checkpoint) or imagenet:NAME[=FILE] "
+                   help="training run folder, model.pt, one of the ESCAPE authors' .pth files, builtin (the built-in checkpoint) or imagenet:NAME[=FILE] "
                         f"(a training-free pretrained trunk: efficientnet_lite0/1/2, resnet50/18, dinov2_vits14/...; default: {builtin.PHOTO_MODEL}, the best on photographs)")
     p.add_argument("--method", choices=("escape", "map", "mle"),
                    help="prototype estimate (default: the best the model has, escape for the built-in one)")

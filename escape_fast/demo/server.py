@@ -491,7 +491,7 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; the demo has no login)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="RUN_DIR",
-                   help="a training run folder or model.pt to offer besides the built-in model (repeatable)")
+                   help="a training run folder, model.pt or ESCAPE authors' .pth to offer besides the built-in model (repeatable)")
     p.add_argument("--device", default="auto", help="auto (GPU when present) | cpu | cuda")
     p.add_argument("--batch-size", type=int,
                    help="queries per batch (default: 32 on a GPU; on the CPU, 4 at 256 px, more for smaller inputs)")

@@ -43,8 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--data", help="dataset root in MP-100 layout (default: the built-in synthetic benchmark)")
     p.add_argument("--split", type=int, default=1, help="MP-100 split 1..5 (default 1)")
     p.add_argument("--annotations", help="a test annotation file to use instead of the split's")
-    p.add_argument("--checkpoint", help="run folder, model.pt or imagenet:NAME[=FILE] (a training-free "
-                                        "pretrained trunk, see README; default: the built-in checkpoint)")
+    p.add_argument("--checkpoint", help="run folder, model.pt, one of the ESCAPE authors' .pth files, or "
+                                        "imagenet:NAME[=FILE] (a training-free pretrained trunk, see README; "
+                                        "default: the built-in checkpoint)")
     p.add_argument("--shots", type=int, default=1, help="supports per episode, 1 or 5 (default 1)")
     p.add_argument("--queries", type=int, default=15, help="queries per support draw (default 15)")
     p.add_argument("--method", choices=("mle", "map", "escape", "all"), default=None,

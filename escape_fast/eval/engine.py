@@ -64,7 +64,8 @@ class InstanceBank:
     pooled: torch.Tensor  # [N, K, C]
     match_scores: torch.Tensor | None  # [N, K, L] matching-network scores of each instance as a shot
     keypoints: torch.Tensor  # [N, K, 2] heatmap cells
-    visible: torch.Tensor  # [N, K] bool
+    visible: torch.Tensor  # [N, K] bool, as annotated (PCK counts these)
+    support_visible: torch.Tensor  # [N, K] bool: those with a feature (EscapeModel.support_visible)
     keypoint_mask: torch.Tensor  # [N, K] bool: slots that exist for the category
     keypoints_image: torch.Tensor  # [N, K, 2] float64 original pixels
     center: torch.Tensor  # [N, 2]
@@ -132,13 +133,15 @@ def build_bank(model, coco, instances, device, batch_size=None, workers=0, amp=T
         t = torch.cat([m[key] for m in meta])
         return t.to(device=device, dtype=dtype) if dtype else t.to(device)
 
+    keypoints, visible = cat("keypoints"), cat("visible")
     return InstanceBank(
         rows={i: r for r, i in enumerate(order)},
         smoothed=torch.cat(feats),
         pooled=torch.cat(pooled),
         match_scores=torch.cat(mscores) if mscores else None,
-        keypoints=cat("keypoints"),
-        visible=cat("visible"),
+        keypoints=keypoints,
+        visible=visible,
+        support_visible=model.support_visible(keypoints, visible),
         keypoint_mask=cat("keypoint_mask"),
         keypoints_image=cat("keypoints_image", torch.float64),
         center=cat("center", torch.float32),
@@ -171,7 +174,7 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypo
     d, q = qry.shape
     with timer.phase("adaptation"):
         ms = bank.match_scores[sup] if bank.match_scores is not None else None
-        protos = model.prototypes(method, bank.pooled[sup], bank.visible[sup], match_scores=ms, alpha=alpha)
+        protos = model.prototypes(method, bank.pooled[sup], bank.support_visible[sup], match_scores=ms, alpha=alpha)
     with timer.phase("heatmaps"):
         k = num_keypoints
         k_pad, c = protos.shape[1:]
@@ -183,7 +186,8 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypo
         stacked[group, slot] = protos[pair_draw]
         positions = None
         if model.location_prior > 0:  # where each keypoint sits in its supports' crops
-            pos = model.support_positions(bank.keypoints[sup], bank.visible[sup], bank.smoothed.shape[-1])[:, :k]
+            pos = model.support_positions(bank.keypoints[sup], bank.support_visible[sup],
+                                          bank.smoothed.shape[-1])[:, :k]
             stacked_pos = pos.new_zeros(len(uniq), width, k, 2)
             stacked_pos[group, slot] = pos[pair_draw]
             positions = stacked_pos.reshape(len(uniq), width * k, 2)

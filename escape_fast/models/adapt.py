@@ -60,9 +60,12 @@ def mle_prototypes(features: torch.Tensor, visible: torch.Tensor) -> torch.Tenso
     return support_mean(features, visible)[0]
 
 
-def blend(means: torch.Tensor, prior: torch.Tensor, alpha: float) -> torch.Tensor:
+def blend(means: torch.Tensor, prior: torch.Tensor, alpha: float, rescale: bool = True) -> torch.Tensor:
     """``alpha * means + (1 - alpha) * prior`` with the prior rescaled to the
-    norm of the support mean (see the module's note on scale); [..., C]."""
+    norm of the support mean (see the module's note on scale; ``rescale=False``:
+    as it is, the authors' blend); [..., C]."""
+    if not rescale:
+        return alpha * means + (1 - alpha) * prior
     scale = means.norm(dim=-1, keepdim=True) / prior.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return alpha * means + (1 - alpha) * prior * scale
 
@@ -92,14 +95,15 @@ def hungarian_assignment(means: torch.Tensor, valid: torch.Tensor, super_keypoin
 
 
 def map_prototypes(
-    features: torch.Tensor, visible: torch.Tensor, super_keypoints: torch.Tensor, alpha: float = 0.5
+    features: torch.Tensor, visible: torch.Tensor, super_keypoints: torch.Tensor, alpha: float = 0.5,
+    rescale: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MAP prototypes [B, K, C] (eq. 7) and the assignment [B, K] used."""
+    """MAP prototypes [B, K, C] (eq. 7) and the assignment [B, K] used (``rescale``: see :func:`blend`)."""
     means, valid = support_mean(features, visible)
     assign = hungarian_assignment(means, valid, super_keypoints)
     prior = super_keypoints[assign.clamp_min(0)]
     matched = (assign >= 0)[..., None]
-    return torch.where(matched, blend(means, prior, alpha), means), assign
+    return torch.where(matched, blend(means, prior, alpha, rescale), means), assign
 
 
 def escape_prototypes(
@@ -108,8 +112,9 @@ def escape_prototypes(
     super_keypoints: torch.Tensor,
     log_assignment: torch.Tensor,
     alpha: float = 0.5,
+    rescale: bool = True,
 ) -> torch.Tensor:
-    """ESCAPE prototypes [B, K, C] (eq. 10).
+    """ESCAPE prototypes [B, K, C] (eq. 10; ``rescale``: see :func:`blend`).
 
     Args:
         log_assignment (Tensor[B, K + 1, L]): the matching network's transport
@@ -120,7 +125,7 @@ def escape_prototypes(
     k = means.shape[1]
     q = log_assignment[:, :k].exp().to(means.dtype)
     prior = q @ super_keypoints.to(means.dtype)
-    return torch.where(valid[..., None], blend(means, prior, alpha), means)
+    return torch.where(valid[..., None], blend(means, prior, alpha, rescale), means)
 
 
 def assignments(features: torch.Tensor, visible: torch.Tensor, super_keypoints: torch.Tensor,

@@ -34,8 +34,9 @@ from functools import cache
 import torch
 from torch import nn
 
-from escape_fast import checkpoint, ops
+from escape_fast import checkpoint, ops, reference
 from escape_fast.distributed import autocast
+from escape_fast.models import authors
 from escape_fast.models.adapt import assignments, escape_prototypes, map_prototypes, mle_prototypes
 from escape_fast.models.backbone import (
     DINOV2_WIDTHS,
@@ -45,7 +46,7 @@ from escape_fast.models.backbone import (
     hypercolumn_channels,
     pip_weights_file,
 )
-from escape_fast.models.matching import MatchingNetwork
+from escape_fast.models.matching import AuthorsMatchingNetwork, MatchingNetwork
 
 MODEL_KEYS = ("config", "extractor", "super_keypoints")
 METHODS = ("mle", "map", "escape")
@@ -76,12 +77,20 @@ def pretrained_config(name: str, weights: str = "imagenet") -> dict:
     return config
 
 
-def build_matcher(config: dict, num_super: int) -> MatchingNetwork:
+MATCHERS = {"ours": MatchingNetwork, "authors": AuthorsMatchingNetwork}
+
+
+def build_matcher(config: dict, num_super: int) -> MatchingNetwork | AuthorsMatchingNetwork:
+    """The matching network of ``config["matching"]`` (``variant``: "ours" or "authors", docs/authors.md)."""
     m = config.get("matching", {})
-    return MatchingNetwork(
+    variant = m.get("variant", "ours")
+    if variant not in MATCHERS:
+        raise checkpoint.CheckpointError(f"matching.variant must be one of {', '.join(MATCHERS)}, got {variant!r}")
+    extra = {"pad_to": int(m.get("pad_to", 68))} if variant == "authors" else {}
+    return MATCHERS[variant](
         num_super, dim=config["channels"], blocks=m.get("blocks", 6), heads=m.get("heads", 8),
         head_dim=m.get("head_dim", 64), mlp=m.get("mlp", 2048), grid=config["input_size"] // 4,
-        iters=m.get("iters", 50),
+        iters=m.get("iters", 50), **extra,
     )
 
 
@@ -231,11 +240,16 @@ class EscapeModel(nn.Module):
 
     @classmethod
     def load(cls, path=None, map_location="cpu") -> EscapeModel:
-        """A model file, a training run folder (its model.pt), or None: the built-in checkpoint."""
+        """A model file, a training run folder (its model.pt), one of the
+        authors' checkpoints (models/authors.py), ``imagenet:NAME`` or None:
+        the built-in checkpoint."""
         path = model_path(path)
         if path.startswith(PRETRAINED_PREFIX):
             return cls.pretrained(path[len(PRETRAINED_PREFIX):])
-        obj = checkpoint.load(path, required=MODEL_KEYS, map_location=map_location)
+        obj = checkpoint.read(path, map_location)
+        if authors.is_authors_checkpoint(obj):  # the authors' released files, as they are
+            return authors.model_from_checkpoint(obj, path)
+        obj = checkpoint.check(obj, path, required=MODEL_KEYS)
         config = dict(obj["config"])
         # files written before these were fields kept them in the config
         fields = {"alpha_by_shots": obj.get("alpha_by_shots", config.pop("alpha_by_shots", None)),
@@ -322,6 +336,9 @@ class EscapeModel(nn.Module):
         the matching network's scores of each image as a shot are None for a
         model without one, or with ``matcher=False`` (only ESCAPE needs them).
         """
+        if keypoints is not None:
+            visible = self.support_visible(keypoints, visible)
+            keypoints = self.pooling_positions(keypoints)
         f, pooled = extract(self.extractor, images, keypoints, visible, self.sigma, amp, backend)
         scores = None
         if pooled is not None and matcher and self.matcher is not None:
@@ -331,6 +348,28 @@ class EscapeModel(nn.Module):
                 _, tokens = extract(self.matcher_extractor, images, keypoints, visible, self.sigma, amp, backend)
             scores = self.matcher.scores(tokens, keypoints, visible)
         return f, pooled, scores
+
+    @property
+    def pooling(self) -> str:
+        """Where a keypoint's pooling Gaussian is centred: "exact" (at its
+        position) or "cell" (the authors': at its rounded heatmap cell)."""
+        return self.config.get("pooling", "exact")
+
+    def pooling_positions(self, keypoints: torch.Tensor) -> torch.Tensor:
+        """The centres [..., 2] of the pooling Gaussians of keypoints in heatmap cells."""
+        if self.pooling == "cell":
+            return torch.trunc(keypoints + 0.5)  # their int(x + 0.5): toward zero
+        return keypoints
+
+    def support_visible(self, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Support keypoints [..., K] that have a feature: visible, and their
+        pooling Gaussian (3 sigma) reaches the heatmap grid. The authors' test
+        keeps a rounded centre one cell further out, with an empty window."""
+        p = self.pooling_positions(keypoints)
+        reach = 3 * self.sigma
+        grid = self.input_size // 4
+        low = -reach - (1 if self.pooling == "cell" else 0)
+        return visible.bool() & ((p >= low) & (p <= grid - 1 + reach)).all(-1)
 
     def prototypes(self, method: str, pooled, visible, match_scores=None, alpha=None) -> torch.Tensor:
         """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K]).
@@ -345,10 +384,17 @@ class EscapeModel(nn.Module):
         mu = self.super_keypoints.to(pooled.dtype)
         if alpha is None:
             alpha = self.alpha_for(pooled.shape[1])
+        rescale = self.prior_scale == "support"
         if method == "map":
-            return map_prototypes(pooled, visible, mu, alpha)[0]
+            return map_prototypes(pooled, visible, mu, alpha, rescale)[0]
         log_p = self.matcher.assign_scores(match_scores, visible)
-        return escape_prototypes(pooled, visible, mu, log_p, alpha)
+        return escape_prototypes(pooled, visible, mu, log_p, alpha, rescale)
+
+    @property
+    def prior_scale(self) -> str:
+        """"support": the prior is brought to the support mean's norm before
+        blending (docs/method.md); "raw": blended as it is (the authors')."""
+        return self.config.get("prior_scale", "support")
 
     def assignments(self, method: str, pooled, visible, match_scores=None):
         """Super-keypoint matched to each keypoint of D support sets: (index
@@ -406,4 +452,14 @@ class EscapeModel(nn.Module):
             p0 = positions.to(prototypes.dtype)
             prior = torch.stack((2 * lam * p0[..., 0], 2 * lam * p0[..., 1], torch.full_like(p0[..., 0], -lam)), -1)
             prototypes = torch.cat((torch.nn.functional.normalize(prototypes, dim=-1), prior), -1)
-        return ops.heatmap_decode(smoothed, prototypes, center, scale, kernel=1, backend=backend, rotation=rotation)
+        coords, peaks = ops.heatmap_decode(smoothed, prototypes, center, scale, kernel=1, backend=backend,
+                                           rotation=rotation)
+        if self.config.get("nonpositive_peak", "keep") == "corner":
+            # mmpose's decoder (the authors'): a map whose peak is not positive predicts cell (-1, -1)
+            grid = smoothed.shape[-1]
+            corner = torch.full_like(coords, -1.0)
+            corner = reference.heatmap_to_image(corner, center.to(coords.dtype), scale.to(coords.dtype),
+                                                (grid, smoothed.shape[-2]),
+                                                None if rotation is None else rotation.to(coords.dtype))
+            coords = torch.where((peaks <= 0)[..., None], corner, coords)
+        return coords, peaks
