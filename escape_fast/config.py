@@ -35,6 +35,16 @@ DEFAULTS: dict = {
     # at the end of training, see eval.alpha.choose_alpha) or a number in [0, 1]
     # (the authors' code fixes 0.5; docs/method.md, "Blending the prior")
     "alpha": "val",
+    # where each keypoint's pooling Gaussian sits: "exact" (its position) or "cell" (the
+    # authors': its rounded heatmap cell, their training target itself; docs/authors.md)
+    "pooling": "exact",
+    # mu of each super-keypoint: "features" (the mean of its members' mean features under the
+    # fine-tuned extractor, paper eq. 4) or "detectors" (the authors': the stage-3 detectors)
+    "prior_source": "features",
+    # the prior in the blend: "support" (brought to the support mean's norm) or "raw" (the authors')
+    "prior_scale": "support",
+    # a heatmap whose peak is <= 0: "keep" its argmax, or "corner" (mmpose's cell (-1, -1))
+    "nonpositive_peak": "keep",
     # run
     "seed": 0,
     "device": "auto",
@@ -47,10 +57,30 @@ DEFAULTS: dict = {
     "val_draws": 20,  # support draws per val category
     "val_queries": 15,
     "baseline": {"epochs": 60, "lr": 5e-4, "warmup": 500, "milestones": [40, 50], "gamma": 0.1},
-    "cluster": {"source": "features", "threshold": 0.8, "k": 6},
-    "finetune": {"epochs": 20, "lr": 1e-4, "warmup": 100, "milestones": [15], "gamma": 0.1},
+    # growth: "exclusive" (a peak takes unassigned keypoints, the next one of a category whose
+    # best is taken) or "shared" (the authors': each category's best, even one already taken)
+    "cluster": {"source": "features", "threshold": 0.8, "k": 6, "growth": "exclusive"},
+    # init: stage 3 starts f_theta from stage 1's ("baseline") or again from the trunk's
+    # pretrained weights ("pretrained", the authors')
+    "finetune": {"epochs": 20, "lr": 1e-4, "warmup": 100, "milestones": [15], "gamma": 0.1,
+                 "init": "baseline"},
+    # variant: "ours" or "authors" (their tokens, blocks and norm clamp; pad_to: the keypoint
+    # count their padded tokens bring every category to; docs/authors.md)
     "matching": {"epochs": 20, "lr": 1e-4, "warmup": 100, "milestones": [15], "gamma": 0.1,
-                 "blocks": 6, "heads": 8, "head_dim": 64, "mlp": 2048, "iters": 50},
+                 "blocks": 6, "heads": 8, "head_dim": 64, "mlp": 2048, "iters": 50,
+                 "variant": "ours", "pad_to": 68},
+}
+
+# the values each named setting accepts (checked by resolve)
+CHOICES = {
+    ("pooling",): ("exact", "cell"),
+    ("prior_source",): ("features", "detectors"),
+    ("prior_scale",): ("support", "raw"),
+    ("nonpositive_peak",): ("keep", "corner"),
+    ("cluster", "source"): ("features", "prototypes"),
+    ("cluster", "growth"): ("exclusive", "shared"),
+    ("finetune", "init"): ("baseline", "pretrained"),
+    ("matching", "variant"): ("ours", "authors"),
 }
 
 
@@ -96,10 +126,11 @@ def parse_override(text: str) -> dict:
     return value
 
 
-def resolve(file: str | None = None, overrides=(), base: dict | None = None) -> dict:
-    """DEFAULTS (or ``base``) <- YAML ``file`` <- each override dict, checked."""
+def resolve(files=None, overrides=(), base: dict | None = None) -> dict:
+    """DEFAULTS (or ``base``) <- each YAML file of ``files`` (one path or a
+    list, later ones win) <- each override dict, checked."""
     cfg = copy.deepcopy(base if base is not None else DEFAULTS)
-    if file:
+    for file in [files] if isinstance(files, str) else (files or []):
         if not os.path.isfile(file):
             raise ConfigError(f"config file {file!r} does not exist")
         with open(file) as f:
@@ -110,6 +141,12 @@ def resolve(file: str | None = None, overrides=(), base: dict | None = None) -> 
     for o in overrides:
         cfg = _merge(cfg, o, "--set")
     check_alpha(cfg["alpha"])
+    for path, allowed in CHOICES.items():
+        value = cfg
+        for part in path:
+            value = value[part]
+        if value not in allowed:
+            raise ConfigError(f"{'.'.join(path)} must be one of {', '.join(allowed)}, got {value!r}")
     return cfg
 
 

@@ -53,6 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from escape_fast import reference
+
 try:
     import faiss
 
@@ -420,6 +422,7 @@ def cluster_keypoints(
     index: str = "auto",
     nlist: int | None = None,
     nprobe: int | None = None,
+    growth: str = "exclusive",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kNN density-peaks clustering (see reference.cluster_keypoints), without an N x N matrix.
 
@@ -428,8 +431,9 @@ def cluster_keypoints(
        at least k). Density = mean of the first k similarities above the
        threshold.
     2. Peaks in order of density (lower index on ties). A peak takes its
-       unassigned candidates above the threshold, most similar first, one per
-       category. If every entry of its list is above the threshold and more
+       candidates above the threshold, most similar first, one per category:
+       unassigned ones (growth "exclusive") or any (growth "shared", the
+       authors' rule; clusters left empty are dropped). If every entry of its list is above the threshold and more
        candidates exist, the peak is searched again with twice the width and
        goes on where it stopped, so with an exact kNN the result is exactly
        the reference's.
@@ -438,6 +442,9 @@ def cluster_keypoints(
 
     Returns (super-keypoints [L, C], assignment [N] int64) on the vectors' device.
     """
+    if growth not in ("exclusive", "shared"):
+        raise ValueError(f"cluster_keypoints: growth must be 'exclusive' or 'shared', got {growth!r}")
+    shared = growth == "shared"
     n, c = vectors.shape
     device = vectors.device
     if n == 0:
@@ -474,7 +481,7 @@ def cluster_keypoints(
         assign[peak] = cluster
         above_count = int(n_above[peak])
         if above_count:
-            used = _take(idx_np[peak, :above_count], cats, assign, cluster, None)
+            used = _take(idx_np[peak, :above_count], cats, assign, cluster, None, shared)
             w = width
             # the whole list is above the threshold: there may be more candidates
             while above_count == w and w < n_candidates[peak]:
@@ -483,23 +490,26 @@ def cluster_keypoints(
                 v = v[0].detach().to("cpu", torch.float64).numpy()
                 i = i[0].detach().cpu().numpy()
                 new_count = int((v > threshold).sum())
-                used = _take(i[above_count:new_count], cats, assign, cluster, used)
+                used = _take(i[above_count:new_count], cats, assign, cluster, used, shared)
                 above_count = new_count
         cluster += 1
 
-    assignment = torch.from_numpy(assign).to(device)
+    assignment, cluster = reference.drop_empty_clusters(torch.from_numpy(assign), cluster)
+    assignment = assignment.to(device)
     sums = torch.zeros(cluster, c, dtype=vectors.dtype, device=device)
     sums.index_add_(0, assignment, vectors)
     sizes = torch.bincount(assignment, minlength=cluster).to(vectors.dtype)
     return sums / sizes[:, None], assignment
 
 
-def _take(candidates: np.ndarray, cats: np.ndarray, assign: np.ndarray, cluster: int, used: np.ndarray | None):
-    """Assign to ``cluster`` the first unassigned candidate of each category
-    not in ``used`` (candidates in order of similarity); return the categories
-    used so far. Taking a candidate never changes another candidate's state,
-    so this equals the reference's one-at-a-time loop."""
-    free = candidates[assign[candidates] < 0]
+def _take(candidates: np.ndarray, cats: np.ndarray, assign: np.ndarray, cluster: int, used: np.ndarray | None,
+          shared: bool = False):
+    """Assign to ``cluster`` the first unassigned (``shared``: the first)
+    candidate of each category not in ``used`` (candidates in order of
+    similarity); return the categories used so far. Taking a candidate never
+    changes another candidate's state, so this equals the reference's
+    one-at-a-time loop."""
+    free = candidates if shared else candidates[assign[candidates] < 0]
     if free.size == 0:
         return used if used is not None else np.empty(0, dtype=np.int64)
     free_cats = cats[free]

@@ -569,6 +569,7 @@ def cluster_keypoints(
     threshold: float = 0.8,
     k: int = 6,
     backend: str = "auto",
+    growth: str = "exclusive",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kNN density-peaks clustering into super-keypoints (docs/method.md, "Clustering").
 
@@ -578,6 +579,9 @@ def cluster_keypoints(
             appears twice in a cluster.
         threshold (float): cosine similarity a neighbour must exceed (0.8).
         k (int): neighbours in the density estimate (6).
+        growth (str): "exclusive" (a cluster takes unassigned vectors only) or
+            "shared" (the authors' rule: each category's most similar vector,
+            even one another cluster holds; see reference.cluster_keypoints).
     Returns:
         (Tensor[L, C], Tensor[N] int64): super-keypoints (mean of members) and
         the cluster of each vector.
@@ -594,7 +598,7 @@ def cluster_keypoints(
     if backend not in SEARCH_BACKENDS:
         raise ValueError(f"{op}: backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
     if backend == "reference":
-        return reference.cluster_keypoints(vectors, categories, threshold, k)
+        return reference.cluster_keypoints(vectors, categories, threshold, k, growth)
     from escape_fast import neighbors
 
-    return neighbors.cluster_keypoints(vectors, categories, threshold, k, backend=backend)
+    return neighbors.cluster_keypoints(vectors, categories, threshold, k, backend=backend, growth=growth)

@@ -201,7 +201,7 @@ def members_from_data(model, coco, device, per_category: int = 10, show_progress
 
     instances = [i for c in coco.category_ids for i in coco.instances_of(c)[:per_category]]
     vectors, seen = base_keypoint_means(model.extractor, coco, torch.device(device), model.input_size, model.sigma,
-                                        instances=instances, progress=show_progress)
+                                        instances=instances, progress=show_progress, pooling=model.pooling)
     centers = model.super_keypoints.float()
     nearest = (_unit(vectors.double()) @ _unit(centers.double().to(vectors.device)).T).argmax(1)
     assignment = torch.where(seen, nearest, torch.full_like(nearest, -1))

@@ -36,14 +36,15 @@ def base_keypoint_table(coco) -> tuple[torch.Tensor, torch.Tensor, list]:
 @torch.no_grad()
 def base_keypoint_means(extractor, coco, device, input_size: int, sigma: float, batch_size: int = 16,
                         workers: int = 0, amp: bool = True, instances=None, unit: bool = False,
-                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        progress: bool = False, pooling: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """Mean pooled feature of every base keypoint over the instances where it
     is visible (eq. 4): (vectors [P, C], seen [P] bool), in the order of
     :func:`base_keypoint_table`. ``instances`` limits the instances used;
-    ``unit`` averages the L2-normalized features instead (directions)."""
+    ``unit`` averages the L2-normalized features instead (directions);
+    ``pooling`` is the model's convention (config ``pooling``)."""
     from tqdm.auto import tqdm
 
-    from escape_fast.models.escape import extract
+    from escape_fast.models.escape import extract, pooled_visible, pooling_positions
 
     table, _, keys = base_keypoint_table(coco)
     dataset = KeypointDataset(coco, input_size=input_size, train=False, sigma=sigma)
@@ -54,8 +55,9 @@ def base_keypoint_means(extractor, coco, device, input_size: int, sigma: float, 
     sums, counts = None, torch.zeros(len(keys), device=device)
     table = table.to(device)
     for batch in tqdm(loader, desc="base keypoint features", disable=not progress, leave=False):
-        vis = batch["visible"].to(device)
-        _, pooled = extract(extractor, batch["image"].to(device), batch["keypoints"].to(device), vis, sigma, amp)
+        kps = batch["keypoints"].to(device)
+        vis = pooled_visible(kps, batch["visible"].to(device), pooling, sigma, input_size // 4)
+        _, pooled = extract(extractor, batch["image"].to(device), pooling_positions(kps, pooling), vis, sigma, amp)
         if unit:
             pooled = F.normalize(pooled, dim=-1)
         if sums is None:
@@ -90,7 +92,8 @@ def member_mean(vectors: torch.Tensor, assignment: torch.Tensor, num_super: int)
 
 @torch.no_grad()
 def feature_prior(extractor, coco, device, assignment, num_super: int, input_size: int, sigma: float,
-                  batch_size: int = 16, workers: int = 0, amp: bool = True, instances=None) -> torch.Tensor:
+                  batch_size: int = 16, workers: int = 0, amp: bool = True, instances=None,
+                  pooling: str = "exact") -> torch.Tensor:
     """Super-keypoints mu [L, C] in feature space (sec. 4.1-4.2).
 
     Sec. 4.1 models the features of keypoint r as o ~ N(zeta_r, phi^2) and
@@ -100,7 +103,7 @@ def feature_prior(extractor, coco, device, assignment, num_super: int, input_siz
     r's L2-normalized features. ``instances`` limits the images used.
     """
     zeta, seen = base_keypoint_means(extractor, coco, device, input_size, sigma, batch_size, workers, amp,
-                                     instances, unit=True)
+                                     instances, unit=True, pooling=pooling)
     member = seen.cpu() & (assignment >= 0)
     mu = member_mean(zeta.cpu(), torch.where(member, assignment, -1), num_super)
     empty = int((torch.bincount(assignment[member], minlength=num_super) == 0).sum())

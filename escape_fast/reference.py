@@ -285,11 +285,20 @@ def knn(
     return vals, idx
 
 
+def drop_empty_clusters(assignment: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, int]:
+    """(assignment renumbered without the clusters that have no member, in
+    their order, the number left); "shared" growth can empty a cluster."""
+    present = torch.bincount(assignment, minlength=n_clusters) > 0
+    new_id = torch.cumsum(present.long(), 0) - 1
+    return new_id[assignment], int(present.sum())
+
+
 def cluster_keypoints(
     vectors: torch.Tensor,
     categories: torch.Tensor,
     threshold: float = 0.8,
     k: int = 6,
+    growth: str = "exclusive",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kNN density-peaks clustering with the same-category rule (docs/method.md, "Clustering").
 
@@ -297,11 +306,17 @@ def cluster_keypoints(
     Cosine similarity with same-category pairs forbidden; density = mean of the
     top-k similarities that exceed ``threshold`` (0 when none does). Until all
     are assigned, the unassigned vector of highest density (lowest index on
-    ties) founds a cluster and takes its unassigned neighbours with similarity
-    above the threshold, most similar first, never two of one category.
-    Super-keypoint = mean of its members' vectors. Clusters are numbered in
-    order of creation. Dense N x N: for the reference and small N only.
+    ties) founds a cluster and takes its neighbours with similarity above the
+    threshold, most similar first, never two of one category: with growth
+    "exclusive" only unassigned ones (a category whose best is taken gives
+    its next), with "shared" (the authors' rule) each category's most similar
+    one even if it is assigned already, which moves it to the new cluster;
+    clusters left with no member are dropped. Super-keypoint = mean of its
+    members' vectors. Clusters are numbered in order of creation. Dense
+    N x N: for the reference and small N only.
     """
+    if growth not in ("exclusive", "shared"):
+        raise ValueError(f"cluster_keypoints: growth must be 'exclusive' or 'shared', got {growth!r}")
     n = vectors.shape[0]
     if n == 0:
         return vectors.new_zeros(0, vectors.shape[1]), torch.zeros(0, dtype=torch.long, device=vectors.device)
@@ -328,11 +343,12 @@ def cluster_keypoints(
         for s, j in zip(cand_vals.tolist(), cand_idx.tolist()):
             if not s > threshold:
                 break
-            if assignment[j] < 0 and cats[j] not in used:
+            if (growth == "shared" or assignment[j] < 0) and cats[j] not in used:
                 assignment[j] = n_clusters
                 used.add(cats[j])
         n_clusters += 1
-    assign = torch.tensor(assignment, dtype=torch.long, device=vectors.device)
+    assign, n_clusters = drop_empty_clusters(torch.tensor(assignment, dtype=torch.long), n_clusters)
+    assign = assign.to(vectors.device)
     sums = torch.zeros(n_clusters, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
     sums.index_add_(0, assign, vectors)
     counts = torch.bincount(assign, minlength=n_clusters).to(vectors.dtype)

@@ -185,7 +185,7 @@ def _load(run_dir, stage, *required):
 def _pooling(cfg) -> dict:
     """How base_keypoint_means and feature_prior crop and pool, from the run's config."""
     return dict(input_size=cfg["input_size"], sigma=cfg["sigma"], batch_size=cfg["batch_size"],
-                workers=cfg["workers"], amp=bool(cfg["amp"]))
+                workers=cfg["workers"], amp=bool(cfg["amp"]), pooling=cfg["pooling"])
 
 
 def stage_baseline(cfg, rt, run_dir, train_coco, val_coco, log):
@@ -213,7 +213,8 @@ def stage_cluster(cfg, rt, run_dir, train_coco, log):
     else:
         raise config_mod.ConfigError(f"cluster.source must be 'features' or 'prototypes', got {ccfg['source']!r}")
     idx = torch.nonzero(seen).squeeze(1).cpu()
-    super_kps, assign_seen = ops.cluster_keypoints(vectors.cpu()[idx], owner[idx], ccfg["threshold"], ccfg["k"])
+    super_kps, assign_seen = ops.cluster_keypoints(vectors.cpu()[idx], owner[idx], ccfg["threshold"], ccfg["k"],
+                                                   growth=ccfg["growth"])
     assignment = torch.full((len(keys),), -1, dtype=torch.long)
     assignment[idx] = assign_seen
     if rt.main:
@@ -221,7 +222,8 @@ def stage_cluster(cfg, rt, run_dir, train_coco, log):
                          "keys": torch.tensor(keys), "config": cfg}, os.path.join(run_dir, "cluster.pt"),
                         kind="cluster")
         print(f"[cluster] {len(keys)} base keypoints ({int(seen.sum())} seen) -> {super_kps.shape[0]} "
-              f"super-keypoints (threshold {ccfg['threshold']}, k {ccfg['k']})", flush=True)
+              f"super-keypoints (threshold {ccfg['threshold']}, k {ccfg['k']}, growth {ccfg['growth']})",
+              flush=True)
         log.write(stage="cluster", epoch=0, step=0, name="super_keypoints", value=super_kps.shape[0])
     rt.barrier()
 
@@ -233,11 +235,19 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     assignment, num_super = clusters["assignment"], clusters["super_keypoints"].shape[0]
     super_table = torch.where(table >= 0, assignment[table.clamp_min(0)], table)
     init = member_mean(base["model"]["prototypes"].float(), assignment, num_super)
-    model = HeatmapModel(_extractor(cfg, _sub_state(base["model"], "extractor")), init, super_table)
+    # f_theta goes on from stage 1's, or starts again from the trunk's pretrained weights (the authors')
+    if cfg["finetune"]["init"] == "pretrained":
+        torch.manual_seed(cfg["seed"])
+        extractor = _extractor(cfg, weights=cfg["weights"])
+    else:
+        extractor = _extractor(cfg, _sub_state(base["model"], "extractor"))
+    model = HeatmapModel(extractor, init, super_table)
     # monitoring takes the prior from 10 images per category, not a pass over the whole training set
     sample = [i for c in train_coco.category_ids for i in train_coco.instances_of(c)[:10]]
 
     def with_prior(m):
+        if cfg["prior_source"] == "detectors":
+            return EscapeModel(cfg, m.extractor, m.prototypes.detach().float())
         mu = feature_prior(m.extractor, train_coco, rt.device, assignment, num_super, instances=sample,
                            **_pooling(cfg))
         return EscapeModel(cfg, m.extractor, mu)
@@ -258,13 +268,18 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
 
 
 def _finetuned(cfg, run_dir):
-    """The fine-tuned f_theta and the super-keypoints mu in its feature space."""
+    """The fine-tuned f_theta and the super-keypoints mu: in its feature space
+    (prior_source: features), or its super-keypoint detectors (detectors, the
+    authors' choice)."""
     ft = _load(run_dir, "finetune", "model")
+    extractor = _extractor(cfg, _sub_state(ft["model"], "extractor"))
+    if cfg["prior_source"] == "detectors":
+        return extractor, ft["model"]["prototypes"].float()
     if "super_keypoints" not in ft:
         raise checkpoint.CheckpointError(
             f"{os.path.join(run_dir, 'finetune.pt')}: no super-keypoints in feature space (fine-tuning writes "
             "them when it ends, since 2026-11-24); run the finetune stage again (--stage finetune --resume)")
-    return _extractor(cfg, _sub_state(ft["model"], "extractor")), ft["super_keypoints"].float()
+    return extractor, ft["super_keypoints"].float()
 
 
 def stage_matching(cfg, rt, run_dir, train_coco, val_coco, log):
@@ -274,13 +289,13 @@ def stage_matching(cfg, rt, run_dir, train_coco, val_coco, log):
     labels_table = torch.where(table >= 0, clusters["assignment"][table.clamp_min(0)], table)
     gamma = _extractor(cfg, extractor.state_dict())  # f_gamma starts from the fine-tuned f_theta: it knows keypoints
     torch.manual_seed(cfg["seed"])
-    model = MatchingModel(gamma, build_matcher(cfg, mu.shape[0]), cfg["sigma"])
+    model = MatchingModel(gamma, build_matcher(cfg, mu.shape[0]), cfg["sigma"], cfg["pooling"])
     model.register_buffer("labels_table", labels_table)
 
     def step_fn(run_model, batch):
-        log_p = run_model(batch["image"], batch["keypoints"], batch["visible"])
+        log_p, used = run_model(batch["image"], batch["keypoints"], batch["visible"])
         labels = model.labels_table[batch["category_index"]]
-        loss, acc = matching_loss(log_p, labels, batch["visible"] & (labels >= 0))
+        loss, acc = matching_loss(log_p, labels, used & (labels >= 0))
         return loss, {"accuracy": float(acc)}
 
     validate = _validator(cfg, rt, val_coco, ("mle", "map", "escape"),
@@ -320,7 +335,10 @@ def parse_args(argv=None):
     p.add_argument("--backbone", help="resnet50 | resnet18 | efficientnet_lite0 | dinov2_vits14")
     p.add_argument("--weights", help="trunk weights: imagenet, none, or a state-dict file")
     p.add_argument("--out", required=True, help="run folder (created; config, checkpoints and log go there)")
-    p.add_argument("--config", help="YAML file of settings (see escape_fast.config.DEFAULTS)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="YAML file of settings (see escape_fast.config.DEFAULTS); repeatable, later files win, "
+                        "e.g. --config escape_fast/assets/builtin.yaml --config "
+                        "escape_fast/assets/recipes/authors.yaml (the authors' recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set baseline.epochs=2 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import math
 import warnings
 from pathlib import Path
@@ -270,3 +271,40 @@ def test_corner_uses_the_reference_crop_map():
 def _small_config() -> dict:
     return {"backbone": "tiny", "weights": None, "head": "deconv", "channels": 4, "input_size": 64, "sigma": 2.0,
             "decode_kernel": 1, "alpha": 0.5}
+
+
+def test_parity_script_counts_what_agrees(files, tmp_path):
+    """benchmarks/authors_parity.py against predictions written in their
+    harness's format: our own predictions agree everywhere; one keypoint moved
+    by 2 px and one episode with NaN scores are counted as such."""
+    import subprocess
+    import sys
+
+    from escape_fast.data import Episode, load_coco
+    from escape_fast.eval.engine import predict_episodes
+
+    ann = FIXTURE / "annotations" / "fixture_all.json"
+    coco = load_coco(ann)
+    cat = coco.category_ids[0]
+    rows = coco.instances_of(cat)[:3]
+    model = EscapeModel.load(files["baseline"])
+    episodes = [Episode(cat, 0, (rows[0],), (rows[1],)), Episode(cat, 1, (rows[1],), (rows[2],)),
+                Episode(cat, 2, (rows[2],), (rows[0],))]
+    preds = predict_episodes(model, coco, episodes, "mle", "cpu", amp=False)
+    k = coco.categories[cat].num_keypoints
+    theirs = [{"supports": [coco.instances[e.supports[0]].ann_id], "query": coco.instances[e.queries[0]].ann_id,
+               "keypoints": p[0, :k].tolist(), "maxvals": [1.0] * k} for e, p in zip(episodes, preds)]
+    theirs[0]["keypoints"][0][0] += 2.0
+    theirs[2]["maxvals"][0] = None
+    path = tmp_path / "theirs.json"
+    path.write_text(json.dumps({"episodes": theirs}))
+    out = tmp_path / "parity.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "authors_parity.py"), "--theirs", str(path),
+                           "--checkpoint", str(files["baseline"]), "--method", "mle", "--ann", str(ann),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["episodes_compared"] == 2 and summary["episodes_theirs_not_finite"] == [2]
+    assert summary["keypoints"] == 2 * k
+    assert summary["within_tolerance_all"] == pytest.approx((2 * k - 1) / (2 * k))
+    assert summary["max_px"] == pytest.approx(2.0, abs=1e-3)

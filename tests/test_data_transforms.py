@@ -224,3 +224,29 @@ def test_balanced_sampler(tmp_path):
     assert [len(BalancedCategorySampler(coco, 5, seed=0, rank=r, world_size=3)) for r in range(3)] == [
         len(s) for s in shards
     ]
+
+
+def test_box_crops_are_mmpose_s_to_the_float32():
+    """A box crop (scale with the grid's aspect ratio) is computed from float32
+    points as mmpose's get_affine_transform does, which the authors' loader
+    warps with: it is the analytic map up to float32 rounding, for every
+    rotation, and its centre and scale are float32 values."""
+    from escape_fast.data.transforms import _forward_linear, apply_affine
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        center, scale = box_to_center_scale([*rng.uniform(0, 300, 2), *rng.uniform(20, 200, 2)], 1.0)
+        assert np.array_equal(center, center.astype(np.float32)) and np.array_equal(scale, scale.astype(np.float32))
+        rotation = float(rng.uniform(-40, 40))
+        size = (256, 256)
+        a = _forward_linear(scale, rotation, size)
+        analytic = np.concatenate([a, (center - a @ np.array([128.0, 128.0]))[:, None]], axis=1)
+        np.testing.assert_allclose(crop_matrix(center, scale, rotation, size, inverse=True), analytic,
+                                   rtol=0, atol=2e-4)
+    # the three points of mmpose's recipe, at rotation 0: centre -> grid centre, half a side up -> top middle
+    center, scale = np.array([50.825, 115.13]), np.array([0.59425, 0.59425])
+    m = crop_matrix(center, scale, 0.0, (256, 256))
+    c32 = center.astype(np.float32).astype(np.float64)
+    side = float(np.float32(np.float32(scale[0]) * np.float32(200)))
+    np.testing.assert_allclose(apply_affine(m, c32), [128, 128], atol=1e-9)
+    np.testing.assert_allclose(apply_affine(m, [c32[0], float(np.float32(c32[1] - side / 2))]), [128, 0], atol=1e-9)

@@ -331,3 +331,28 @@ def test_clustering_threshold_one_gives_singletons():
     assert sk.shape[0] == len(vecs)
     # the highest-density vector founds cluster 0; with no density all are ordered by index
     assert assign.tolist() == list(range(len(vecs)))
+
+
+def _at_angles(degrees):
+    rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return torch.stack([rad.cos(), rad.sin()], 1)
+
+
+def test_clustering_growth_rules_by_hand():
+    # P (category 0) at 0 deg, Q (2) at 30, b1 (1) at 20, b2 (1) at -25; cosine = cos(angle)
+    vecs, cats = _at_angles([0.0, 30.0, 20.0, -25.0]), torch.tensor([0, 2, 1, 1])
+    # densities (above 0.8): b1 (.985, .940) > Q (.985, .866) > b2 (.906) > P (.940, .906, .866)
+    # b1 founds cluster 0 and takes Q and P; b2 founds cluster 1, where only P is above 0.8:
+    # "exclusive" leaves P with b1, "shared" (the authors' rule) moves it to b2
+    _, exclusive = ref.cluster_keypoints(vecs, cats, threshold=0.8, k=6, growth="exclusive")
+    assert exclusive.tolist() == [0, 0, 0, 1]
+    sk, shared = ref.cluster_keypoints(vecs, cats, threshold=0.8, k=6, growth="shared")
+    assert shared.tolist() == [1, 0, 0, 1]
+    torch.testing.assert_close(sk[1], (vecs[0] + vecs[3]) / 2)
+    with pytest.raises(ValueError, match="growth"):
+        ref.cluster_keypoints(vecs, cats, growth="greedy")
+
+
+def test_drop_empty_clusters_keeps_the_order():
+    assign, n = ref.drop_empty_clusters(torch.tensor([0, 3, 3, 1]), 5)
+    assert assign.tolist() == [0, 2, 2, 1] and n == 3

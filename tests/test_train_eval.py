@@ -338,7 +338,7 @@ def test_choose_alpha_picks_the_best_val_score(monkeypatch):
     from escape_fast.eval import alpha as alpha_mod
     from escape_fast.eval.engine import PairResults
 
-    planted = {1: {0.5: 0.4, 0.6: 0.5, 0.7: 0.6, 0.8: 0.6, 0.9: 0.55, 1.0: 0.5},
+    planted = {1: {**{a: 0.3 for a in alpha_mod.ALPHA_GRID}, 0.5: 0.4, 0.6: 0.5, 0.7: 0.6, 0.8: 0.6, 0.9: 0.55, 1.0: 0.5},
                5: {a: 0.3 + 0.1 * a for a in alpha_mod.ALPHA_GRID}}
 
     class Sampler:
@@ -383,3 +383,44 @@ def test_finetuning_starts_from_the_members_prototypes():
     assignment = torch.tensor([1, 1, -1, 0])
     out = member_mean(protos, assignment, 3)
     assert out.tolist() == [[0.0, 4.0], [2.0, 1.0], [0.0, 0.0]]  # an empty cluster stays 0
+
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "escape_fast", "assets", "recipes", "authors.yaml")
+
+
+@pytest.fixture(scope="session")
+def trained_authors(bench, tmp_path_factory):
+    """A run with the authors' recipe (docs/authors.md, differences a-e)."""
+    run = tmp_path_factory.mktemp("run") / "authors"
+    proc = _train(bench, run, "--config", RECIPE)
+    return run, proc.stdout
+
+
+def test_the_authors_recipe_trains_their_model(trained_authors):
+    from escape_fast.models.matching import AuthorsMatchingNetwork
+
+    run, stdout = trained_authors
+    model = EscapeModel.load(run / "model.pt")
+    assert isinstance(model.matcher, AuthorsMatchingNetwork) and model.matcher.pad_to == 68
+    assert model.pooling == "cell" and model.prior_scale == "raw" and model.alpha_for(1) == 0.5
+    assert "growth shared" in stdout
+    # mu: the super-keypoint detectors of stage 3, as they are
+    detectors = checkpoint.load(run / "finetune.pt", kind="finetune")["model"]["prototypes"].float()
+    torch.testing.assert_close(model.super_keypoints, detectors)
+    # stage 3 started f_theta again from its initial weights, not from stage 1's
+    baseline = checkpoint.load(run / "baseline.pt", kind="baseline")["model"]
+    finetune = checkpoint.load(run / "finetune.pt", kind="finetune")["model"]
+    key = next(k for k in finetune if k.startswith("extractor.") and k.endswith("weight"))
+    assert not torch.equal(baseline[key], finetune[key])
+
+
+@pytest.mark.parametrize("method", ["mle", "escape"])
+def test_authors_recipe_fast_path_equals_reference_path(trained_authors, bench, method):
+    coco, sampler = _sampler(bench)
+    model = EscapeModel.load(trained_authors[0] / "model.pt")
+    fast = evaluate(model, coco, sampler, (method,), "cpu")[method]
+    ref = evaluate_reference(model, coco, sampler.episodes, method, "cpu", sampler.queries)
+    k = ref.predictions.shape[1]
+    flips = int(((fast.predictions[:, :k] - ref.predictions).abs().amax(-1) > 1e-3).sum())
+    assert flips <= max(2, ref.predictions[..., 0].numel() // 200), flips
+    assert abs(fast.summary.pck_main - ref.summary.pck_main) < 0.01

@@ -56,16 +56,18 @@ def box_to_center_scale(bbox, aspect_ratio: float, padding: float = 1.25) -> tup
 
     The box is padded to ``aspect_ratio`` = crop width / height (the shorter
     side grows), then both sides are multiplied by ``padding`` (1.25), and
-    scale = size / 200 (docs/method.md, "Data and crops").
+    scale = size / 200 (docs/method.md, "Data and crops"). Both are rounded
+    to float32 where mmpose's loader rounds them (it keeps them as float32
+    arrays), so that a crop is the authors' to the pixel (docs/authors.md).
     """
     x, y, w, h = (float(v) for v in bbox)
-    center = np.array([x + 0.5 * w, y + 0.5 * h], dtype=np.float64)
+    center = np.array([x + 0.5 * w, y + 0.5 * h], dtype=np.float32)
     if w > aspect_ratio * h:
         h = w / aspect_ratio
     else:
         w = h * aspect_ratio
-    scale = np.array([w, h], dtype=np.float64) / PIXEL_STD * padding
-    return center, scale
+    scale = np.array([w / PIXEL_STD, h / PIXEL_STD], dtype=np.float32) * np.float32(padding)
+    return center.astype(np.float64), scale.astype(np.float64)
 
 
 def _forward_linear(scale, rotation: float, size) -> np.ndarray:
@@ -77,28 +79,56 @@ def _forward_linear(scale, rotation: float, size) -> np.ndarray:
     return rot @ np.diag([PIXEL_STD * scale[0] / w, PIXEL_STD * scale[1] / h])
 
 
+def _mmpose_matrix(center, scale, rotation: float, size) -> np.ndarray:
+    """image -> grid as mmpose 0.x's get_affine_transform makes it: three
+    float32 points (the centre, the centre plus half the crop's side rotated
+    up, and a third at a right angle) solved by cv2.getAffineTransform."""
+    theta = math.radians(float(rotation))
+    c, s = math.cos(theta), math.sin(theta)
+    side = np.float32(np.float32(scale[0]) * np.float32(PIXEL_STD))
+    up_src = np.array([-s * (side * -0.5), c * (side * -0.5)])  # (0, -side/2) rotated by theta
+    dst_w, dst_h = float(size[0]), float(size[1])
+    src = np.zeros((3, 2), dtype=np.float32)
+    dst = np.zeros((3, 2), dtype=np.float32)
+    src[0] = np.asarray(center, dtype=np.float32)
+    src[1] = src[0] + up_src
+    dst[0] = [dst_w * 0.5, dst_h * 0.5]
+    dst[1] = dst[0] + np.array([0.0, dst_w * -0.5])
+    for pts in (src, dst):  # the third point: the first turned 90 degrees about the second
+        d = pts[0] - pts[1]
+        pts[2] = pts[1] + np.array([-d[1], d[0]], dtype=np.float32)
+    return cv2.getAffineTransform(src, dst)
+
+
 def crop_matrix(center, scale, rotation: float, size, flip: bool = False, inverse: bool = False) -> np.ndarray:
     """2 x 3 float64 affine matrix of the crop map.
 
     ``size`` is the grid's (width, height). Default: image -> grid (what
     cv2.warpAffine takes), the exact inverse of :func:`grid_to_image`; with
     ``inverse=True``: grid -> image. ``flip`` mirrors the grid
-    (x -> width - 1 - x) after the crop map.
+    (x -> width - 1 - x) after the crop map. A crop whose scale has the
+    grid's aspect ratio (every box crop) is computed as mmpose computes it,
+    from float32 points, so that its pixels are the authors' exactly; the
+    map is the same up to float32 rounding (~1e-5 px).
     """
     center = np.asarray(center, dtype=np.float64)
     scale = np.asarray(scale, dtype=np.float64)
     w, h = size
-    a = _forward_linear(scale, rotation, size)
     half = np.array([w / 2.0, h / 2.0])
-    # grid -> image: x = A p + (center - A half)
-    fwd = np.concatenate([a, (center - a @ half)[:, None]], axis=1)
-    # image -> grid: p = A^-1 (x - center) + half, A^-1 = diag(size / (200 s)) R^T
-    theta = math.radians(float(rotation))
-    c, s = math.cos(theta), math.sin(theta)
-    a_inv = np.diag([w / (PIXEL_STD * scale[0]), h / (PIXEL_STD * scale[1])]) @ np.array(
-        [[c, s], [-s, c]], dtype=np.float64
-    )
-    inv = np.concatenate([a_inv, (half - a_inv @ center)[:, None]], axis=1)
+    if math.isclose(scale[0] * h, scale[1] * w, rel_tol=1e-6):
+        inv = _mmpose_matrix(center, scale, rotation, size)
+        fwd = np.linalg.inv(np.vstack([inv, [0.0, 0.0, 1.0]]))[:2]
+    else:
+        a = _forward_linear(scale, rotation, size)
+        # grid -> image: x = A p + (center - A half)
+        fwd = np.concatenate([a, (center - a @ half)[:, None]], axis=1)
+        # image -> grid: p = A^-1 (x - center) + half, A^-1 = diag(size / (200 s)) R^T
+        theta = math.radians(float(rotation))
+        c, s = math.cos(theta), math.sin(theta)
+        a_inv = np.diag([w / (PIXEL_STD * scale[0]), h / (PIXEL_STD * scale[1])]) @ np.array(
+            [[c, s], [-s, c]], dtype=np.float64
+        )
+        inv = np.concatenate([a_inv, (half - a_inv @ center)[:, None]], axis=1)
     if flip:
         mirror = np.array([[-1.0, 0.0, w - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
         inv = (mirror @ np.vstack([inv, [0.0, 0.0, 1.0]]))[:2]

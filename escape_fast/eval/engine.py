@@ -359,12 +359,13 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
         with timer.phase("features"):
             f = model.extractor(images).float()
             g = model.matcher_extractor(images[:s]).float() if method == "escape" and model.matcher_extractor is not None else None
-        with timer.phase("adaptation"):
-            pooled = reference.keypoint_pool(f[:s], kp[:s], vis[:s], sigma)
+        with timer.phase("adaptation"):  # under the model's pooling convention
+            sup_vis, sup_pos = model.support_visible(kp[:s], vis[:s]), model.pooling_positions(kp[:s])
+            pooled = reference.keypoint_pool(f[:s], sup_pos, sup_vis, sigma)
             ms = None
             if g is not None:  # the matching network once per episode, on its supports
-                ms = model.matcher.scores(reference.keypoint_pool(g, kp[:s], vis[:s], sigma), kp[:s], vis[:s])[None]
-            protos = model.prototypes(method, pooled[None], vis[None, :s], ms, alpha)[0]
+                ms = model.matcher.scores(reference.keypoint_pool(g, sup_pos, sup_vis, sigma), sup_pos, sup_vis)[None]
+            protos = model.prototypes(method, pooled[None], sup_vis[None], ms, alpha)[0]
         with timer.phase("heatmaps"):
             k = coco.categories[e.category_id].num_keypoints  # decode those; padded slots stay 0
             coords = []
@@ -372,7 +373,14 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
                 center = items[j]["center"].float()[None].to(device)
                 scale = items[j]["scale"].float()[None].to(device)
                 rot = items[j]["rotation"].float()[None].to(device)
-                c, _ = reference.heatmap_decode(f[j : j + 1], protos[None, :k], center, scale, rotation=rot)
+                if model.location_prior > 0:  # the prior's decoding, on the reference ops
+                    pos = model.support_positions(kp[None, :s], sup_vis[None], f.shape[-1])[:, :k]
+                    c, _ = model.decode(reference.smooth_heatmaps(f[j : j + 1], model.decode_kernel),
+                                        protos[None, :k], center, scale, rot, "reference", pos)
+                else:
+                    c, peak = reference.heatmap_decode(f[j : j + 1], protos[None, :k], center, scale,
+                                                       model.decode_kernel, rotation=rot)
+                    c = model.nonpositive_peaks(c, peak, center, scale, f.shape[-2:], rot)
                 coords.append(torch.nn.functional.pad(c[0], (0, 0, 0, protos.shape[0] - k)))
             coords = torch.stack(coords)
         with timer.phase("metric"):

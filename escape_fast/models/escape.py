@@ -94,6 +94,39 @@ def build_matcher(config: dict, num_super: int) -> MatchingNetwork | AuthorsMatc
     )
 
 
+def pooling_positions(keypoints: torch.Tensor, pooling: str = "exact") -> torch.Tensor:
+    """The centres [..., 2] of the pooling Gaussians of keypoints (heatmap
+    cells): the keypoints themselves ("exact") or their rounded cells ("cell",
+    the authors' training target; their int(x + 0.5) rounds toward zero)."""
+    if pooling == "cell":
+        return torch.trunc(keypoints + 0.5)
+    if pooling != "exact":
+        raise ValueError(f"pooling must be 'exact' or 'cell', got {pooling!r}")
+    return keypoints
+
+
+def pooled_visible(keypoints: torch.Tensor, visible: torch.Tensor, pooling: str, sigma: float,
+                   grid: int) -> torch.Tensor:
+    """Keypoints [..., K] that have a pooled feature: visible, and their
+    pooling Gaussian (3 sigma) reaches the ``grid`` x ``grid`` heatmap. The
+    authors' code keeps a rounded centre one cell further out, with an
+    empty window (a zero feature)."""
+    p = pooling_positions(keypoints, pooling)
+    reach = 3 * sigma
+    low = -reach - (1 if pooling == "cell" else 0)
+    return visible.bool() & ((p >= low) & (p <= grid - 1 + reach)).all(-1)
+
+
+def pool_keypoints(features: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor, sigma: float,
+                   pooling: str = "exact", backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled [B, K, C], visible [B, K]) of keypoints (heatmap cells [B, K, 2])
+    on features [B, C, h, w] under a pooling convention: what training and
+    the prior pool, as inference does."""
+    visible = pooled_visible(keypoints, visible, pooling, sigma, features.shape[-1])
+    pooled = ops.keypoint_pool(features, pooling_positions(keypoints, pooling), visible, sigma, backend=backend)
+    return pooled, visible
+
+
 @torch.no_grad()
 def extract(extractor: nn.Module, images: torch.Tensor, keypoints=None, visible=None, sigma: float = 2.0,
             amp: bool = True, backend: str = "auto"):
@@ -357,19 +390,11 @@ class EscapeModel(nn.Module):
 
     def pooling_positions(self, keypoints: torch.Tensor) -> torch.Tensor:
         """The centres [..., 2] of the pooling Gaussians of keypoints in heatmap cells."""
-        if self.pooling == "cell":
-            return torch.trunc(keypoints + 0.5)  # their int(x + 0.5): toward zero
-        return keypoints
+        return pooling_positions(keypoints, self.pooling)
 
     def support_visible(self, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Support keypoints [..., K] that have a feature: visible, and their
-        pooling Gaussian (3 sigma) reaches the heatmap grid. The authors' test
-        keeps a rounded centre one cell further out, with an empty window."""
-        p = self.pooling_positions(keypoints)
-        reach = 3 * self.sigma
-        grid = self.input_size // 4
-        low = -reach - (1 if self.pooling == "cell" else 0)
-        return visible.bool() & ((p >= low) & (p <= grid - 1 + reach)).all(-1)
+        """Support keypoints [..., K] that have a feature (:func:`pooled_visible`)."""
+        return pooled_visible(keypoints, visible, self.pooling, self.sigma, self.input_size // 4)
 
     def prototypes(self, method: str, pooled, visible, match_scores=None, alpha=None) -> torch.Tensor:
         """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K]).
@@ -454,12 +479,15 @@ class EscapeModel(nn.Module):
             prototypes = torch.cat((torch.nn.functional.normalize(prototypes, dim=-1), prior), -1)
         coords, peaks = ops.heatmap_decode(smoothed, prototypes, center, scale, kernel=1, backend=backend,
                                            rotation=rotation)
-        if self.config.get("nonpositive_peak", "keep") == "corner":
-            # mmpose's decoder (the authors'): a map whose peak is not positive predicts cell (-1, -1)
-            grid = smoothed.shape[-1]
-            corner = torch.full_like(coords, -1.0)
-            corner = reference.heatmap_to_image(corner, center.to(coords.dtype), scale.to(coords.dtype),
-                                                (grid, smoothed.shape[-2]),
-                                                None if rotation is None else rotation.to(coords.dtype))
-            coords = torch.where((peaks <= 0)[..., None], corner, coords)
-        return coords, peaks
+        return self.nonpositive_peaks(coords, peaks, center, scale, smoothed.shape[-2:], rotation), peaks
+
+    def nonpositive_peaks(self, coords, peaks, center, scale, grid_hw, rotation=None) -> torch.Tensor:
+        """Decoded coordinates [B, K, 2] under the model's rule for a heatmap
+        whose peak [B, K] is <= 0: kept ("keep"), or cell (-1, -1) mapped to
+        the image ("corner": mmpose's decoder, the authors')."""
+        if self.config.get("nonpositive_peak", "keep") != "corner":
+            return coords
+        corner = reference.heatmap_to_image(torch.full_like(coords, -1.0), center.to(coords.dtype),
+                                            scale.to(coords.dtype), (grid_hw[1], grid_hw[0]),
+                                            None if rotation is None else rotation.to(coords.dtype))
+        return torch.where((peaks <= 0)[..., None], corner, coords)

@@ -39,12 +39,17 @@ class HeatmapModel(nn.Module):
 class MatchingModel(nn.Module):
     """f_gamma + matching network: log assignment of an image's keypoints."""
 
-    def __init__(self, extractor: nn.Module, matcher: nn.Module, sigma: float):
+    def __init__(self, extractor: nn.Module, matcher: nn.Module, sigma: float, pooling: str = "exact"):
         super().__init__()
-        self.extractor, self.matcher, self.sigma = extractor, matcher, sigma
+        self.extractor, self.matcher, self.sigma, self.pooling = extractor, matcher, sigma, pooling
 
     def forward(self, images, keypoints, visible):
-        """Log assignment [B, K + 1, L] of keypoints (heatmap cells [B, K, 2], visible [B, K])."""
+        """(log assignment [B, K + 1, L], used [B, K]) of keypoints (heatmap cells
+        [B, K, 2], visible [B, K]), pooled as inference pools them (config
+        ``pooling``): ``used`` are the visible ones whose pooling window
+        reaches the grid, the rows the loss may look at."""
+        from escape_fast.models.escape import pool_keypoints, pooling_positions
+
         feats = self.extractor(images).float()
-        pooled = ops.keypoint_pool(feats, keypoints, visible, self.sigma)
-        return self.matcher(pooled, keypoints, visible)
+        pooled, visible = pool_keypoints(feats, keypoints, visible, self.sigma, self.pooling)
+        return self.matcher(pooled, pooling_positions(keypoints, self.pooling), visible), visible
