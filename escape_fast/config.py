@@ -88,7 +88,10 @@ class ConfigError(ValueError):
     pass
 
 
-def _merge(base: dict, update: dict, where: str) -> dict:
+def _merge(base: dict, update: dict, where: str, schema: dict | None = None) -> dict:
+    """``base`` updated by ``update``; a string becomes a number where the
+    setting's default in ``schema`` (DEFAULTS) is one."""
+    schema = DEFAULTS if schema is None else schema
     out = copy.deepcopy(base)
     for key, value in update.items():
         if key not in base:
@@ -96,9 +99,9 @@ def _merge(base: dict, update: dict, where: str) -> dict:
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {key!r} must be a mapping, got {value!r}")
-            out[key] = _merge(base[key], value, f"{where}: {key}")
+            out[key] = _merge(base[key], value, f"{where}: {key}", schema.get(key, {}))
         else:
-            out[key] = _coerce(base[key], value, f"{where}: {key}")
+            out[key] = _coerce(schema.get(key, base[key]), value, f"{where}: {key}")
     return out
 
 

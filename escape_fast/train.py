@@ -4,19 +4,13 @@
 
 Stages (each resumable, each writing RUN_DIR/<stage>.pt):
   baseline  f_theta + one prototype per base keypoint, MSE on Gaussian targets
-  cluster   mean keypoint feature of every base keypoint (eq. 4), kNN
-            density-peaks clustering into L super-keypoints
-  finetune  as baseline, but each base keypoint uses its super-keypoint's
-            prototype; at its end, mu = the members' mean feature (prior.py)
-  matching  f_gamma + the matching network, trained to assign base
-            keypoints to their super-keypoints
+  cluster   kNN density-peaks clustering of the base keypoints' mean features (eq. 4)
+  finetune  as baseline with one prototype per super-keypoint; then mu (prior.py)
+  matching  f_gamma + the matching network, trained to assign base keypoints to super-keypoints
 and RUN_DIR/model.pt, the model that eval, predict and plot load; alpha is
 chosen on the validation categories after the stages that give MAP/ESCAPE.
-
-Runs on one CPU, one GPU, or many through torchrun (DistributedDataParallel:
-NCCL on GPU, gloo on CPU; escape_fast.distributed): the global batch is
-split over the processes and batch norm sees the global batch, so N
-processes train the same model as one.
+One CPU, one GPU, or many through torchrun (DDP, NCCL or gloo; batch norm over
+the global batch, so N processes train the same model as one).
 """
 
 from __future__ import annotations
@@ -206,12 +200,10 @@ def stage_cluster(cfg, rt, run_dir, train_coco, log):
     if ccfg["source"] == "prototypes":
         vectors = base["model"]["prototypes"].float()
         seen = torch.ones(len(keys), dtype=torch.bool)
-    elif ccfg["source"] == "features":
+    else:  # "features" (config.CHOICES)
         extractor = _extractor(cfg, _sub_state(base["model"], "extractor")).to(rt.device)
         vectors, seen = base_keypoint_means(extractor, train_coco, rt.device, progress=rt.main,
                                             **_pooling(cfg))
-    else:
-        raise config_mod.ConfigError(f"cluster.source must be 'features' or 'prototypes', got {ccfg['source']!r}")
     idx = torch.nonzero(seen).squeeze(1).cpu()
     super_kps, assign_seen = ops.cluster_keypoints(vectors.cpu()[idx], owner[idx], ccfg["threshold"], ccfg["k"],
                                                    growth=ccfg["growth"])
@@ -221,9 +213,8 @@ def stage_cluster(cfg, rt, run_dir, train_coco, log):
         checkpoint.save({"super_keypoints": super_kps, "assignment": assignment, "vectors": vectors.cpu(),
                          "keys": torch.tensor(keys), "config": cfg}, os.path.join(run_dir, "cluster.pt"),
                         kind="cluster")
-        print(f"[cluster] {len(keys)} base keypoints ({int(seen.sum())} seen) -> {super_kps.shape[0]} "
-              f"super-keypoints (threshold {ccfg['threshold']}, k {ccfg['k']}, growth {ccfg['growth']})",
-              flush=True)
+        print(f"[cluster] {len(keys)} base keypoints ({int(seen.sum())} seen) -> {super_kps.shape[0]} super-keypoints "
+              f"(threshold {ccfg['threshold']}, k {ccfg['k']}, growth {ccfg['growth']})", flush=True)
         log.write(stage="cluster", epoch=0, step=0, name="super_keypoints", value=super_kps.shape[0])
     rt.barrier()
 
@@ -236,11 +227,9 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     super_table = torch.where(table >= 0, assignment[table.clamp_min(0)], table)
     init = member_mean(base["model"]["prototypes"].float(), assignment, num_super)
     # f_theta goes on from stage 1's, or starts again from the trunk's pretrained weights (the authors')
-    if cfg["finetune"]["init"] == "pretrained":
-        torch.manual_seed(cfg["seed"])
-        extractor = _extractor(cfg, weights=cfg["weights"])
-    else:
-        extractor = _extractor(cfg, _sub_state(base["model"], "extractor"))
+    fresh = cfg["finetune"]["init"] == "pretrained"
+    extractor = (_extractor(cfg, weights=cfg["weights"]) if fresh
+                 else _extractor(cfg, _sub_state(base["model"], "extractor")))
     model = HeatmapModel(extractor, init, super_table)
     # monitoring takes the prior from 10 images per category, not a pass over the whole training set
     sample = [i for c in train_coco.category_ids for i in train_coco.instances_of(c)[:10]]
@@ -268,9 +257,7 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
 
 
 def _finetuned(cfg, run_dir):
-    """The fine-tuned f_theta and the super-keypoints mu: in its feature space
-    (prior_source: features), or its super-keypoint detectors (detectors, the
-    authors' choice)."""
+    """The fine-tuned f_theta and mu: in its feature space, or its detectors (prior_source, docs/authors.md)."""
     ft = _load(run_dir, "finetune", "model")
     extractor = _extractor(cfg, _sub_state(ft["model"], "extractor"))
     if cfg["prior_source"] == "detectors":
@@ -335,10 +322,9 @@ def parse_args(argv=None):
     p.add_argument("--backbone", help="resnet50 | resnet18 | efficientnet_lite0 | dinov2_vits14")
     p.add_argument("--weights", help="trunk weights: imagenet, none, or a state-dict file")
     p.add_argument("--out", required=True, help="run folder (created; config, checkpoints and log go there)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="YAML file of settings (see escape_fast.config.DEFAULTS); repeatable, later files win, "
-                        "e.g. --config escape_fast/assets/builtin.yaml --config "
-                        "escape_fast/assets/recipes/authors.yaml (the authors' recipe)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file of settings (see "
+                   "escape_fast.config.DEFAULTS; repeatable, later ones win; escape_fast/assets/recipes/authors.yaml: "
+                   "the authors' recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set baseline.epochs=2 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")

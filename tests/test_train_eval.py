@@ -424,3 +424,17 @@ def test_authors_recipe_fast_path_equals_reference_path(trained_authors, bench, 
     flips = int(((fast.predictions[:, :k] - ref.predictions).abs().amax(-1) > 1e-3).sum())
     assert flips <= max(2, ref.predictions[..., 0].numel() // 200), flips
     assert abs(fast.summary.pck_main - ref.summary.pck_main) < 0.01
+
+
+def test_named_settings_accept_only_their_values():
+    from escape_fast import config as config_mod
+
+    for key, value in (("pooling", "round"), ("cluster.growth", "greedy"), ("matching.variant", "theirs"),
+                       ("prior_source", "means"), ("finetune.init", "imagenet")):
+        with pytest.raises(config_mod.ConfigError, match=key.replace(".", r"\.")):
+            config_mod.resolve(overrides=[config_mod.parse_override(f"{key}={value}")])
+    recipe = config_mod.resolve([RECIPE])
+    assert recipe["pooling"] == "cell" and recipe["matching"]["variant"] == "authors" and recipe["alpha"] == 0.5
+    # later files win over earlier ones, --set over both
+    both = config_mod.resolve([RECIPE, RECIPE], [{"alpha": "val"}])
+    assert both["alpha"] == "val" and both["cluster"]["growth"] == "shared"

@@ -93,7 +93,21 @@ class MatchingBlock(nn.Module):
 class _Transport(nn.Module):
     """What every matching network shares: ``scores`` (defined by each) of
     keypoints against the L super-keypoints ``omega``, then the log-domain
-    transport with the dustbin score ``bin_score``."""
+    transport with the dustbin score ``bin_score``. Both embed keypoints and
+    super-keypoints with LayerNorm-Linear-LayerNorm and stack ``blocks``
+    of their own ``BLOCK``."""
+
+    BLOCK: type[nn.Module]
+
+    def __init__(self, num_super: int, dim: int = 256, blocks: int = 6, heads: int = 8, head_dim: int = 64,
+                 mlp: int = 2048, grid: int = 64, iters: int = 50, backend: str = "auto"):
+        super().__init__()
+        self.dim, self.grid, self.iters, self.backend = dim, grid, iters, backend
+        self.kp_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.sk_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.omega = nn.Parameter(torch.randn(num_super, dim) * 1e-3)
+        self.blocks = nn.ModuleList(self.BLOCK(dim, heads, head_dim, mlp) for _ in range(blocks))
+        self.bin_score = nn.Parameter(torch.tensor(1.0))
 
     @property
     def num_super(self) -> int:
@@ -126,15 +140,7 @@ class MatchingNetwork(_Transport):
         iters (int): Sinkhorn iterations (50).
     """
 
-    def __init__(self, num_super: int, dim: int = 256, blocks: int = 6, heads: int = 8, head_dim: int = 64,
-                 mlp: int = 2048, grid: int = 64, iters: int = 50, backend: str = "auto"):
-        super().__init__()
-        self.dim, self.grid, self.iters, self.backend = dim, grid, iters, backend
-        self.kp_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.sk_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.omega = nn.Parameter(torch.randn(num_super, dim) * 1e-3)
-        self.blocks = nn.ModuleList(MatchingBlock(dim, heads, head_dim, mlp) for _ in range(blocks))
-        self.bin_score = nn.Parameter(torch.tensor(1.0))
+    BLOCK = MatchingBlock
 
     def scores(self, features: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Scores [B, K, L] from keypoint features [B, K, C], cells [B, K, 2] (x, y), visible [B, K]."""
@@ -248,15 +254,11 @@ class AuthorsMatchingNetwork(_Transport):
 
     NORM_CLAMP = 100.0
 
-    def __init__(self, num_super: int, dim: int = 256, blocks: int = 6, heads: int = 8, head_dim: int = 64,
-                 mlp: int = 2048, grid: int = 64, iters: int = 50, pad_to: int = 68, backend: str = "auto"):
-        super().__init__()
-        self.dim, self.grid, self.iters, self.pad_to, self.backend = dim, grid, iters, pad_to, backend
-        self.kp_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.sk_embed = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.LayerNorm(dim))
-        self.omega = nn.Parameter(torch.randn(num_super, dim) * 1e-3)
-        self.blocks = nn.ModuleList(AuthorsMatchingBlock(dim, heads, head_dim, mlp) for _ in range(blocks))
-        self.bin_score = nn.Parameter(torch.tensor(1.0))
+    BLOCK = AuthorsMatchingBlock
+
+    def __init__(self, num_super: int, pad_to: int = 68, **sizes):
+        super().__init__(num_super, **sizes)
+        self.pad_to = pad_to
 
     def scores(self, features: torch.Tensor, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Scores [B, K, L] from keypoint features [B, K, C] (zero where not
