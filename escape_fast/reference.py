@@ -293,13 +293,8 @@ def drop_empty_clusters(assignment: torch.Tensor, n_clusters: int) -> tuple[torc
     return new_id[assignment], int(present.sum())
 
 
-def cluster_keypoints(
-    vectors: torch.Tensor,
-    categories: torch.Tensor,
-    threshold: float = 0.8,
-    k: int = 6,
-    growth: str = "exclusive",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def cluster_keypoints(vectors: torch.Tensor, categories: torch.Tensor, threshold: float = 0.8, k: int = 6,
+                      growth: str = "exclusive") -> tuple[torch.Tensor, torch.Tensor]:
     """kNN density-peaks clustering with the same-category rule (docs/method.md, "Clustering").
 
     vectors [N, C], categories [N] -> (super-keypoints [L, C], assignment [N]).
