@@ -308,3 +308,25 @@ def test_parity_script_counts_what_agrees(files, tmp_path):
     assert summary["keypoints"] == 2 * k
     assert summary["within_tolerance_all"] == pytest.approx((2 * k - 1) / (2 * k))
     assert summary["max_px"] == pytest.approx(2.0, abs=1e-3)
+
+
+def test_rows_past_pad_to_that_no_support_has_do_not_take_part():
+    """A batch padded past 68 (a data set with a larger category) gives the
+    68 real-or-padding tokens their loader would: the same scores as the
+    category's rows alone, zeros for the extra rows."""
+    g = torch.Generator().manual_seed(2)
+    net = AuthorsMatchingNetwork(4, dim=8, blocks=1, heads=2, head_dim=4, mlp=16, grid=16, pad_to=6).eval()
+    feats, cells = torch.randn(2, 5, 8, generator=g), torch.rand(2, 5, 2, generator=g) * 15
+    vis = torch.ones(2, 5, dtype=torch.bool)
+    vis[1, 4] = False
+    with torch.no_grad():
+        alone = net.scores(feats, cells, vis)
+        wide = net.scores(torch.cat((feats, torch.zeros(2, 4, 8)), 1), torch.cat((cells, torch.zeros(2, 4, 2)), 1),
+                          torch.cat((vis, torch.zeros(2, 4, dtype=torch.bool)), 1))
+    torch.testing.assert_close(wide[:, :5], alone, rtol=0, atol=1e-6)
+    assert wide.shape == (2, 9, 4) and (wide[:, 6:] == 0).all()  # row 5 is a padding token, as theirs
+    # their frequencies: 1 / 10000^(i / (half - 1)), as float32
+    half = 64
+    want = 1.0 / torch.tensor(10000.0) ** (torch.arange(half, dtype=torch.float32) / (half - 1))
+    torch.testing.assert_close(authors_sincos(torch.tensor([1.0]), 2 * half)[0, :half], torch.sin(want), rtol=0,
+                               atol=0)

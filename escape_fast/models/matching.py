@@ -163,7 +163,8 @@ def authors_sincos(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """The authors' sine-cosine embedding [..., dim]: frequencies 10000^(-i / (dim/2 - 1)), i < dim/2
     (their divisor is one less than :func:`sincos_embedding`'s), all sines, then all cosines."""
     half = dim // 2
-    freq = 10000.0 ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / (half - 1))
+    # 1 / 10000^x rather than 10000^-x: a quarter of the float32 frequencies differ by an ulp otherwise
+    freq = 1.0 / 10000.0 ** (torch.arange(half, device=positions.device, dtype=torch.float32) / (half - 1))
     angle = positions.to(torch.float32)[..., None] * freq
     return torch.cat((angle.sin(), angle.cos()), dim=-1)
 
@@ -264,7 +265,14 @@ class AuthorsMatchingNetwork(_Transport):
         """Scores [B, K, L] from keypoint features [B, K, C] (zero where not
         visible), cells [B, K, 2] (x, y) and visible [B, K]."""
         b, k, _ = features.shape
-        pad = max(self.pad_to - k, 0)
+        # Their loader brings every category to exactly pad_to keypoints, and every token takes
+        # part in attention: rows past pad_to that no support has (a batch padded to a larger
+        # category) are left out, or they would change every softmax.
+        rows = k
+        if k > self.pad_to and not visible[:, self.pad_to :].any():
+            rows = self.pad_to
+            features, keypoints, visible = features[:, :rows], keypoints[:, :rows], visible[:, :rows]
+        pad = max(self.pad_to - rows, 0)
         # the cell of the rounded centre (their Gaussian target's argmax), clamped into the grid
         cell = torch.floor(keypoints + 0.5).clamp(0, self.grid - 1)
         code = authors_sincos(cell[..., 1] * self.grid + cell[..., 0], self.dim).to(features.dtype) + 1
@@ -278,4 +286,5 @@ class AuthorsMatchingNetwork(_Transport):
         sk = sk.expand(b, -1, -1)
         largest = sk.norm(dim=-1).amax(-1, keepdim=True)[..., None].detach()
         sk = sk / largest * largest.clamp_max(self.NORM_CLAMP)
-        return (kp[:, :k] @ sk.transpose(1, 2)) / math.sqrt(self.dim)
+        scores = (kp[:, :rows] @ sk.transpose(1, 2)) / math.sqrt(self.dim)
+        return F.pad(scores, (0, 0, 0, k - rows))
