@@ -2,11 +2,13 @@
 
     python benchmarks/recipe_ablation.py --out runs/ablation [--episodes 60000]
 
-Trains the built-in model's configuration (escape_fast/assets/builtin.yaml,
-"ours") and, beside it, each difference of docs/authors.md alone and all of
-them together (escape_fast/assets/recipes/authors.yaml); a variant reuses
+Trains the built-in model's configuration (escape_fast/assets/builtin.yaml)
+with escape_fast's earlier prior ("ours": the members' mean features,
+rescaled) and, beside it, each difference of docs/authors.md alone and all
+of them together (escape_fast/assets/recipes/authors.yaml); a variant reuses
 the stage checkpoints of "ours" that its difference does not touch (stage 1
-is the same in all of them). Every model is evaluated on the same episodes
+is the same in all of them). "a_prior" (the authors' prior on the stages of
+"ours") is the built-in checkpoint: README.md, "Training". Every model is evaluated on the same episodes
 at 1 and 5 shots, with the alpha chosen on validation categories and with
 the authors' fixed 0.5, and the novel-keypoint matching rates are read with
 benchmarks/prior_quality.py --novel. Writes OUT/ablation.json and prints
@@ -33,7 +35,8 @@ RECIPE_YAML = os.path.join(ROOT, "escape_fast", "assets", "recipes", "authors.ya
 
 # name: (what it is, --config files after builtin.yaml, --set overrides, stages reused from "ours")
 VARIANTS = {
-    "ours": ("escape_fast's recipe (the built-in model's)", [], [], ()),
+    "ours": ("escape_fast's earlier recipe: mu = the members' mean features, rescaled", [],
+             ["prior_source=features", "prior_scale=support"], ()),
     "a_prior": ("(a) mu = the stage-3 detectors, blended raw", [],
                 ["prior_source=detectors", "prior_scale=raw"], ("baseline", "cluster", "finetune", "matching")),
     "c_matcher": ("(c) their matching network, padded to 68", [],

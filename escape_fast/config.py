@@ -38,11 +38,13 @@ DEFAULTS: dict = {
     # where each keypoint's pooling Gaussian sits: "exact" (its position) or "cell" (the
     # authors': its rounded heatmap cell, their training target itself; docs/authors.md)
     "pooling": "exact",
-    # mu of each super-keypoint: "features" (the mean of its members' mean features under the
-    # fine-tuned extractor, paper eq. 4) or "detectors" (the authors': the stage-3 detectors)
-    "prior_source": "features",
-    # the prior in the blend: "support" (brought to the support mean's norm) or "raw" (the authors')
-    "prior_scale": "support",
+    # mu of each super-keypoint: "detectors" (the authors': the stage-3 super-keypoint detectors)
+    # or "features" (the mean of its members' mean unit features under the fine-tuned extractor,
+    # paper eq. 4); the detectors, blended raw, won on validation categories (RESULTS.md)
+    "prior_source": "detectors",
+    # the prior in the blend: "raw" (the authors': as it is) or "support" (brought to the support
+    # mean's norm)
+    "prior_scale": "raw",
     # a heatmap whose peak is <= 0: "keep" its argmax, or "corner" (mmpose's cell (-1, -1))
     "nonpositive_peak": "keep",
     # run

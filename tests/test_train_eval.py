@@ -31,6 +31,8 @@ TINY = [
     "--set", "matching.epochs=3", "--set", "matching.warmup=5", "--set", "matching.lr=1e-3",
     "--set", "matching.blocks=1", "--set", "matching.heads=2", "--set", "matching.head_dim=8",
     "--set", "matching.mlp=32", "--set", "matching.iters=20", "--set", "cluster.threshold=0.6",
+    # the feature-space prior (the default is the authors' detectors, tested with their recipe below)
+    "--set", "prior_source=features", "--set", "prior_scale=support",
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -141,7 +143,12 @@ def test_two_gloo_processes_train_the_same_model_as_one(bench, tmp_path):
     b = checkpoint.load(two / "baseline.pt")["model"]
     for k, v in a.items():
         if v.is_floating_point():
-            assert torch.allclose(v, b[k], rtol=1e-3, atol=1e-5), (k, (v - b[k]).abs().max())
+            # Adam turns the float-order noise of an all-reduce into a step of either sign where a
+            # gradient is near zero, so a few elements differ by up to ~1e-4 (seen: 7.8e-5, the worst
+            # tensor mean 1.6e-6); a real difference (unsynchronized batch norm, a lost batch) moves
+            # most elements by about the learning rate (2e-3)
+            d = (v - b[k]).abs()
+            assert d.mean() < 1e-5 and d.max() < 1e-3, (k, d.mean(), d.max())
         else:
             assert torch.equal(v, b[k]), k
 
@@ -392,7 +399,8 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "escape_fast", "assets", 
 def trained_authors(bench, tmp_path_factory):
     """A run with the authors' recipe (docs/authors.md, differences a-e)."""
     run = tmp_path_factory.mktemp("run") / "authors"
-    proc = _train(bench, run, "--config", RECIPE)
+    # TINY's feature-space prior is undone here: --set wins over --config, the later --set over the earlier
+    proc = _train(bench, run, "--config", RECIPE, "--set", "prior_source=detectors", "--set", "prior_scale=raw")
     return run, proc.stdout
 
 
@@ -433,6 +441,8 @@ def test_named_settings_accept_only_their_values():
                        ("prior_source", "means"), ("finetune.init", "imagenet")):
         with pytest.raises(config_mod.ConfigError, match=key.replace(".", r"\.")):
             config_mod.resolve(overrides=[config_mod.parse_override(f"{key}={value}")])
+    defaults = config_mod.resolve()
+    assert defaults["prior_source"] == "detectors" and defaults["prior_scale"] == "raw"  # RESULTS.md
     recipe = config_mod.resolve([RECIPE])
     assert recipe["pooling"] == "cell" and recipe["matching"]["variant"] == "authors" and recipe["alpha"] == 0.5
     # later files win over earlier ones, --set over both
