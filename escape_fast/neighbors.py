@@ -433,7 +433,8 @@ def cluster_keypoints(
     2. Peaks in order of density (lower index on ties). A peak takes its
        candidates above the threshold, most similar first, one per category:
        unassigned ones (growth "exclusive") or any (growth "shared", the
-       authors' rule; clusters left empty are dropped). If every entry of its list is above the threshold and more
+       authors' rule; clusters left empty are dropped). If every entry of
+       its list is above the threshold and more
        candidates exist, the peak is searched again with twice the width and
        goes on where it stopped, so with an exact kNN the result is exactly
        the reference's.

@@ -44,7 +44,7 @@ def base_keypoint_means(extractor, coco, device, input_size: int, sigma: float, 
     ``pooling`` is the model's convention (config ``pooling``)."""
     from tqdm.auto import tqdm
 
-    from escape_fast.models.escape import extract, pooled_visible, pooling_positions
+    from escape_fast.models.escape import extract, pool_keypoints
 
     table, _, keys = base_keypoint_table(coco)
     dataset = KeypointDataset(coco, input_size=input_size, train=False, sigma=sigma)
@@ -55,9 +55,9 @@ def base_keypoint_means(extractor, coco, device, input_size: int, sigma: float, 
     sums, counts = None, torch.zeros(len(keys), device=device)
     table = table.to(device)
     for batch in tqdm(loader, desc="base keypoint features", disable=not progress, leave=False):
-        kps = batch["keypoints"].to(device)
-        vis = pooled_visible(kps, batch["visible"].to(device), pooling, sigma, input_size // 4)
-        _, pooled = extract(extractor, batch["image"].to(device), pooling_positions(kps, pooling), vis, sigma, amp)
+        features, _ = extract(extractor, batch["image"].to(device), amp=amp)
+        pooled, vis = pool_keypoints(features, batch["keypoints"].to(device), batch["visible"].to(device), sigma,
+                                     pooling)
         if unit:
             pooled = F.normalize(pooled, dim=-1)
         if sums is None:

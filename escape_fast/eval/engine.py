@@ -366,15 +366,16 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
             if g is not None:  # the matching network once per episode, on its supports
                 ms = model.matcher.scores(reference.keypoint_pool(g, sup_pos, sup_vis, sigma), sup_pos, sup_vis)[None]
             protos = model.prototypes(method, pooled[None], sup_vis[None], ms, alpha)[0]
-        with timer.phase("heatmaps"):
             k = coco.categories[e.category_id].num_keypoints  # decode those; padded slots stay 0
+            if model.location_prior > 0:  # where each keypoint sits in the supports' crops
+                pos = model.support_positions(kp[None, :s], sup_vis[None], f.shape[-1])[:, :k]
+        with timer.phase("heatmaps"):
             coords = []
             for j in range(s, len(items)):
                 center = items[j]["center"].float()[None].to(device)
                 scale = items[j]["scale"].float()[None].to(device)
                 rot = items[j]["rotation"].float()[None].to(device)
                 if model.location_prior > 0:  # the prior's decoding, on the reference ops
-                    pos = model.support_positions(kp[None, :s], sup_vis[None], f.shape[-1])[:, :k]
                     c, _ = model.decode(reference.smooth_heatmaps(f[j : j + 1], model.decode_kernel),
                                         protos[None, :k], center, scale, rot, "reference", pos)
                 else:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from escape_fast import ops
+from escape_fast.models.escape import pool_keypoints, pooling_positions
 
 
 class HeatmapModel(nn.Module):
@@ -48,8 +49,6 @@ class MatchingModel(nn.Module):
         [B, K, 2], visible [B, K]), pooled as inference pools them (config
         ``pooling``): ``used`` are the visible ones whose pooling window
         reaches the grid, the rows the loss may look at."""
-        from escape_fast.models.escape import pool_keypoints, pooling_positions
-
         feats = self.extractor(images).float()
         pooled, visible = pool_keypoints(feats, keypoints, visible, self.sigma, self.pooling)
         return self.matcher(pooled, pooling_positions(keypoints, self.pooling), visible), visible
