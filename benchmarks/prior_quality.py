@@ -25,6 +25,13 @@ Hungarian assignment and ESCAPE's matching network (row argmax) pick a
 super-keypoint whose members are mostly the keypoint's own ground-truth
 part. That is the E-step's accuracy; a wrong match pulls the prototype
 toward another part.
+
+With ``--sweep T [T ...]`` it clusters again at each threshold, with both
+growth rules, from both sources a run has (the base keypoints' mean
+features in ``cluster.pt``; the stage-1 prototypes in ``baseline.pt``), and
+prints the number of clusters, the ARI and the cluster purity of each: the
+threshold that suits one trunk's features does not suit another's
+(benchmarks/RESULTS.md, "The cluster threshold").
 """
 
 from __future__ import annotations
@@ -93,6 +100,29 @@ def report(vectors: torch.Tensor, keys: np.ndarray, assignment: np.ndarray, gt: 
     return out
 
 
+def sweep(run: str, keys: np.ndarray, gt: dict, thresholds: list[float], k: int) -> list[dict]:
+    """Clusters again at each threshold (see the module's note); one row per setting."""
+    from escape_fast.neighbors import cluster_keypoints
+
+    sources = {"features": torch.load(os.path.join(run, "cluster.pt"), map_location="cpu",
+                                      weights_only=True)["vectors"].float()}
+    if os.path.exists(os.path.join(run, "baseline.pt")):
+        base = torch.load(os.path.join(run, "baseline.pt"), map_location="cpu", weights_only=True)
+        sources["prototypes"] = base["model"]["prototypes"].float()
+    cats = torch.as_tensor(keys[:, 0])
+    rows = []
+    for source, vectors in sources.items():
+        for growth in ("exclusive", "shared"):
+            for t in thresholds:
+                _, assignment = cluster_keypoints(vectors, cats, threshold=t, k=k, growth=growth)
+                r = report(vectors, keys, assignment.numpy(), gt)
+                rows.append({"source": source, "growth": growth, "threshold": t} |
+                            {name: r[name] for name in ("clusters", "ari", "cluster_purity")})
+                print(f"{source:>10} {growth:>9} {t:5.2f}: {r['clusters']:4d} clusters, ARI {r['ari']:.3f}, "
+                      f"purity {r['cluster_purity']:.3f}", flush=True)
+    return rows
+
+
 @torch.no_grad()
 def novel_matching(run: str, data: str, parts: dict, clusters: dict, max_instances: int = 10) -> dict:
     """Share of visible novel keypoints matched to a super-keypoint of their own part (see above)."""
@@ -135,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures here")
     parser.add_argument("--novel", action="store_true",
                         help="also measure MAP's and ESCAPE's matching of the test keypoints (split 1)")
+    parser.add_argument("--sweep", type=float, nargs="+", metavar="T", default=None,
+                        help="also cluster again at these thresholds (both growth rules, both sources)")
     args = parser.parse_args(argv)
     obj = torch.load(os.path.join(args.run, "cluster.pt"), map_location="cpu", weights_only=True)
     keys = obj["keys"].numpy()
@@ -144,7 +176,11 @@ def main(argv=None) -> int:
     res["cluster_config"] = obj["config"]["cluster"]
     if args.novel:
         res.update(novel_matching(args.run, args.data, parts, obj))
+    if args.sweep:
+        res["sweep"] = sweep(args.run, keys, gt, args.sweep, int(obj["config"]["cluster"]["k"]))
     for k, v in res.items():
+        if k == "sweep":
+            continue
         print(f"{k:>16}: {v:.3f}" if isinstance(v, float) else f"{k:>16}: {v}")
     if args.json:
         with open(args.json, "w") as f:

@@ -2,9 +2,12 @@
 
 Stage 2 clusters the mean feature of every base keypoint (paper eq. 4);
 stage 3 starts its super-keypoint detectors from the mean of their members'
-stage-1 prototypes; when it ends, the prior mu of each super-keypoint is the
-mean of its members' mean features under the fine-tuned extractor (paper
-sec. 4.1-4.2; docs/method.md, "The prior"). The figures use the same means.
+stage-1 prototypes. When it ends, the prior mu of each super-keypoint is
+either that detector (``prior_source: detectors``, the default, as in the
+authors' code) or the mean of its members' mean features under the
+fine-tuned extractor (``prior_source: features``, paper sec. 4.1-4.2;
+:func:`feature_prior`); docs/method.md, "The prior". The figures use the
+members' mean features.
 
 Base keypoints are numbered category by category (id order), keypoint by
 keypoint: :func:`base_keypoint_table` maps (category, keypoint) to that

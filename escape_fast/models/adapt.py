@@ -10,22 +10,21 @@ Three estimators of the prototype w_r of each support keypoint r:
 
 Shapes: B episodes, S shots, K keypoints, C channels, L super-keypoints.
 
-Where mu comes from. Sec. 4.1 models a keypoint's features as
-o ~ N(zeta_r, phi^2) and its mean as zeta_r ~ N(mu_z, sigma^2): mu is a point
-in feature space, the mean of its members' mean features (eq. 4, sec. 4.2).
-The authors' code instead takes the prototypes trained in stage 3; those are
-heatmap detectors, at the heatmap's scale (norm ~0.15 against ~3.7 for
-features on the built-in model) and pointing elsewhere (median cosine 0.66
-to the members' mean feature). Blended with support features they made MAP
-and ESCAPE worse than MLE at every alpha. Following the paper, mu is the
-members' mean feature under the fine-tuned extractor
-(``prior.feature_prior``).
+Where mu comes from (``prior_source``; docs/method.md, "The prior"). By
+default, as in the authors' code, mu_z is the super-keypoint detector trained
+in stage 3: a heatmap prototype, at the heatmap's scale (median norm 0.29
+against 1.49 for a support feature on the built-in model). With
+``prior_source: features``, the paper's reading of sec. 4.1 (o ~ N(zeta_r,
+phi^2), zeta_r ~ N(mu_z, sigma^2)), mu_z is the mean of its members' mean
+unit features under the fine-tuned extractor (``prior.feature_prior``).
 
-Directions. A heatmap's argmax only depends on the prototype's direction,
-so both the matching and the blend work on directions: the matching cost is
-the cosine distance, and the prior is brought to the norm of the support
-mean before blending (``blend``), which leaves eq. 7 and 10 unchanged when
-the two already share a scale. alpha comes from EscapeModel.alpha_for.
+Scale (``prior_scale``). By default the prior is blended as it is (the
+authors' blend), so its norm acts as a second weight beside alpha.
+``prior_scale: support`` brings it to the norm of the support mean first
+(``blend``): a heatmap's argmax depends only on the prototype's direction,
+which leaves alpha the only weight. The matching cost of MAP is the cosine
+distance either way. alpha comes from EscapeModel.alpha_for; which prior won
+on validation is in benchmarks/RESULTS.md, "The authors' recipe".
 """
 
 from __future__ import annotations
