@@ -59,9 +59,10 @@ DEFAULTS: dict = {
     "val_draws": 20,  # support draws per val category
     "val_queries": 15,
     "baseline": {"epochs": 60, "lr": 5e-4, "warmup": 500, "milestones": [40, 50], "gamma": 0.1},
-    # growth: "exclusive" (a peak takes unassigned keypoints, the next one of a category whose
-    # best is taken) or "shared" (the authors': each category's best, even one already taken)
-    "cluster": {"source": "features", "threshold": 0.8, "k": 6, "growth": "exclusive"},
+    # growth: "shared" (the authors': a peak takes each category's best, even one already taken;
+    # the default since it won on validation, benchmarks/RESULTS.md) or "exclusive" (unassigned
+    # keypoints only, the next one of a category whose best is taken)
+    "cluster": {"source": "features", "threshold": 0.8, "k": 6, "growth": "shared"},
     # init: stage 3 starts f_theta from stage 1's ("baseline") or again from the trunk's
     # pretrained weights ("pretrained", the authors')
     "finetune": {"epochs": 20, "lr": 1e-4, "warmup": 100, "milestones": [15], "gamma": 0.1,

@@ -87,3 +87,36 @@ def test_copying_a_pose_onto_its_own_instance_is_exact():
     assert abs(copied[inst.visible] - inst.keypoints[inst.visible]).max() < 1e-6
     scores = real_photos.score(coco, [(i, i)], [copied])
     assert scores.shape == (5, 1) and (scores == 1).all()
+
+
+def test_prior_quality_sweep_scores_clusters_against_the_truth(tmp_path):
+    """benchmarks/prior_quality.py --sweep: 3 categories of the same 4 parts,
+    each part's vectors near one axis. Any threshold between the parts'
+    similarity (~0) and their members' (~1) recovers the parts exactly (ARI 1,
+    purity 1); a threshold above every similarity leaves each keypoint alone."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    parts, cats = 4, 3
+    vectors = torch.eye(parts).repeat(cats, 1) + 0.01 * torch.randn(parts * cats, parts, generator=gen)
+    keys = torch.tensor([[c + 1, k] for c in range(cats) for k in range(parts)])
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"keys": keys, "vectors": vectors, "assignment": torch.arange(parts * cats),
+                "config": {"cluster": {"source": "features", "threshold": 0.8, "k": 2, "growth": "shared"}}},
+               run / "cluster.pt")
+    meta = {"categories": [{"id": c + 1, "family": 0, "keypoint_super_keypoint": list(range(parts)),
+                            "keypoint_part_type": list(range(parts))} for c in range(cats)]}
+    (tmp_path / "synthetic_parts.json").write_text(json.dumps(meta))
+    out = tmp_path / "quality.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prior_quality.py"), "--run", str(run),
+                           "--data", str(tmp_path), "--sweep", "0.5", "1.0", "--json", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r["growth"], r["threshold"]): r for r in json.loads(out.read_text())["sweep"]}
+    # no baseline.pt in the run: the features only
+    assert set(rows) == {(g, t) for g in ("exclusive", "shared") for t in (0.5, 1.0)}
+    for growth in ("exclusive", "shared"):
+        assert rows[growth, 0.5]["clusters"] == parts and rows[growth, 0.5]["ari"] == 1.0
+        assert rows[growth, 0.5]["cluster_purity"] == 1.0
+        assert rows[growth, 1.0]["clusters"] == parts * cats

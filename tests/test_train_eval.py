@@ -443,6 +443,7 @@ def test_named_settings_accept_only_their_values():
             config_mod.resolve(overrides=[config_mod.parse_override(f"{key}={value}")])
     defaults = config_mod.resolve()
     assert defaults["prior_source"] == "detectors" and defaults["prior_scale"] == "raw"  # RESULTS.md
+    assert defaults["cluster"]["growth"] == "shared"
     recipe = config_mod.resolve([RECIPE])
     assert recipe["pooling"] == "cell" and recipe["matching"]["variant"] == "authors" and recipe["alpha"] == 0.5
     # later files win over earlier ones, --set over both
