@@ -29,7 +29,7 @@ def resolve_device(arg: str | torch.device | None = "auto") -> torch.device:
 
 
 # On the CPU, feature extraction slowed down when a batch held more than about 2^18 input pixels
-# (2 cores: the built-in evaluation, 128 px, took 12 s in batches of 16 and 17 s in 32; the
+# (2 cores: an earlier built-in evaluation, 128 px, took 12 s in batches of 16 and 17 s in 32; the
 # predictor, 256 px, 1.6 s for 62 photos in batches of 4 and 3.0 s in 16), so the batch shrinks
 # as the input grows. A GPU wants large batches.
 CPU_BATCH_PIXELS = 1 << 18

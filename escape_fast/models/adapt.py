@@ -12,7 +12,7 @@ Shapes: B episodes, S shots, K keypoints, C channels, L super-keypoints.
 
 Where mu comes from (``prior_source``; docs/method.md, "The prior"). By
 default, as in the authors' code, mu_z is the super-keypoint detector trained
-in stage 3: a heatmap prototype, at the heatmap's scale (median norm 0.29
+in stage 3: a heatmap prototype, at the heatmap's scale (median norm 0.35
 against 1.49 for a support feature on the built-in model). With
 ``prior_source: features``, the paper's reading of sec. 4.1 (o ~ N(zeta_r,
 phi^2), zeta_r ~ N(mu_z, sigma^2)), mu_z is the mean of its members' mean

