@@ -100,12 +100,13 @@ def report(vectors: torch.Tensor, keys: np.ndarray, assignment: np.ndarray, gt: 
     return out
 
 
-def sweep(run: str, keys: np.ndarray, gt: dict, thresholds: list[float], k: int) -> list[dict]:
-    """Clusters again at each threshold (see the module's note); one row per setting."""
+def sweep(run: str, clusters: dict, gt: dict, thresholds: list[float]) -> list[dict]:
+    """Clusters again at each threshold (see the module's note); one row per setting.
+    ``clusters``: the run's cluster.pt."""
     from escape_fast.neighbors import cluster_keypoints
 
-    sources = {"features": torch.load(os.path.join(run, "cluster.pt"), map_location="cpu",
-                                      weights_only=True)["vectors"].float()}
+    keys, k = clusters["keys"].numpy(), int(clusters["config"]["cluster"]["k"])
+    sources = {"features": clusters["vectors"].float()}
     if os.path.exists(os.path.join(run, "baseline.pt")):
         base = torch.load(os.path.join(run, "baseline.pt"), map_location="cpu", weights_only=True)
         sources["prototypes"] = base["model"]["prototypes"].float()
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     if args.novel:
         res.update(novel_matching(args.run, args.data, parts, obj))
     if args.sweep:
-        res["sweep"] = sweep(args.run, keys, gt, args.sweep, int(obj["config"]["cluster"]["k"]))
+        res["sweep"] = sweep(args.run, obj, gt, args.sweep)
     for k, v in res.items():
         if k == "sweep":
             continue

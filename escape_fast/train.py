@@ -226,10 +226,13 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     assignment, num_super = clusters["assignment"], clusters["super_keypoints"].shape[0]
     super_table = torch.where(table >= 0, assignment[table.clamp_min(0)], table)
     init = member_mean(base["model"]["prototypes"].float(), assignment, num_super)
-    # f_theta goes on from stage 1's, or starts again from the trunk's pretrained weights (the authors')
-    fresh = cfg["finetune"]["init"] == "pretrained"
-    extractor = (_extractor(cfg, weights=cfg["weights"]) if fresh
-                 else _extractor(cfg, _sub_state(base["model"], "extractor")))
+    # f_theta goes on from stage 1's, or starts again from the trunk's pretrained weights (the
+    # authors'); a fresh head is seeded as stage 1's is, so every process and every run starts alike
+    if cfg["finetune"]["init"] == "pretrained":
+        torch.manual_seed(cfg["seed"])
+        extractor = _extractor(cfg, weights=cfg["weights"])
+    else:
+        extractor = _extractor(cfg, _sub_state(base["model"], "extractor"))
     model = HeatmapModel(extractor, init, super_table)
     # monitoring takes the prior from 10 images per category, not a pass over the whole training set
     sample = [i for c in train_coco.category_ids for i in train_coco.instances_of(c)[:10]]
