@@ -30,12 +30,15 @@ ESCAPE_FAST_HOST_DEVICE inline T sign(T v) {
   return static_cast<T>((v > T(0)) - (v < T(0)));
 }
 
+// mmpose's unit of crop scale, escape_fast.reference.PIXEL_STD: scale = padded box size / kPixelStd.
+constexpr double kPixelStd = 200.0;
+
 // The map of one crop from heatmap cells to image pixels:
-// center + R(rotation) @ ((p - [W/2, H/2]) * 200 * scale / [W, H]).
+// center + R(rotation) @ ((p - [W/2, H/2]) * kPixelStd * scale / [W, H]).
 template <typename T>
 struct CropMap {
   T cx, cy;        // center (image pixels)
-  T fx, fy;        // 200 * scale / [W, H]: image pixels per heatmap cell
+  T fx, fy;        // kPixelStd * scale / [W, H]: image pixels per heatmap cell
   T cosr, sinr;    // rotation
   T half_w, half_h;
 
@@ -43,9 +46,9 @@ struct CropMap {
     CropMap c;
     c.cx = center[0];
     c.cy = center[1];
-    // the operation order of reference.heatmap_to_image: (200 * s) / size
-    c.fx = (T(200) * scale[0]) / static_cast<T>(W);
-    c.fy = (T(200) * scale[1]) / static_cast<T>(H);
+    // the operation order of reference.heatmap_to_image: (kPixelStd * s) / size
+    c.fx = (static_cast<T>(kPixelStd) * scale[0]) / static_cast<T>(W);
+    c.fy = (static_cast<T>(kPixelStd) * scale[1]) / static_cast<T>(H);
     // torch.deg2rad multiplies by pi / 180 rounded to T
     const T theta = rotation * static_cast<T>(0.017453292519943295769236907684886);
     c.cosr = math_cos(theta);

@@ -291,4 +291,12 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
   return {coords, values};
 }
 
+// This file's ops on the CPU dispatch key (the schema is csrc/ops.cpp's); an op without
+// a CPU kernel would simply not be registered here.
+TORCH_LIBRARY_IMPL(escape_fast, CPU, m) {
+  m.impl("prototype_heatmaps", &prototype_heatmaps_cpu);
+  m.impl("decode_heatmaps", &decode_heatmaps_cpu);
+  m.impl("heatmap_decode", &heatmap_decode_cpu);
+}
+
 }  // namespace escape_fast

@@ -181,4 +181,11 @@ at::Tensor keypoint_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
   return out;
 }
 
+// This file's ops on the CPU dispatch key (the schema is csrc/ops.cpp's); an op without
+// a CPU kernel would simply not be registered here.
+TORCH_LIBRARY_IMPL(escape_fast, CPU, m) {
+  m.impl("keypoint_pool", &keypoint_pool_cpu);
+  m.impl("keypoint_pool_backward", &keypoint_pool_backward_cpu);
+}
+
 }  // namespace escape_fast

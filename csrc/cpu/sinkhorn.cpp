@@ -316,7 +316,7 @@ const T kSqrtMax = std::sqrt(std::numeric_limits<T>::max());
 template <typename T>
 struct ForwardArgs {
   const T* z;
-  const T* bins;
+  const T* bin_score;
   const bool* valid;
   int64_t B, M, N, iters;
   T* out;
@@ -331,7 +331,7 @@ SINKHORN_INLINE void forward_body(const ForwardArgs<T>& a, std::atomic<int64_t>&
   const int64_t NP = p.NP;
   std::vector<T> u(M + 1), v(NP), e(NP), col(N), col_max(N), shift(M + 1), row_sum(M + 1), base(std::max(M + 1, N));
   for (int64_t b = next++; b < a.B; b = next++) {
-    p.load(a.z + b * M * N, a.valid + b * M, a.bins[b]);
+    p.load(a.z + b * M * N, a.valid + b * M, a.bin_score[b]);
     std::fill(u.begin(), u.end(), T(0));
     std::fill(v.begin(), v.begin() + N, T(0));
     std::fill(v.begin() + N, v.end(), kNegInf<T>);  // padding (see Problem)
@@ -430,13 +430,13 @@ template <typename T>
 struct BackwardArgs {
   const T* grad;
   const T* z;
-  const T* bins;
+  const T* bin_score;
   const bool* valid;
   const T* u_hist;
   const T* v_hist;
   int64_t B, M, N, iters;
   T* grad_scores;
-  T* grad_bins;
+  T* grad_bin_score;
 };
 
 // Largest v_{t-1} - v_t for which the backward takes the row-step softmax
@@ -455,7 +455,7 @@ SINKHORN_INLINE void backward_body(const BackwardArgs<T>& a, std::atomic<int64_t
   std::vector<T> du(M + 1), dv(NP), dv_prev(NP), zeros(N, T(0)), dz_bin(N), pc(NP), beta(N), e(NP), v(NP), vp(NP);
   for (int64_t b = next++; b < a.B; b = next++) {
     const T* g = a.grad + b * (M + 1) * N;
-    p.load(a.z + b * M * N, a.valid + b * M, a.bins[b]);
+    p.load(a.z + b * M * N, a.valid + b * M, a.bin_score[b]);
     // dZ rows 0..M-1 accumulate in the output, the dustbin row in dz_bin.
     T* dz = a.grad_scores + b * M * N;
     auto dz_row = [&](int64_t r) { return r < M ? dz + r * N : dz_bin.data(); };
@@ -517,7 +517,7 @@ SINKHORN_INLINE void backward_body(const BackwardArgs<T>& a, std::atomic<int64_t
       std::swap(dv, dv_prev);
       std::fill(du.begin(), du.end(), T(0));  // u_{t-1} only feeds v_{t-1}
     }
-    a.grad_bins[b] = sum(dz_bin.data(), N);
+    a.grad_bin_score[b] = sum(dz_bin.data(), N);
   }
 }
 
@@ -544,15 +544,15 @@ void for_each_problem(int64_t B, const F& work) {
 // --------------------------------------------------------------------------
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& scores, const at::Tensor& bins,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor& scores, const at::Tensor& bin_score,
                                                                 const at::Tensor& valid, int64_t iters) {
-  for (const auto* t : {&scores, &bins, &valid}) {
+  for (const auto* t : {&scores, &bin_score, &valid}) {
     TORCH_CHECK(t->device().is_cpu(), "sinkhorn_log (CPU kernel): all tensors must be on the CPU");
   }
-  auto f = sinkhorn::Forward::make(scores, bins, valid, iters);
+  auto f = sinkhorn::Forward::make(scores, bin_score, valid, iters);
   if (f.B == 0) return {f.log_p, f.u_hist, f.v_hist};
   ESCAPE_FAST_DISPATCH_FLOATING(f.scores.scalar_type(), "sinkhorn_log_cpu", [&] {
-    const ForwardArgs<scalar_t> args{f.scores.data_ptr<scalar_t>(), f.bins.data_ptr<scalar_t>(),
+    const ForwardArgs<scalar_t> args{f.scores.data_ptr<scalar_t>(), f.bin_score.data_ptr<scalar_t>(),
                                      f.valid.data_ptr<bool>(),       f.B,
                                      f.M,                            f.N,
                                      f.iters,                        f.log_p.data_ptr<scalar_t>(),
@@ -563,23 +563,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cpu(const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cpu(const at::Tensor& grad, const at::Tensor& scores,
-                                                             const at::Tensor& bins, const at::Tensor& valid,
+                                                             const at::Tensor& bin_score, const at::Tensor& valid,
                                                              const at::Tensor& u_hist, const at::Tensor& v_hist) {
-  for (const auto* t : {&grad, &scores, &bins, &valid, &u_hist, &v_hist}) {
+  for (const auto* t : {&grad, &scores, &bin_score, &valid, &u_hist, &v_hist}) {
     TORCH_CHECK(t->device().is_cpu(), "sinkhorn_log_backward (CPU kernel): all tensors must be on the CPU");
   }
-  auto b = sinkhorn::Backward::make(grad, scores, bins, valid, u_hist, v_hist);
-  if (b.B == 0) return {b.grad_scores, b.grad_bins};
+  auto b = sinkhorn::Backward::make(grad, scores, bin_score, valid, u_hist, v_hist);
+  if (b.B == 0) return {b.grad_scores, b.grad_bin_score};
   ESCAPE_FAST_DISPATCH_FLOATING(b.scores.scalar_type(), "sinkhorn_log_backward_cpu", [&] {
     const BackwardArgs<scalar_t> args{b.grad.data_ptr<scalar_t>(),   b.scores.data_ptr<scalar_t>(),
-                                      b.bins.data_ptr<scalar_t>(),   b.valid.data_ptr<bool>(),
+                                      b.bin_score.data_ptr<scalar_t>(),   b.valid.data_ptr<bool>(),
                                       b.u_hist.data_ptr<scalar_t>(), b.v_hist.data_ptr<scalar_t>(),
                                       b.B,                           b.M,
                                       b.N,                           b.iters,
-                                      b.grad_scores.data_ptr<scalar_t>(), b.grad_bins.data_ptr<scalar_t>()};
+                                      b.grad_scores.data_ptr<scalar_t>(), b.grad_bin_score.data_ptr<scalar_t>()};
     for_each_problem(b.B, [&](std::atomic<int64_t>& next) { backward_problems(args, next); });
   });
-  return {b.grad_scores, b.grad_bins};
+  return {b.grad_scores, b.grad_bin_score};
+}
+
+// This file's ops on the CPU dispatch key (the schema is csrc/ops.cpp's); an op without
+// a CPU kernel would simply not be registered here.
+TORCH_LIBRARY_IMPL(escape_fast, CPU, m) {
+  m.impl("sinkhorn_log", &sinkhorn_log_cpu);
+  m.impl("sinkhorn_log_backward", &sinkhorn_log_backward_cpu);
 }
 
 }  // namespace escape_fast

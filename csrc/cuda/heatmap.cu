@@ -381,4 +381,12 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cuda(const at::Tensor& feature
   return {coords, values};
 }
 
+// This file's ops on the CUDA dispatch key (the schema is csrc/ops.cpp's); an op without
+// a CUDA kernel would simply not be registered here.
+TORCH_LIBRARY_IMPL(escape_fast, CUDA, m) {
+  m.impl("prototype_heatmaps", &prototype_heatmaps_cuda);
+  m.impl("decode_heatmaps", &decode_heatmaps_cuda);
+  m.impl("heatmap_decode", &heatmap_decode_cuda);
+}
+
 }  // namespace escape_fast

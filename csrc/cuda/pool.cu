@@ -287,4 +287,11 @@ at::Tensor keypoint_pool_backward_cuda(const at::Tensor& grad, const at::Tensor&
   return out;
 }
 
+// This file's ops on the CUDA dispatch key (the schema is csrc/ops.cpp's); an op without
+// a CUDA kernel would simply not be registered here.
+TORCH_LIBRARY_IMPL(escape_fast, CUDA, m) {
+  m.impl("keypoint_pool", &keypoint_pool_cuda);
+  m.impl("keypoint_pool_backward", &keypoint_pool_backward_cuda);
+}
+
 }  // namespace escape_fast

@@ -14,7 +14,7 @@
 //
 // * row step (logsumexp over columns): one warp per row, the lanes stride
 //   the columns (coalesced) with an online max + sum, then a shuffle merge;
-// * column step (logsumexp over on rows): one thread per column. When
+// * column step (logsumexp over the on rows): one thread per column. When
 //   N < blockDim, the block splits the rows into G = blockDim / N groups
 //   whose partial results meet in shared memory, so that small N still
 //   keeps every thread busy.
@@ -155,7 +155,7 @@ __device__ void setup_rows(const bool* valid_b, int M, int N, bool* on, T* log_m
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    sinkhorn_forward_kernel(const T* __restrict__ scores, const T* __restrict__ bins, const bool* __restrict__ valid,
+    sinkhorn_forward_kernel(const T* __restrict__ scores, const T* __restrict__ bin_score, const bool* __restrict__ valid,
                             int M, int N, int iters, int rows_smem, int G, T* __restrict__ log_p,
                             T* __restrict__ u_hist, T* __restrict__ v_hist) {
   // shared layout: Z rows [rows_smem * N] | v [N] | u [M+1] | log_mu [M+1] | part [G*N] | on [M+1]
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int b = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp, nwarps = blockDim.x / kWarp;
   const T* z = scores + static_cast<int64_t>(b) * M * N;
-  const T bin = bins[b];
+  const T bin = bin_score[b];
   const T log_n = ef_log(T(N));
   T* uh = u_hist + static_cast<int64_t>(b) * iters * (M + 1);
   T* vh = v_hist + static_cast<int64_t>(b) * iters * N;
@@ -231,10 +231,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads)
-    sinkhorn_backward_kernel(const T* __restrict__ grad, const T* __restrict__ scores, const T* __restrict__ bins,
+    sinkhorn_backward_kernel(const T* __restrict__ grad, const T* __restrict__ scores, const T* __restrict__ bin_score,
                              const bool* __restrict__ valid, const T* __restrict__ u_hist,
                              const T* __restrict__ v_hist, int M, int N, int iters, int rows_smem, int G,
-                             T* __restrict__ grad_scores, T* __restrict__ grad_bins) {
+                             T* __restrict__ grad_scores, T* __restrict__ grad_bin_score) {
   // shared layout: Z rows [rows_smem * N] | dZ rows [rows_smem * N] | v_t [N] | v_{t-1} [N] | dv [N]
   //                | u_t [M+1] | du [M+1] | lse [M+1] | log_mu [M+1] | part [G*N] | on [M+1]
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const T* z = scores + static_cast<int64_t>(b) * M * N;
   const T* g = grad + static_cast<int64_t>(b) * (M + 1) * N;
   T* dz = grad_scores + static_cast<int64_t>(b) * M * N;
-  const T bin = bins[b];
+  const T bin = bin_score[b];
   const T log_n = ef_log(T(N));
   const T* uh = u_hist + static_cast<int64_t>(b) * iters * (M + 1);
   const T* vh = v_hist + static_cast<int64_t>(b) * iters * N;
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 
   for (int64_t i = tid; i < static_cast<int64_t>(rows_smem) * N; i += blockDim.x) dz[i] = sdz[i];
-  if (warp == M % nwarps && lane == 0) grad_bins[b] = gbin;
+  if (warp == M % nwarps && lane == 0) grad_bin_score[b] = gbin;
 }
 
 // Threads per block: enough for the larger of the two steps to keep every
@@ -440,12 +440,12 @@ void check_cuda(const char* op, const at::Tensor& scores, std::initializer_list<
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cuda(const at::Tensor& scores, const at::Tensor& bins,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cuda(const at::Tensor& scores, const at::Tensor& bin_score,
                                                                  const at::Tensor& valid, int64_t iters) {
-  check_cuda("sinkhorn_log", scores, {&scores, &bins, &valid});
+  check_cuda("sinkhorn_log", scores, {&scores, &bin_score, &valid});
   TORCH_CHECK(iters <= std::numeric_limits<int>::max(), "sinkhorn_log: iters too large, got ", iters);
   const c10::cuda::CUDAGuard guard(scores.device());
-  auto f = sinkhorn::Forward::make(scores, bins, valid, iters);
+  auto f = sinkhorn::Forward::make(scores, bin_score, valid, iters);
   if (f.B == 0) return {f.log_p, f.u_hist, f.v_hist};
   const int64_t M = f.M, N = f.N;
   ESCAPE_FAST_DISPATCH_FLOATING(f.scores.scalar_type(), "sinkhorn_log_cuda", [&] {
@@ -455,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cuda(const at::Tenso
     auto kernel = sinkhorn_forward_kernel<T>;
     allow_shared(kernel, plan.smem);
     kernel<<<static_cast<unsigned>(f.B), plan.threads, plan.smem, at::cuda::getCurrentCUDAStream()>>>(
-        f.scores.data_ptr<T>(), f.bins.data_ptr<T>(), f.valid.data_ptr<bool>(), static_cast<int>(M),
+        f.scores.data_ptr<T>(), f.bin_score.data_ptr<T>(), f.valid.data_ptr<bool>(), static_cast<int>(M),
         static_cast<int>(N), static_cast<int>(iters), plan.rows_smem, plan.G, f.log_p.data_ptr<T>(),
         f.u_hist.data_ptr<T>(), f.v_hist.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -464,12 +464,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_log_cuda(const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cuda(const at::Tensor& grad, const at::Tensor& scores,
-                                                              const at::Tensor& bins, const at::Tensor& valid,
+                                                              const at::Tensor& bin_score, const at::Tensor& valid,
                                                               const at::Tensor& u_hist, const at::Tensor& v_hist) {
-  check_cuda("sinkhorn_log_backward", scores, {&grad, &scores, &bins, &valid, &u_hist, &v_hist});
+  check_cuda("sinkhorn_log_backward", scores, {&grad, &scores, &bin_score, &valid, &u_hist, &v_hist});
   const c10::cuda::CUDAGuard guard(scores.device());
-  auto b = sinkhorn::Backward::make(grad, scores, bins, valid, u_hist, v_hist);
-  if (b.B == 0) return {b.grad_scores, b.grad_bins};
+  auto b = sinkhorn::Backward::make(grad, scores, bin_score, valid, u_hist, v_hist);
+  if (b.B == 0) return {b.grad_scores, b.grad_bin_score};
   const int64_t M = b.M, N = b.N;
   ESCAPE_FAST_DISPATCH_FLOATING(b.scores.scalar_type(), "sinkhorn_log_backward_cuda", [&] {
     using T = scalar_t;
@@ -478,12 +478,19 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_log_backward_cuda(const at::Tensor& 
     auto kernel = sinkhorn_backward_kernel<T>;
     allow_shared(kernel, plan.smem);
     kernel<<<static_cast<unsigned>(b.B), plan.threads, plan.smem, at::cuda::getCurrentCUDAStream()>>>(
-        b.grad.data_ptr<T>(), b.scores.data_ptr<T>(), b.bins.data_ptr<T>(), b.valid.data_ptr<bool>(),
+        b.grad.data_ptr<T>(), b.scores.data_ptr<T>(), b.bin_score.data_ptr<T>(), b.valid.data_ptr<bool>(),
         b.u_hist.data_ptr<T>(), b.v_hist.data_ptr<T>(), static_cast<int>(M), static_cast<int>(N),
-        static_cast<int>(b.iters), plan.rows_smem, plan.G, b.grad_scores.data_ptr<T>(), b.grad_bins.data_ptr<T>());
+        static_cast<int>(b.iters), plan.rows_smem, plan.G, b.grad_scores.data_ptr<T>(), b.grad_bin_score.data_ptr<T>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {b.grad_scores, b.grad_bins};
+  return {b.grad_scores, b.grad_bin_score};
+}
+
+// This file's ops on the CUDA dispatch key (the schema is csrc/ops.cpp's); an op without
+// a CUDA kernel would simply not be registered here.
+TORCH_LIBRARY_IMPL(escape_fast, CUDA, m) {
+  m.impl("sinkhorn_log", &sinkhorn_log_cuda);
+  m.impl("sinkhorn_log_backward", &sinkhorn_log_backward_cuda);
 }
 
 }  // namespace escape_fast
