@@ -68,7 +68,7 @@ def main(argv=None):
     subset = EpisodeSampler(coco, shots=1, queries=15, draws=args.reference_draws, seed=0)
     assert all(a == b for a, b in zip(subset.episodes, [e for e in full.episodes if e.draw < args.reference_draws]))
     t0 = time.perf_counter()
-    ref = evaluate_reference(model, coco, subset.episodes, args.method, "cpu", 15)
+    ref = evaluate_reference(model, coco, subset.episodes, args.method, "cpu")
     t_ref = time.perf_counter() - t0
     fast_subset = evaluate(model, coco, subset, (args.method,), "cpu")[args.method]
     k = ref.predictions.shape[1]

@@ -148,8 +148,8 @@ def novel_matching(run: str, data: str, parts: dict, clusters: dict, max_instanc
         truth_k = parts[coco.instances[inst].category_id]["keypoint_super_keypoint"]
         vis = bank.visible[row, : len(truth_k)]
         one = slice(row, row + 1)  # this instance as a 1-shot support set
-        picks = {m: model.assignments(m, bank.pooled[one, None], bank.support_visible[one, None],
-                                      None if bank.match_scores is None else bank.match_scores[one, None])[0][0]
+        support = bank.support[one, None]
+        picks = {m: model.assignments(m, support.pooled, support.visible, support.match_scores)[0][0]
                  for m in model.methods if m != "mle"}
         for k in torch.nonzero(vis).flatten().tolist():
             total += 1

@@ -9,9 +9,8 @@ which backend each op uses.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from escape_fast import _extension, ops, reference
+from escape_fast._version import __version__
 
 __all__ = ["Predictor", "__version__", "info", "ops", "reference"]
 

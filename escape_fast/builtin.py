@@ -19,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
+from escape_fast.errors import CacheError
 from escape_fast.files import remove_stale, staged_folder
 
 # The default model for photographs (Predictor, predict, the demo): the training-free model of the
@@ -29,10 +30,6 @@ PHOTO_MODEL = "imagenet:efficientnet_lite0"
 BUILTIN_SIZE = "small"
 BUILTIN_SEED = 0
 ASSETS = Path(__file__).resolve().parent / "assets"
-
-
-class CacheError(RuntimeError):
-    """The cache folder cannot be written, or holds a damaged benchmark."""
 
 
 def expected_files(root: Path) -> list[Path]:

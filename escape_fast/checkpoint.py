@@ -19,20 +19,16 @@ from collections.abc import Iterable
 
 import torch
 
+from escape_fast._version import __version__
+from escape_fast.errors import CheckpointError
 from escape_fast.files import atomic_write
 
 FORMAT = "escape_fast"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used, with the reason and the file."""
-
-
 def save(obj: dict, path: str | os.PathLike, kind: str) -> None:
     """Atomically write ``obj`` (plus the header) to ``path``."""
-    from escape_fast import __version__
-
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "escape_fast": __version__, "kind": kind, **obj}
     with atomic_write(path, "wb") as f:
         torch.save(payload, f)
@@ -91,3 +87,8 @@ def check(obj, path, kind: str | None = None, required: Iterable[str] = ()) -> d
     if missing:
         raise CheckpointError(f"{path!r} lacks {', '.join(map(repr, missing))}")
     return obj
+
+
+def sub_state(state: dict, prefix: str) -> dict:
+    """The entries of a state dict under ``prefix.`` (a sub-module's state dict)."""
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}

@@ -3,8 +3,9 @@
 ``run_main(prog, fn)`` runs a tool's work and turns its endings into what a
 user and a batch scheduler expect:
 
-* bad input (data, checkpoint, config, cache, missing weights or files):
-  ``prog: error: <one line>`` and exit code 2, no traceback;
+* bad input (an escape_fast.errors.UserError, or a path that is missing or
+  already exists): ``prog: error: <one line>`` and exit code 2, no
+  traceback; any other exception is a bug and keeps its traceback;
 * SIGINT (Ctrl-C) or SIGTERM (``kill PID``, schedulers), also when only
   the main process receives it: SIGTERM is turned into an exception like
   Ctrl-C's, so the ``with`` blocks and ``finally`` clauses on the way out
@@ -16,12 +17,15 @@ user and a batch scheduler expect:
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import signal
 import sys
 import warnings
 from collections.abc import Callable
+
+from escape_fast.errors import UserError
 
 
 class Stopped(KeyboardInterrupt):
@@ -68,16 +72,22 @@ def _release(exc: BaseException) -> None:
     _close_progress_bars()
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input, not a bug: one line, exit 2."""
-    from escape_fast.builtin import CacheError
-    from escape_fast.checkpoint import CheckpointError
-    from escape_fast.config import ConfigError
-    from escape_fast.data.coco import DataError
-    from escape_fast.models.backbone import WeightsUnavailable
+# Bad input, not a bug: one line, exit 2. A missing or already existing path named on the command
+# line is the user's too; every other exception is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)
 
-    return (DataError, CheckpointError, ConfigError, CacheError, WeightsUnavailable, FileNotFoundError,
-            FileExistsError)
+
+def box_argument(text: str) -> list[float] | None:
+    """An argparse type: a box ``x,y,w,h`` (four numbers), or ``none`` (the whole image)."""
+    if text.lower() == "none":
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a box is x,y,w,h (four numbers) or none, got {text!r}")
+    return values
 
 
 def run_main(prog: str, fn: Callable[[], int | None]) -> int:
@@ -99,7 +109,7 @@ def run_main(prog: str, fn: Callable[[], int | None]) -> int:
         _release(exc)
         print(f"{prog}: stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
         return 128 + int(signum)
-    except user_errors() as exc:
+    except USER_ERRORS as exc:
         _close_progress_bars()
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2

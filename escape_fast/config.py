@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
+from escape_fast.errors import ConfigError
 from escape_fast.files import atomic_write
 
 DEFAULTS: dict = {
@@ -87,10 +89,6 @@ CHOICES = {
 }
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def _merge(base: dict, update: dict, where: str, schema: dict | None = None) -> dict:
     """``base`` updated by ``update``; a string becomes a number where the
     setting's default in ``schema`` (DEFAULTS) is one."""
@@ -165,3 +163,97 @@ def check_alpha(alpha) -> None:
 def save(cfg: dict, path: str) -> None:
     with atomic_write(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------
+# the model's settings, typed
+# --------------------------------------------------------------------------
+# What a checkpoint written before a setting existed was computed with: EscapeModel.load fills
+# these in (upgrade) for the keys its config lacks. Where the value differs from DEFAULTS, the
+# default changed after such files were written:
+# * alpha 0.5: a fixed support weight, before alpha "val" (chosen on the validation categories)
+#   became the default;
+# * prior_scale "support": the prior brought to the support mean's norm, before "raw" (the
+#   authors' rule) won on validation and became the default.
+# The others are the computation of those files as it still is the default.
+LEGACY: dict = {
+    "head": "deconv", "stages": [8, 16, 32], "adapter": False, "frozen_trunk": False, "sigma": 2.0,
+    "decode_kernel": 15, "location_prior": 0.0, "alpha": 0.5, "pooling": "exact", "prior_source": "detectors",
+    "prior_scale": "support", "nonpositive_peak": "keep",
+    "matching": {"blocks": 6, "heads": 8, "head_dim": 64, "mlp": 2048, "iters": 50, "variant": "ours",
+                 "pad_to": 68},
+}
+
+
+def upgrade(config: dict) -> dict:
+    """A model's settings as stored in a checkpoint, with every key LEGACY
+    names filled in where the file predates it (a copy; nothing else changes)."""
+    out = copy.deepcopy(dict(config))
+    for key, value in LEGACY.items():
+        if isinstance(value, dict):
+            out[key] = {**value, **(out.get(key) or {})}
+        elif key not in out:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclass(frozen=True)
+class MatchingConfig:
+    """The matching network's architecture (the ``matching`` settings without their training schedule)."""
+
+    blocks: int = DEFAULTS["matching"]["blocks"]
+    heads: int = DEFAULTS["matching"]["heads"]
+    head_dim: int = DEFAULTS["matching"]["head_dim"]
+    mlp: int = DEFAULTS["matching"]["mlp"]
+    iters: int = DEFAULTS["matching"]["iters"]  # Sinkhorn iterations
+    variant: str = DEFAULTS["matching"]["variant"]  # "ours" or "authors" (docs/authors.md)
+    pad_to: int = DEFAULTS["matching"]["pad_to"]  # the authors' variant: keypoints per padded category
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What an EscapeModel computes, as typed fields (the comments of DEFAULTS
+    say what each means); the run's other settings (data, schedules, seeds)
+    are not the model's. Built by :meth:`from_dict` from a run's resolved
+    settings or a checkpoint's (after :func:`upgrade`)."""
+
+    backbone: str = DEFAULTS["backbone"]
+    weights: str | None = DEFAULTS["weights"]
+    channels: int = DEFAULTS["channels"]
+    head: str = DEFAULTS["head"]
+    stages: tuple[int, ...] = tuple(DEFAULTS["stages"])
+    adapter: bool = DEFAULTS["adapter"]
+    frozen_trunk: bool = DEFAULTS["frozen_trunk"]
+    input_size: int = DEFAULTS["input_size"]
+    sigma: float = DEFAULTS["sigma"]
+    decode_kernel: int = DEFAULTS["decode_kernel"]
+    location_prior: float = DEFAULTS["location_prior"]
+    alpha: float | str = DEFAULTS["alpha"]
+    pooling: str = DEFAULTS["pooling"]
+    prior_source: str = DEFAULTS["prior_source"]
+    prior_scale: str = DEFAULTS["prior_scale"]
+    nonpositive_peak: str = DEFAULTS["nonpositive_peak"]
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> ModelConfig:
+        """The model's fields of ``settings`` (missing ones take DEFAULTS; other keys are ignored)."""
+        names = {f.name for f in fields(cls)} - {"matching"}
+        values = {k: v for k, v in settings.items() if k in names}
+        if "stages" in values:
+            values["stages"] = tuple(int(s) for s in values["stages"])
+        for key, kind in (("channels", int), ("input_size", int), ("decode_kernel", int), ("sigma", float),
+                          ("location_prior", float), ("adapter", bool), ("frozen_trunk", bool)):
+            if key in values:
+                values[key] = kind(values[key])
+        if values.get("alpha", "val") != "val":
+            values["alpha"] = float(values["alpha"])
+        m = settings.get("matching") or {}
+        matching = MatchingConfig(**{f.name: m[f.name] for f in fields(MatchingConfig) if f.name in m})
+        return cls(**values, matching=matching)
+
+    def as_dict(self) -> dict:
+        """The fields as plain values (lists for tuples), as a checkpoint's config stores them."""
+        out = asdict(self)
+        out["stages"] = list(self.stages)
+        return out

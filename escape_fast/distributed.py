@@ -20,12 +20,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from escape_fast.errors import UsageError
+
 
 def resolve_device(arg: str | torch.device | None = "auto") -> torch.device:
     """"auto" (or None): "cuda" when a GPU is visible, else "cpu"; anything else as torch reads it."""
     if arg is None or arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
+    try:
+        device = torch.device(arg)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"--device {arg!r} is not a device (auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {arg!r}: no CUDA GPU is visible here; use auto or cpu")
+    return device
 
 
 # On the CPU, feature extraction slowed down when a batch held more than about 2^18 input pixels

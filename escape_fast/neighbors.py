@@ -13,7 +13,7 @@ Engines (``backend=``):
   torch engine on the tensors' device. ``"faiss"`` forces FAISS (CUDA
   tensors without GPU FAISS are copied to the host and back).
 * ``"cpu"`` / ``"cuda"``: the torch engine on that device (the tensors must be
-  there). ``"triton"`` has no kNN kernel and raises BackendUnavailable.
+  there). There is no Triton kNN kernel, so "triton" is not a backend here.
 
 torch engine: blocked GEMM (query blocks x base blocks) with the label mask
 and a running top-k merge, on the tensors' device, in their dtype. Exact.
@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from escape_fast import reference
+from escape_fast.errors import BackendUnavailable
 
 try:
     import faiss
@@ -72,13 +73,7 @@ DEFAULT_NPROBE = 2  # IVF lists visited per query (recall above 0.8 cosine: 99.9
 RERANK_MARGIN = 8  # extra FAISS candidates per row when re-ranking in float64
 TIE_MARGIN = 4  # extra FAISS candidates per row to see ties at the last place
 GPU_MAX_K = 2048  # largest k that FAISS GPU selection supports
-ENGINES = ("auto", "faiss", "cpu", "cuda", "triton")
-
-
-def _unavailable(msg: str) -> Exception:
-    from escape_fast.ops import BackendUnavailable
-
-    return BackendUnavailable(msg)
+ENGINES = ("auto", "faiss", "cpu", "cuda")
 
 
 def engine_for(backend: str, device: torch.device) -> str:
@@ -90,14 +85,12 @@ def engine_for(backend: str, device: torch.device) -> str:
         return "torch"
     if backend == "faiss":
         if not HAVE_FAISS:
-            raise _unavailable(f"knn: backend 'faiss' needs the faiss package ({FAISS_ERROR})")
+            raise BackendUnavailable(f"knn: backend 'faiss' needs the faiss package ({FAISS_ERROR})")
         return "faiss"
     if backend in ("cpu", "cuda"):
         if device.type != backend:
-            raise _unavailable(f"knn: backend {backend!r} runs on {backend} tensors, got {device.type} tensors")
+            raise BackendUnavailable(f"knn: backend {backend!r} runs on {backend} tensors, got {device.type} tensors")
         return "torch"
-    if backend == "triton":
-        raise _unavailable("knn: there is no Triton kNN kernel; use backend 'auto', 'cuda' or 'faiss'")
     raise ValueError(f"knn: backend must be one of {ENGINES} or 'reference', got {backend!r}")
 
 

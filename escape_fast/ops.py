@@ -24,20 +24,16 @@ from collections.abc import Sequence
 
 import torch
 
-from escape_fast import _extension, reference
+from escape_fast import _extension, reference, registry
+from escape_fast.errors import BackendUnavailable
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "reference")
 # knn and cluster_keypoints: "cpu"/"cuda" are the blocked torch path, "faiss" the FAISS index
-SEARCH_BACKENDS = ("auto", "cpu", "cuda", "triton", "faiss", "reference")  # triton: BackendUnavailable
+# (no Triton kNN kernel exists, so "triton" is not one of them)
+SEARCH_BACKENDS = ("auto", "cpu", "cuda", "faiss", "reference")
 
-# Ops that have compiled / Triton kernels (the others are Python only).
-KERNEL_OPS = (
-    "prototype_heatmaps",
-    "decode_heatmaps",
-    "heatmap_decode",
-    "keypoint_pool",
-    "sinkhorn_log",
-)
+# Ops that have compiled / Triton kernels (the others are Python only), from the op table.
+KERNEL_OPS = registry.KERNEL_OPS
 
 # NaN / Inf checks. A check that reads a whole input would cost more than the
 # op (at the MP-100 shape, torch.isfinite(features).all() takes 4x the fused
@@ -58,10 +54,6 @@ def finite_checks(enabled: bool):
         yield
     finally:
         CHECK_FINITE = before
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend has no implementation for this op or device."""
 
 
 # --------------------------------------------------------------------------
@@ -165,7 +157,7 @@ def available(op: str, backend: str, device: torch.device | str) -> bool:
     if backend == "cuda":
         return device.type == "cuda" and _extension.has_kernel(op, "CUDA")
     if backend == "triton":
-        return _triton_usable(device) and _triton_op(op) is not None
+        return op in registry.TRITON_MODULES and _triton_usable(device) and _triton_op(op) is not None
     return False
 
 
@@ -194,116 +186,11 @@ def _kernel(op: str, backend: str):
     return getattr(torch.ops.escape_fast, op)
 
 
-# --------------------------------------------------------------------------
-# autograd and fake kernels of the compiled and Triton ops
-# --------------------------------------------------------------------------
-def _register_sinkhorn(forward_op, backward_op):
-    def setup_context(ctx, inputs, output):
-        scores, bin_score, valid, _ = inputs
-        _, u_hist, v_hist = output
-        ctx.save_for_backward(scores, bin_score, valid, u_hist, v_hist)
-
-    def backward(ctx, grad_logp, _gu, _gv):
-        scores, bin_score, valid, u_hist, v_hist = ctx.saved_tensors
-        grad_scores, grad_bin = backward_op(grad_logp.contiguous(), scores, bin_score, valid, u_hist, v_hist)
-        return grad_scores, grad_bin, None, None
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-
-
-def _register_pool(forward_op, backward_op):
-    def setup_context(ctx, inputs, output):
-        features, keypoints, visible, sigma = inputs
-        ctx.save_for_backward(keypoints, visible)
-        ctx.sigma = sigma
-        ctx.size = features.shape[-2:]
-
-    def backward(ctx, grad):
-        keypoints, visible = ctx.saved_tensors
-        h, w = ctx.size
-        return backward_op(grad.contiguous(), keypoints, visible, ctx.sigma, h, w), None, None, None
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-
-
-def _register_heatmaps(forward_op):
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad):
-        features, prototypes = ctx.saved_tensors
-        grad_features = torch.einsum("bkhw,bkc->bchw", grad, prototypes)
-        grad_prototypes = torch.einsum("bkhw,bchw->bkc", grad, features)
-        return grad_features, grad_prototypes
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-
-
-def _register_fakes():
-    def decode_fake(maps, center, scale, rotation, kernel):
-        b, k = maps.shape[:2]
-        return maps.new_empty(b, k, 2), maps.new_empty(b, k)
-
-    def fused_fake(features, prototypes, center, scale, rotation, kernel):
-        b, k = prototypes.shape[:2]
-        return features.new_empty(b, k, 2), features.new_empty(b, k)
-
-    def heatmaps_fake(features, prototypes):
-        b, _, h, w = features.shape
-        return features.new_empty(b, prototypes.shape[1], h, w)
-
-    def pool_fake(features, keypoints, visible, sigma):
-        return features.new_empty(keypoints.shape[0], keypoints.shape[1], features.shape[1])
-
-    def pool_backward_fake(grad, keypoints, visible, sigma, height, width):
-        return grad.new_empty(grad.shape[0], grad.shape[2], height, width)
-
-    def sinkhorn_fake(scores, bin_score, valid, iters):
-        b, m, n = scores.shape
-        work = torch.promote_types(scores.dtype, torch.float32)
-        return (
-            scores.new_empty(b, m + 1, n, dtype=work),
-            scores.new_empty(b, iters, m + 1, dtype=work),
-            scores.new_empty(b, iters, n, dtype=work),
-        )
-
-    def sinkhorn_backward_fake(grad, scores, bin_score, valid, u_hist, v_hist):
-        return torch.empty_like(scores), torch.empty_like(bin_score)
-
-    fakes = {
-        "decode_heatmaps": decode_fake,
-        "heatmap_decode": fused_fake,
-        "prototype_heatmaps": heatmaps_fake,
-        "keypoint_pool": pool_fake,
-        "keypoint_pool_backward": pool_backward_fake,
-        "sinkhorn_log": sinkhorn_fake,
-        "sinkhorn_log_backward": sinkhorn_backward_fake,
-    }
-    for name, fn in fakes.items():
-        torch.library.register_fake(f"escape_fast::{name}", fn)
-
-
-def register_autograd(namespace: str) -> None:
-    """Attach autograd to the ops of ``namespace`` (escape_fast or escape_fast_triton).
-
-    Called once for the compiled ops below and by each Triton kernel module
-    after it defines its ops, so both backends share one backward definition.
-    """
-    ops = getattr(torch.ops, namespace)
-    pairs = (
-        ("sinkhorn_log", "sinkhorn_log_backward", _register_sinkhorn),
-        ("keypoint_pool", "keypoint_pool_backward", _register_pool),
-    )
-    for fwd, bwd, register in pairs:
-        if hasattr(ops, fwd) and hasattr(ops, bwd):
-            register(f"{namespace}::{fwd}", getattr(ops, bwd))
-    if hasattr(ops, "prototype_heatmaps"):
-        _register_heatmaps(f"{namespace}::prototype_heatmaps")
-
-
+# autograd and fake kernels of the compiled ops (escape_fast.registry; each Triton module
+# attaches autograd to its own)
 if _extension.LOADED:
-    _register_fakes()
-    register_autograd("escape_fast")
+    registry.register_fakes("escape_fast")
+    registry.register_autograd("escape_fast")
 
 
 # --------------------------------------------------------------------------
@@ -582,6 +469,10 @@ def cluster_keypoints(
         growth (str): "exclusive" (a cluster takes unassigned vectors only) or
             "shared" (the authors' rule: each category's most similar vector,
             even one another cluster holds; see reference.cluster_keypoints).
+            The op's default is the paper's reading (docs/method.md; each vector
+            in one cluster), the same default as reference.cluster_keypoints;
+            training asks for "shared" (config ``cluster.growth``), which won
+            on the validation categories (benchmarks/RESULTS.md).
     Returns:
         (Tensor[L, C], Tensor[N] int64): super-keypoints (mean of members) and
         the cluster of each vector.

@@ -50,12 +50,13 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from escape_fast import builtin, checkpoint
+from escape_fast import builtin, checkpoint, cli
 from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco, load_for_run, mp100_split_files
-from escape_fast.data.coco import DataError, load_image, read_json
+from escape_fast.data.coco import load_image, read_json
 from escape_fast.data.transforms import Crop
 from escape_fast.distributed import resolve_device
 from escape_fast.drawing import draw_pose
+from escape_fast.errors import CheckpointError, DataError, UsageError
 from escape_fast.eval.metrics import pck_per_query, valid_keypoints
 from escape_fast.files import atomic_write
 from escape_fast.models.escape import EscapeModel
@@ -201,7 +202,7 @@ def members_from_data(model, coco, device, per_category: int = 10, show_progress
 
     instances = [i for c in coco.category_ids for i in coco.instances_of(c)[:per_category]]
     vectors, seen = base_keypoint_means(model.extractor, coco, torch.device(device), model.input_size, model.sigma,
-                                        instances=instances, progress=show_progress, pooling=model.pooling)
+                                        instances=instances, progress=show_progress, pooling=model.config.pooling)
     centers = model.super_keypoints.float()
     nearest = (_unit(vectors.double()) @ _unit(centers.double().to(vectors.device)).T).argmax(1)
     assignment = torch.where(seen, nearest, torch.full_like(nearest, -1))
@@ -215,7 +216,7 @@ def load_members(checkpoint_arg: str | None, model, annotations: str | None, dev
                  show_progress: bool = True, bad_images: str = "raise") -> Members:
     """Membership of ``model``'s super-keypoints (see the module docstring)."""
     if model.super_keypoints.shape[0] == 0:
-        raise ValueError("the model has no super-keypoints (trained through stage 1 only)")
+        raise CheckpointError("the model has no super-keypoints (trained through stage 1 only)")
     run = None
     if checkpoint_arg:  # a run folder, or the model.pt inside one
         run = checkpoint_arg if os.path.isdir(checkpoint_arg) else os.path.dirname(os.path.abspath(checkpoint_arg))
@@ -307,7 +308,7 @@ def plot_matching(predictor, members: Members, out: str, max_keypoints: int = 20
     """Support keypoints and one member of the super-keypoint each is matched to."""
     methods = [m for m in ("map", "escape") if m in predictor.model.methods]
     if not methods:
-        raise ValueError(f"{predictor.checkpoint}: the model has no super-keypoints to match")
+        raise CheckpointError(f"{predictor.checkpoint}: the model has no super-keypoints to match")
     shown = np.flatnonzero(predictor.known)[:max_keypoints]
     per_row = min(per_row, len(shown))
     rows_per = math.ceil(len(shown) / per_row)
@@ -483,7 +484,8 @@ def parse_args(argv=None):
     q.add_argument("--support", action="append", required=True, metavar="IMG", help="support image (repeatable)")
     q.add_argument("--support-keypoints", action="append", required=True, metavar="KP.json",
                    help="keypoint file of each support (see python -m escape_fast.predict --help)")
-    q.add_argument("--support-box", action="append", metavar="x,y,w,h", help="object box of each support")
+    q.add_argument("--support-box", action="append", type=cli.box_argument, metavar="x,y,w,h",
+                   help="object box of each support ('none': the keypoint file's box or the whole image)")
     q.add_argument("--max-keypoints", type=int, default=20, help="keypoints shown (default 20)")
 
     q = sub.add_parser("episodes", help="support / ground truth / prediction of chosen episodes (Fig. 7)",
@@ -529,7 +531,7 @@ def _run_episodes(args, progress):
     methods = methods or [model.methods[-1]]
     unknown = [m for m in methods if m not in model.methods]
     if unknown:
-        raise ValueError(f"method(s) {', '.join(unknown)} not available; the model has {', '.join(model.methods)}")
+        raise UsageError(f"method(s) {', '.join(unknown)} not available; the model has {', '.join(model.methods)}")
     coco = load_for_run(ann, args.bad_images)
     sampler = episodes_from_settings(coco, shots, queries, pairs, seed)
     chosen = args.episodes
@@ -537,46 +539,39 @@ def _run_episodes(args, progress):
         chosen = [c * sampler.draws for c in range(min(4, len(sampler.category_ids)))]
     bad = [i for i in chosen if not 0 <= i < len(sampler)]
     if bad or not 0 <= args.query < queries:
-        raise ValueError(f"episodes must be in 0..{len(sampler) - 1} and --query in 0..{queries - 1}; got "
+        raise UsageError(f"episodes must be in 0..{len(sampler) - 1} and --query in 0..{queries - 1}; got "
                          f"{bad or chosen} and {args.query}")
     return plot_episodes(model, coco, [sampler[i] for i in chosen], methods, args.out, args.query, device)
 
 
 def main(argv=None) -> int:
-    from escape_fast import cli
-
     args = parse_args(argv)
     return cli.run_main("escape_fast.plot", lambda: run(args))
 
 
 def run(args) -> int:
     progress = not args.quiet
-    try:
-        if args.command == "pck":
-            report = read_report(args.report)
-            out = plot_pck(report, args.out, args.method.split(",") if args.method else None, args.report)
-        elif args.command == "episodes":
-            out = _run_episodes(args, progress)
-        elif args.command == "super-keypoints":
-            device = resolve_device(args.device)
-            model, _ = _model(args.checkpoint, device)
-            members = load_members(args.checkpoint, model, args.annotations, device, args.per_category, progress,
-                                   args.bad_images)
-            out = plot_super_keypoints(members, args.out, args.top)
-        else:  # matching
-            from escape_fast.predict import Predictor, _parse_box
+    if args.command == "pck":
+        report = read_report(args.report)
+        out = plot_pck(report, args.out, args.method.split(",") if args.method else None, args.report)
+    elif args.command == "episodes":
+        out = _run_episodes(args, progress)
+    elif args.command == "super-keypoints":
+        device = resolve_device(args.device)
+        model, _ = _model(args.checkpoint, device)
+        members = load_members(args.checkpoint, model, args.annotations, device, args.per_category, progress,
+                               args.bad_images)
+        out = plot_super_keypoints(members, args.out, args.top)
+    else:  # matching
+        from escape_fast.predict import Predictor
 
-            boxes = [_parse_box(b) for b in args.support_box] if args.support_box else None
-            # the figure shows the prior: the built-in checkpoint unless another is named (the photo default has none)
-            predictor = Predictor(args.checkpoint or "builtin", device=resolve_device(args.device))
-            kp = args.support_keypoints[0] if len(args.support_keypoints) == 1 else args.support_keypoints
-            predictor.adapt(args.support, kp, boxes)
-            members = load_members(args.checkpoint, predictor.model, args.annotations, predictor.device,
-                                   args.per_category, progress, args.bad_images)
-            out = plot_matching(predictor, members, args.out, args.max_keypoints)
-    except (ValueError, argparse.ArgumentTypeError) as e:  # DataError and CheckpointError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        # the figure shows the prior: the built-in checkpoint unless another is named (the photo default has none)
+        predictor = Predictor(args.checkpoint or "builtin", device=resolve_device(args.device))
+        kp = args.support_keypoints[0] if len(args.support_keypoints) == 1 else args.support_keypoints
+        predictor.adapt(args.support, kp, args.support_box)
+        members = load_members(args.checkpoint, predictor.model, args.annotations, predictor.device,
+                               args.per_category, progress, args.bad_images)
+        out = plot_matching(predictor, members, args.out, args.max_keypoints)
     print(f"wrote {out}")
     return 0
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from escape_fast.data import KeypointDataset, make_loader
+from escape_fast.errors import DataError
 
 
 def base_keypoint_table(coco) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -70,7 +71,7 @@ def base_keypoint_means(extractor, coco, device, input_size: int, sigma: float, 
         sums.index_add_(0, rows[use], pooled[use])
         counts.index_add_(0, rows[use], torch.ones_like(rows[use], dtype=counts.dtype))
     if sums is None:
-        raise ValueError(f"{coco.path}: no instances to compute base keypoint features from")
+        raise DataError(f"{coco.path}: no instances to compute base keypoint features from")
     return sums / counts.clamp_min(1)[:, None], counts > 0
 
 

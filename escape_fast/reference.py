@@ -27,6 +27,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+# mmpose's unit of crop scale: a crop's ``scale`` is its padded box size / PIXEL_STD pixels. The
+# C++/CUDA kernels (csrc/heatmap_common.h) and the Triton kernel (kernels/heatmap.py) use the same.
+PIXEL_STD = 200.0
+
 __all__ = [
     "cluster_keypoints",
     "decode_heatmaps",
@@ -83,7 +87,7 @@ def heatmap_to_image(
     """
     w, h = heatmap_size
     size = torch.tensor([w, h], dtype=points.dtype, device=points.device)
-    offset = (points - size / 2) * (200.0 * scale[:, None, :] / size)
+    offset = (points - size / 2) * (PIXEL_STD * scale[:, None, :] / size)
     if rotation is not None:
         theta = torch.deg2rad(rotation.to(points.dtype))
         cos, sin = torch.cos(theta)[:, None], torch.sin(theta)[:, None]

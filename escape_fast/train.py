@@ -33,6 +33,7 @@ from escape_fast.data import (
     mp100_split_files,
 )
 from escape_fast.distributed import Runtime, autocast, sync_batchnorm
+from escape_fast.errors import UsageError
 from escape_fast.eval.alpha import check_alpha_data, choose_alpha
 from escape_fast.files import remove_stale
 from escape_fast.models.backbone import ensure_weights, hypercolumn_channels
@@ -167,11 +168,6 @@ def _extractor(cfg, state=None, weights=None):
     return extractor
 
 
-def _sub_state(state: dict, prefix: str) -> dict:
-    """The entries of ``state`` under ``prefix.`` (a sub-module's state dict)."""
-    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-
-
 def _load(run_dir, stage, *required):
     return checkpoint.load(os.path.join(run_dir, f"{stage}.pt"), kind=stage, required=required)
 
@@ -201,7 +197,7 @@ def stage_cluster(cfg, rt, run_dir, train_coco, log):
         vectors = base["model"]["prototypes"].float()
         seen = torch.ones(len(keys), dtype=torch.bool)
     else:  # "features" (config.CHOICES)
-        extractor = _extractor(cfg, _sub_state(base["model"], "extractor")).to(rt.device)
+        extractor = _extractor(cfg, checkpoint.sub_state(base["model"], "extractor")).to(rt.device)
         vectors, seen = base_keypoint_means(extractor, train_coco, rt.device, progress=rt.main,
                                             **_pooling(cfg))
     idx = torch.nonzero(seen).squeeze(1).cpu()
@@ -232,7 +228,7 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
         torch.manual_seed(cfg["seed"])
         extractor = _extractor(cfg, weights=cfg["weights"])
     else:
-        extractor = _extractor(cfg, _sub_state(base["model"], "extractor"))
+        extractor = _extractor(cfg, checkpoint.sub_state(base["model"], "extractor"))
     model = HeatmapModel(extractor, init, super_table)
     # monitoring takes the prior from 10 images per category, not a pass over the whole training set
     sample = [i for c in train_coco.category_ids for i in train_coco.instances_of(c)[:10]]
@@ -262,7 +258,7 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
 def _finetuned(cfg, run_dir):
     """The fine-tuned f_theta and mu: in its feature space, or its detectors (prior_source, docs/authors.md)."""
     ft = _load(run_dir, "finetune", "model")
-    extractor = _extractor(cfg, _sub_state(ft["model"], "extractor"))
+    extractor = _extractor(cfg, checkpoint.sub_state(ft["model"], "extractor"))
     if cfg["prior_source"] == "detectors":
         return extractor, ft["model"]["prototypes"].float()
     if "super_keypoints" not in ft:
@@ -299,12 +295,12 @@ def assemble(cfg, run_dir, train_coco) -> EscapeModel:
     if os.path.exists(os.path.join(run_dir, "finetune.pt")):
         extractor, mu = _finetuned(cfg, run_dir)
     else:
-        extractor = _extractor(cfg, _sub_state(_load(run_dir, "baseline", "model")["model"], "extractor"))
+        extractor = _extractor(cfg, checkpoint.sub_state(_load(run_dir, "baseline", "model")["model"], "extractor"))
     if mu is not None and os.path.exists(os.path.join(run_dir, "matching.pt")):
         state = _load(run_dir, "matching", "model")["model"]
-        gamma = _extractor(cfg, _sub_state(state, "extractor"))
+        gamma = _extractor(cfg, checkpoint.sub_state(state, "extractor"))
         matcher = build_matcher(cfg, mu.shape[0])
-        matcher.load_state_dict(_sub_state(state, "matcher"))
+        matcher.load_state_dict(checkpoint.sub_state(state, "matcher"))
     # the test categories must be novel: eval refuses a test set that shares categories with these
     names = [train_coco.categories[c].name for c in train_coco.category_ids]
     return EscapeModel(cfg, extractor, mu, gamma, matcher, base_categories=names)
@@ -347,16 +343,13 @@ def main(argv=None) -> int:
 def run(args) -> int:
     run_dir, saved = args.out, os.path.join(args.out, "config.yaml")
     if os.path.exists(saved) and not args.resume:
-        print(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     overrides = [config_mod.parse_override(s) for s in args.set]
     overrides += [{key: getattr(args, key)} for key in ("data", "split", "backbone", "device")
                   if getattr(args, key) is not None]
     if args.weights is not None:
         overrides.append({"weights": None if args.weights.lower() == "none" else args.weights})
-    if args.compile:
-        overrides.append({"compile": True})
+    overrides += [{"compile": True}] if args.compile else []
     base = config_mod.resolve(saved) if args.resume and os.path.exists(saved) else None
     cfg = config_mod.resolve(args.config, overrides, base=base)
     if cfg["head"] == "hypercolumn":  # its channels are the trunk's stage widths

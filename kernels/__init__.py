@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import os
 
+from escape_fast.registry import TRITON_MODULES
+
 try:
     import triton  # noqa: F401
 
@@ -23,28 +25,15 @@ except ImportError as exc:  # e.g. macOS, Windows, aarch64 without wheels
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# op name -> module in this package that registers escape_fast_triton::<op>
-OP_MODULES = {
-    "prototype_heatmaps": "heatmap",
-    "decode_heatmaps": "heatmap",
-    "heatmap_decode": "heatmap",
-    "keypoint_pool": "pool",
-    "keypoint_pool_backward": "pool",
-    "sinkhorn_log": "sinkhorn",
-    "sinkhorn_log_backward": "sinkhorn",
-}
+# op name -> module in this package that registers escape_fast_triton::<op> (the op table's)
+OP_MODULES = TRITON_MODULES
 
 
 def load(op: str):
     """Import the module of ``op`` and return escape_fast_triton::<op>, or None."""
     if not HAVE_TRITON or op not in OP_MODULES:
         return None
-    try:
-        importlib.import_module(f"{__name__}.{OP_MODULES[op]}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"{__name__}.{OP_MODULES[op]}":
-            return None  # that kernel module does not exist yet
-        raise
+    importlib.import_module(f"{__name__}.{OP_MODULES[op]}")
     return getattr(torch_ops_namespace(), op, None)
 
 

@@ -29,6 +29,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from escape_fast.reference import PIXEL_STD as _PIXEL_STD
+
+PIXEL_STD = tl.constexpr(_PIXEL_STD)  # a module global that a Triton kernel reads must be a constexpr
+
 
 @triton.jit
 def _decode_block(
@@ -98,8 +102,8 @@ def _decode_block(
     # W and H as dtype (zeros_like + int also works where Triton made W a constexpr).
     wf = tl.zeros_like(sx) + W
     hf = tl.zeros_like(sy) + H
-    ox = (px - wf / 2.0) * ((200.0 * sx) / wf)
-    oy = (py - hf / 2.0) * ((200.0 * sy) / hf)
+    ox = (px - wf / 2.0) * ((PIXEL_STD * sx) / wf)
+    oy = (py - hf / 2.0) * ((PIXEL_STD * sy) / hf)
     theta = rot * 0.017453292519943295  # deg2rad, the constant rounded to dtype
     c = tl.cos(theta)
     s = tl.sin(theta)
@@ -315,6 +319,6 @@ def _decode(src, prototypes, center, scale, rotation, k: int, kernel: int):
     return coords, values
 
 
-from escape_fast.ops import register_autograd  # noqa: E402  (after the ops exist)
+from escape_fast.registry import register_autograd  # noqa: E402  (after the ops above exist)
 
 register_autograd("escape_fast_triton")

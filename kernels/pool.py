@@ -184,6 +184,6 @@ def keypoint_pool_backward(
     return out
 
 
-from escape_fast.ops import register_autograd  # noqa: E402  (needs the ops above)
+from escape_fast.registry import register_autograd  # noqa: E402  (after the ops above exist)
 
 register_autograd("escape_fast_triton")

@@ -210,6 +210,6 @@ def sinkhorn_log_backward(
     return grad_scores, grad_bin
 
 
-from escape_fast.ops import register_autograd  # noqa: E402  (the ops above must exist first)
+from escape_fast.registry import register_autograd  # noqa: E402  (after the ops above exist)
 
 register_autograd("escape_fast_triton")

@@ -22,7 +22,8 @@ import torch
 
 from escape_fast import checkpoint, reference
 from escape_fast.models import blend
-from escape_fast.models.escape import EscapeModel
+from escape_fast.data.transforms import CropBatch
+from escape_fast.models.escape import Adapted, EscapeModel
 from escape_fast.models.matching import AuthorsMatchingNetwork, authors_sincos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def files(tmp_path_factory):
 # --------------------------------------------------------------------------
 def test_their_files_load_with_weights_only(files):
     baseline = EscapeModel.load(files["baseline"])
-    assert baseline.methods == ("mle",) and baseline.config["pooling"] == "cell"
+    assert baseline.methods == ("mle",) and baseline.config.pooling == "cell"
     state = _their_state("escape")
     model = EscapeModel.load(files["escape"])
     assert model.methods == ("mle", "map", "escape") and model.alpha_for(1) == model.alpha_for(5) == 0.5
@@ -208,10 +209,10 @@ def test_nonpositive_peak_predicts_the_cell_before_the_corner():
     feats = torch.rand(1, 4, 16, 16)
     protos = torch.stack([-torch.ones(4), torch.ones(4)])[None]  # peak < 0 for the first, > 0 for the second
     center, scale = torch.tensor([[50.0, 60.0]]), torch.tensor([[0.32, 0.32]])
-    coords, peaks = model.decode(feats, protos, center, scale)
+    coords, peaks = model.predict(feats, Adapted(protos), CropBatch(center, scale))
     side = 200 * 0.32  # the crop's side in pixels; a cell is side / 16
     torch.testing.assert_close(coords[0, 0], torch.tensor([50 - side / 2 - side / 16, 60 - side / 2 - side / 16]))
-    kept = EscapeModel.build(_small_config()).decode(feats, protos, center, scale)[0]
+    kept = EscapeModel.build(_small_config()).predict(feats, Adapted(protos), CropBatch(center, scale))[0]
     torch.testing.assert_close(coords[0, 1], kept[0, 1])
     assert peaks[0, 0] < 0 < peaks[0, 1]
 

@@ -161,8 +161,8 @@ def test_training_free_resnet_from_torchvisions_cache_or_a_file(tmp_path, monkey
     model = EscapeModel.load("imagenet:resnet18").eval()
     assert model.path == "imagenet:resnet18" and model.methods == ("mle",)
     assert torch.equal(model.extractor.trunk.trunk.body[0].weight, ref.conv1.weight)
-    assert model.config["channels"] == 128 + 256 + 512 and model.input_size == 256
-    feats, _, _ = model.features(torch.randn(1, 3, 256, 256), amp=False)
+    assert model.config.channels == 128 + 256 + 512 and model.input_size == 256
+    feats, _ = model.encode(torch.randn(1, 3, 256, 256), amp=False)
     assert feats.shape == (1, 896, 64, 64)
     # a unit vector per stage: the squared norm of a cell is the number of stages
     torch.testing.assert_close(feats.pow(2).sum(1), torch.full((1, 64, 64), 3.0))
@@ -180,9 +180,9 @@ def test_training_free_dinov2_from_torch_hubs_cache(tmp_path, monkeypatch):
     weights = _fake_dinov2_repo(hub / "facebookresearch_dinov2_main")  # where torch.hub keeps its clone
     model = EscapeModel.load("imagenet:dinov2_vits14").eval()
     assert torch.equal(model.extractor.trunk.vit.patch.weight, weights["patch.weight"])
-    assert model.config["channels"] == 24 and model.input_size == 448
+    assert model.config.channels == 24 and model.input_size == 448
     for side in (448, 256):  # 256 is not a multiple of the patch: resized to 252 inside the trunk
-        feats, _, _ = model.features(torch.randn(1, 3, side, side), amp=False)
+        feats, _ = model.encode(torch.randn(1, 3, side, side), amp=False)
         assert feats.shape == (1, 24, side // 4, side // 4)
         torch.testing.assert_close(feats.pow(2).sum(1), torch.ones(1, side // 4, side // 4))
 

@@ -24,6 +24,7 @@ from escape_fast.data import (
     mp100_split_files,
     synthetic,
 )
+from escape_fast.data.synthetic import __main__ as synthetic_command
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -43,7 +44,7 @@ def bench(tmp_path_factory):
 
 def test_same_seed_same_bytes(bench, tmp_path):
     # in another process layout (2 workers) and another folder: same bytes
-    synthetic.main(["--out", str(tmp_path / "b"), "--seed", "3", "--instances", "3", "--workers", "2", "--quiet"])
+    synthetic_command.main(["--out", str(tmp_path / "b"), "--seed", "3", "--instances", "3", "--workers", "2", "--quiet"])
     a, b = _digest(bench / "a"), _digest(tmp_path / "b")
     assert len(a) == 100 * 3 + 15 + 1
     assert a == b

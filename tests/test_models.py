@@ -153,3 +153,35 @@ def test_matching_loss_hand_case():
     loss, acc = matching_loss(log_p, labels, valid)
     expect = -(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.8))) / 2 - torch.log(torch.tensor(0.5))
     assert torch.allclose(loss, expect) and acc.item() == 1.0
+
+
+def test_an_episode_through_the_model_api():
+    """encode -> adapt -> predict: the shapes each step promises, the
+    location prior's positions, indexing support sets out of a bank, and the
+    fast decoding (smoothed features) equal to the straightforward one."""
+    from escape_fast.data.transforms import CropBatch
+    from escape_fast.models.escape import EscapeModel
+
+    torch.manual_seed(0)
+    small = {"backbone": "tiny", "weights": None, "channels": 8, "input_size": 64, "decode_kernel": 5}
+    images = torch.randn(4, 3, 64, 64)
+    cells = torch.rand(4, 3, 2) * 15
+    visible = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    crops = CropBatch(torch.rand(4, 2) * 100 + 50, torch.rand(4, 2) + 0.5, torch.zeros(4))
+    for prior in (0.0, 2.0):
+        model = EscapeModel.build({**small, "location_prior": prior}).eval()
+        assert model.grid == 16
+        features, bank = model.encode(images, cells, visible, amp=False)
+        assert features.shape == (4, 8, 16, 16) and bank.pooled.shape == (4, 3, 8) and bank.match_scores is None
+        draws = torch.tensor([[0, 1], [2, 3]])  # two 2-shot support sets out of the bank
+        support = bank[draws]
+        assert support.pooled.shape == (2, 2, 3, 8) and torch.equal(support.visible[1], bank.visible[2:])
+        adapted = model.adapt(support, "mle")
+        assert adapted.prototypes.shape == (2, 3, 8)
+        assert adapted.known.tolist() == [[True, True, False], [True, True, True]]
+        assert (adapted.positions is None) == (prior == 0)
+        queries = torch.tensor([2, 0])  # query 2 against set 0, query 0 against set 1
+        fast, peaks = model.predict(model.smooth(features[queries]), adapted, crops[queries])
+        slow, _ = model.predict(features[queries], adapted, crops[queries], "reference", smoothed=False)
+        assert fast.shape == (2, 3, 2) and peaks.shape == (2, 3)
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-3)

@@ -132,7 +132,7 @@ def test_knn_through_public_op_and_backend_errors():
         assert_knn_equal(ops.knn(v, v, 4, (cats, cats), backend=backend), want, torch.float32)
     with pytest.raises(ops.BackendUnavailable, match="cuda"):
         ops.knn(v, v, 4, backend="cuda")
-    with pytest.raises(ops.BackendUnavailable, match="Triton"):
+    with pytest.raises(ValueError, match="backend must be one of"):  # no Triton kNN kernel: not a backend
         ops.knn(v, v, 4, backend="triton")
     empty = neighbors.knn(v[:0], v, 3, backend="cpu")
     assert empty[0].shape == (0, 3) and empty[1].shape == (0, 3)

@@ -23,7 +23,8 @@ from escape_fast import builtin
 from escape_fast.data import DataError, DataWarning, Episode, load_coco
 from escape_fast.data.coco import Category
 from escape_fast.eval.engine import predict_episodes
-from escape_fast.predict import MIN_SIDE, Predictor, load_keypoints, main, parse_keypoints
+from escape_fast.predict import MIN_SIDE, Predictor, load_keypoints, parse_keypoints
+from escape_fast.predict.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("ESCAPE_FAST_FIXTURE", ROOT.parent / "shared" / "data" / "mp100_fixture"))
@@ -118,7 +119,7 @@ def test_batches_arrays_and_several_supports_agree(predictor, tmp_path):
 def test_default_device_model_and_run_dir(tmp_path):
     p = Predictor()
     assert p.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert p.checkpoint == builtin.PHOTO_MODEL and p.method == "mle" and p.model.location_prior > 0
+    assert p.checkpoint == builtin.PHOTO_MODEL and p.method == "mle" and p.model.config.location_prior > 0
     assert Predictor("builtin").checkpoint == builtin.checkpoint_path() and Predictor("builtin").method == "escape"
     run = tmp_path / "run"
     run.mkdir()

@@ -100,9 +100,9 @@ def test_clusters_feed_finetuning_and_the_model(trained):
     # alpha was chosen on the validation categories, per shot count, from the grid
     from escape_fast.eval.alpha import ALPHA_GRID
 
-    assert model.config["alpha"] == "val"
+    assert model.config.alpha == "val"
     # (this benchmark has 6 instances per category: too few for 5 shots + 3 queries)
-    assert set(model.alpha_by_shots) == {1} and "alpha_by_shots" not in model.config
+    assert set(model.alpha_by_shots) == {1} and "alpha_by_shots" not in model.settings
     assert all(model.alpha_for(s) in ALPHA_GRID for s in (1, 2, 5, 10))
 
 
@@ -166,7 +166,7 @@ def test_fast_path_equals_reference_path(trained, bench, method):
     coco, sampler = _sampler(bench)  # 20 categories x 5 draws x 3 queries = 300 pairs
     model = EscapeModel.load(trained / "model.pt")
     fast = evaluate(model, coco, sampler, (method,), "cpu")[method]
-    ref = evaluate_reference(model, coco, sampler.episodes, method, "cpu", sampler.queries)
+    ref = evaluate_reference(model, coco, sampler.episodes, method, "cpu")
     assert fast.scores.shape == ref.scores.shape == (5, 300)
     assert torch.equal(fast.category_ids, ref.category_ids) and torch.equal(fast.draws, ref.draws)
     k = ref.predictions.shape[1]
@@ -371,7 +371,7 @@ def test_choose_alpha_picks_the_best_val_score(monkeypatch):
 
     model = EscapeModel({"channels": 4, "alpha": "val"}, build_extractor("tiny", channels=4), torch.ones(3, 4))
     assert alpha_mod.choose_alpha(model, Coco(), "cpu") == {1: 0.8, 5: 1.0}
-    assert model.config["alpha"] == "val" and model.alpha_by_shots == {1: 0.8, 5: 1.0}
+    assert model.config.alpha == "val" and model.alpha_by_shots == {1: 0.8, 5: 1.0}
     with pytest.raises(ConfigError, match="validation"):
         alpha_mod.choose_alpha(model, None, "cpu")
     # a shot count without enough val instances is left out; none at all is an error
@@ -410,7 +410,7 @@ def test_the_authors_recipe_trains_their_model(trained_authors):
     run, stdout = trained_authors
     model = EscapeModel.load(run / "model.pt")
     assert isinstance(model.matcher, AuthorsMatchingNetwork) and model.matcher.pad_to == 68
-    assert model.pooling == "cell" and model.prior_scale == "raw" and model.alpha_for(1) == 0.5
+    assert model.config.pooling == "cell" and model.config.prior_scale == "raw" and model.alpha_for(1) == 0.5
     assert "growth shared" in stdout
     # mu: the super-keypoint detectors of stage 3, as they are
     detectors = checkpoint.load(run / "finetune.pt", kind="finetune")["model"]["prototypes"].float()
@@ -427,7 +427,7 @@ def test_authors_recipe_fast_path_equals_reference_path(trained_authors, bench, 
     coco, sampler = _sampler(bench)
     model = EscapeModel.load(trained_authors[0] / "model.pt")
     fast = evaluate(model, coco, sampler, (method,), "cpu")[method]
-    ref = evaluate_reference(model, coco, sampler.episodes, method, "cpu", sampler.queries)
+    ref = evaluate_reference(model, coco, sampler.episodes, method, "cpu")
     k = ref.predictions.shape[1]
     flips = int(((fast.predictions[:, :k] - ref.predictions).abs().amax(-1) > 1e-3).sum())
     assert flips <= max(2, ref.predictions[..., 0].numel() // 200), flips

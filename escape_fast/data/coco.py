@@ -66,6 +66,8 @@ from pathlib import Path
 
 import numpy as np
 
+from escape_fast.errors import DataError, DataWarning
+
 __all__ = [
     "MP100_SPLITS",
     "Category",
@@ -83,14 +85,6 @@ __all__ = [
 
 MP100_SPLITS = (1, 2, 3, 4, 5)
 _MODES = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Bad dataset input; the message names the file and the offending id."""
-
-
-class DataWarning(UserWarning):
-    """Annotations or categories were skipped; the message counts them."""
 
 
 @dataclass(frozen=True)

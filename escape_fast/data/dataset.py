@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from escape_fast.data.coco import CocoKeypoints, DataError, load_image
-from escape_fast.data.transforms import Crop, gaussian_targets, normalize_image
+from escape_fast.data.coco import CocoKeypoints, load_image
+from escape_fast.data.transforms import Crop, gaussian_targets, heatmap_grid, normalize_image
+from escape_fast.errors import DataError
 
 __all__ = ["BalancedCategorySampler", "KeypointDataset", "KeypointLoader", "make_loader"]
 
@@ -94,7 +95,7 @@ class KeypointDataset(Dataset):
         self.coco = coco
         self.input_size = _pair(input_size)
         if heatmap_size is None:
-            heatmap_size = (self.input_size[0] // 4, self.input_size[1] // 4)
+            heatmap_size = heatmap_grid(self.input_size)
         self.heatmap_size = _pair(heatmap_size)
         self.sigma = float(sigma)
         self.train = bool(train)
@@ -243,7 +244,7 @@ class BalancedCategorySampler(Sampler):
         cats = coco._by_category()
         self.categories = sorted(c for c in cats if cats[c])
         if not self.categories:
-            raise ValueError(f"{coco.path}: no instances to sample")
+            raise DataError(f"{coco.path}: no instances to sample")
         if per_category is None:
             per_category = max(1, round(len(coco) / len(self.categories)))
         self.per_category = int(per_category)

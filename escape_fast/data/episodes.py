@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from escape_fast.data.coco import CocoKeypoints, DataError, DataWarning
+from escape_fast.data.coco import CocoKeypoints
+from escape_fast.errors import DataError, DataWarning, UsageError
 
 __all__ = ["Episode", "EpisodeSampler", "draws_for_episodes"]
 
@@ -40,10 +41,10 @@ class Episode:
 def draws_for_episodes(episodes: int, num_categories: int, queries: int = 15) -> int:
     """Draws per category for a total of ``episodes`` (support set, query)
     pairs spread evenly: 60000 over 20 categories with Q = 15 -> 200.
-    Raises ValueError unless episodes is a multiple of num_categories * Q."""
+    Raises UsageError (a ValueError) unless episodes is a multiple of num_categories * Q."""
     unit = num_categories * queries
     if unit <= 0 or episodes <= 0 or episodes % unit:
-        raise ValueError(
+        raise UsageError(
             f"{episodes} episodes cannot be spread evenly over {num_categories} categories x {queries} "
             f"queries; use a multiple of {unit}"
         )

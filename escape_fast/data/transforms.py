@@ -27,12 +27,16 @@ from escape_fast import reference
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "HEATMAP_STRIDE",
+    "PIXEL_STD",
     "Crop",
+    "CropBatch",
     "apply_affine",
     "box_to_center_scale",
     "crop_matrix",
     "gaussian_targets",
     "grid_to_image",
+    "heatmap_grid",
     "image_to_grid",
     "normalize_batch",
     "normalize_image",
@@ -42,7 +46,17 @@ __all__ = [
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
-PIXEL_STD = 200.0  # mmpose's unit of scale
+PIXEL_STD = reference.PIXEL_STD  # mmpose's unit of scale
+
+# The model's heatmap geometry: every feature map and heatmap is the input crop at stride 4.
+HEATMAP_STRIDE = 4
+
+
+def heatmap_grid(input_size):
+    """The heatmap side (an int) or (width, height) of an input crop of that side or size."""
+    if isinstance(input_size, (tuple, list)):
+        return tuple(int(s) // HEATMAP_STRIDE for s in input_size)
+    return int(input_size) // HEATMAP_STRIDE
 
 # OpenCV's own thread pool does not survive fork(): a DataLoader worker forked
 # while the pool exists can deadlock in its first OpenCV call (seen in
@@ -198,10 +212,40 @@ class Crop:
         """Image pixels [..., 2] -> grid points."""
         return apply_affine(self.matrix(size), points)
 
+    def pixels_per_cell(self, side: int) -> float:
+        """Image pixels per cell, along x, of a square grid of ``side`` cells on this crop."""
+        return PIXEL_STD * float(self.scale[0]) / side
+
     def to_image(self, points, size) -> np.ndarray:
         """Grid points [..., 2] -> image pixels: the exact inverse of :meth:`to_grid`."""
         return apply_affine(crop_matrix(self.center, self.scale, self.rotation, size, flip=self.flip,
                                         inverse=True), points)
+
+
+@dataclass(frozen=True)
+class CropBatch:
+    """The crops of B heatmaps as tensors, what decoding maps cells back to
+    the image with: ``center`` [B, 2], ``scale`` [B, 2] (as in :class:`Crop`)
+    and ``rotation`` [B] in degrees or None (no rotation). Indexing indexes
+    every field."""
+
+    center: torch.Tensor
+    scale: torch.Tensor
+    rotation: torch.Tensor | None = None
+
+    def __getitem__(self, index) -> CropBatch:
+        return CropBatch(self.center[index], self.scale[index],
+                         None if self.rotation is None else self.rotation[index])
+
+    @classmethod
+    def of_crops(cls, crops, device=None, dtype=torch.float32) -> CropBatch:
+        """From :class:`Crop` objects (unflipped; no rotation tensor when none is rotated)."""
+        center = torch.from_numpy(np.stack([c.center for c in crops])).to(device=device, dtype=dtype)
+        scale = torch.from_numpy(np.stack([c.scale for c in crops])).to(device=device, dtype=dtype)
+        rotation = None
+        if any(c.rotation for c in crops):
+            rotation = torch.tensor([float(c.rotation) for c in crops], device=device, dtype=dtype)
+        return cls(center, scale, rotation)
 
 
 def normalize_image(crop: np.ndarray) -> torch.Tensor:

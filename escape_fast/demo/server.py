@@ -5,7 +5,7 @@
 Everything the page shows goes through the same code as ``python -m
 escape_fast.predict``: images are decoded by escape_fast.data.load_image (EXIF
 orientation applied), keypoint files are read by
-escape_fast.predict.parse_keypoints, supports and queries go through
+escape_fast.data.keypoint_file.parse_keypoints, supports and queries go through
 Predictor.adapt / Predictor.predict, and the predictions are the JSON that
 escape_fast.predict.write_outputs writes, with the uploads' file names as
 image names and ``"drawing": null`` (the page draws).
@@ -51,8 +51,10 @@ from pathlib import Path
 
 import numpy as np
 
-from escape_fast.data import DataError, load_image
-from escape_fast.predict import KeypointSet, Predictor, parse_keypoints, write_outputs
+from escape_fast.data import load_image
+from escape_fast.data.keypoint_file import KeypointSet, parse_keypoints
+from escape_fast.errors import DataError, UserError
+from escape_fast.predict import Predictor, write_outputs
 
 log = logging.getLogger("escape_fast.demo")
 
@@ -403,7 +405,7 @@ def create_app(service: DemoService, max_upload_mb: int = 64):
                 return result if isinstance(result, Response) else JSONResponse(result)
             except DemoError as e:
                 status, message, code = e.status, e.message, e.code
-            except DataError as e:  # bad input: the message names the file
+            except UserError as e:  # bad input: the message names the file or the setting
                 status, message, code = 400, str(e), "bad_input"
             except ClientDisconnect:
                 return Response(status_code=499)
@@ -514,7 +516,7 @@ def main(argv=None) -> int:
         return 2
     try:
         service = DemoService(args.checkpoint, args.device, args.batch_size, args.display_size)
-    except ValueError as e:  # a missing or incompatible checkpoint, an unknown device
+    except UserError as e:  # a missing or incompatible checkpoint, an unknown device
         print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(service, args.max_upload_mb)

@@ -26,6 +26,7 @@ from escape_fast import builtin, cli
 from escape_fast import config as config_mod
 from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_for_run, mp100_split_files
 from escape_fast.distributed import Runtime, inference_batch_size
+from escape_fast.errors import UsageError
 from escape_fast.eval.engine import EvalResult, PairResults, evaluate, evaluate_reference, summarize
 from escape_fast.eval.metrics import THRESHOLDS, paired_difference
 from escape_fast.files import write_json
@@ -198,23 +199,21 @@ def run(args) -> int:
         try:
             config_mod.check_alpha(args.alpha)
         except config_mod.ConfigError as exc:
-            print(f"escape_fast.eval: error: --alpha: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--alpha: {exc}") from None
     alpha = None
     if set(methods) & {"map", "escape"}:
         alpha = args.alpha if args.alpha is not None else model.alpha_for(args.shots)
     try:
         draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
-    except ValueError as exc:  # a usage error: say so, like argparse does
-        print(f"escape_fast.eval: error: --episodes: {exc}", file=sys.stderr)
-        return 2
+    except UsageError as exc:  # named as argparse names an option
+        raise UsageError(f"--episodes: {exc}") from None
     sampler = EpisodeSampler(coco, shots=args.shots, queries=args.queries, draws=draws, seed=args.seed,
                              too_few=args.too_few)
     setup_seconds = time.perf_counter() - t_start
     if args.reference:
         if rt.world > 1:
-            raise SystemExit("--reference runs in one process; start it without torchrun")
-        results = {m: evaluate_reference(model, coco, sampler.episodes, m, rt.device, args.queries, args.alpha)
+            raise UsageError("--reference runs in one process; start it without torchrun")
+        results = {m: evaluate_reference(model, coco, sampler.episodes, m, rt.device, args.alpha)
                    for m in methods}
     elif rt.world == 1:
         results = evaluate(model, coco, sampler, methods, rt.device, args.backend, args.batch_size, args.workers,

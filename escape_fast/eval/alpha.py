@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from escape_fast.config import ConfigError
 from escape_fast.data import EpisodeSampler
+from escape_fast.errors import ConfigError, DataError
 from escape_fast.eval.engine import Timer, build_bank, evaluate_pairs
 from escape_fast.eval.metrics import THRESHOLDS
 
@@ -62,15 +62,14 @@ def choose_alpha(model, val_coco, device, queries: int = 15, seed: int = 0, batc
             continue
         scores = {}
         for alpha in ALPHA_GRID:
-            pairs = evaluate_pairs(model, val_coco, sampler, method, device, bank=bank, timer=Timer(device),
-                                   alpha=alpha)
+            pairs = evaluate_pairs(model, val_coco, sampler, method, bank, timer=Timer(device), alpha=alpha)
             scores[alpha] = float(pairs.scores[main].mean())
         chosen[shots] = max(reversed(ALPHA_GRID), key=lambda a: scores[a])
         listing = ", ".join(f"{a:g}: {100 * p:.2f}" for a, p in scores.items())
         print(f"[alpha] {shots}-shot val PCK@0.2 of {method.upper()} by alpha: {listing} -> {chosen[shots]:g}",
               flush=True)
     if not chosen:
-        raise ValueError(f"{val_coco.path}: no validation category has {min(ALPHA_SHOTS)} + {queries} "
+        raise DataError(f"{val_coco.path}: no validation category has {min(ALPHA_SHOTS)} + {queries} "
                          f"instances to choose alpha with; set alpha to a number")
     model.alpha_by_shots = chosen
     return chosen

