@@ -1,6 +1,14 @@
 """prototype_heatmaps, decode_heatmaps and the fused heatmap_decode against
 escape_fast.reference, on every backend (cpu / cuda / triton).
 
+TestPrototypeHeatmaps, TestHeatmapDecode and TestDecodeHeatmaps run the common
+checks of kernel_test_base.KernelOpTestBase (gradcheck for prototype_heatmaps
+only, as decoding is an argmax; TestHeatmapDecode.test_compile traces all
+three ops in one graph). Both decoders add planted peaks, exact ties,
+non-finite input and bad arguments; the fused one also decoding pre-smoothed
+features. Module-level tests cover smooth_features, the public ops' finite
+checks and the CUDA fallback for grids too large for shared memory.
+
 Decoded keypoints are compared cell by cell: the integer argmax cell of each
 result is recovered by inverting the crop map (the quarter-cell shift never
 moves a point by half a cell). A cell that differs from the reference's (an
@@ -11,16 +19,18 @@ Gaussian peaks and exact ties must give no flip at all.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 
 import pytest
 import torch
+from conftest import HAS_CUDA, tol
+from kernel_test_base import KernelOpTestBase
 
 from escape_fast import ops, reference
-from tests.conftest import HAS_CUDA, kernel_backends, tol
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KERNELS = {"kernel15": 15, "kernel3": 3, "kernel1": 1}  # mean-filter sizes
+EMPTY = {"b0-k3": (0, 3), "b2-k0": (2, 0)}  # (B, K)
 
 # Coordinates are image pixels (hundreds): absolute tolerance in pixels.
 COORD_TOL = {torch.float32: {"rtol": 1e-5, "atol": 2e-3}, torch.float64: {"rtol": 1e-10, "atol": 1e-8}}
@@ -99,102 +109,376 @@ def _planted(b, k, h, w, dtype, device):
     return g + 1e-3 * torch.rand(b, k, h, w, dtype=dtype, device=device)
 
 
+def _planted_features(b, c, h, w, k, dtype, device):
+    """Features built so that the heatmaps are planted Gaussians: prototypes
+    with orthonormal rows P, features P^T G, so P (P^T G) = G."""
+    c = max(c, k)
+    maps = _planted(b, k, h, w, dtype, device)
+    q, _ = torch.linalg.qr(torch.randn(b, c, k, dtype=torch.float64, device=device))
+    protos = q.transpose(1, 2).to(dtype)  # [B, K, C], orthonormal rows
+    feats = torch.einsum("bkc,bkhw->bchw", q.transpose(1, 2), maps.double()).to(dtype)
+    return feats, protos
+
+
+def _strided_problem(backend_device, dtype):
+    """Channels-last features, transposed prototypes, strided crop (the largest shape)."""
+    name, device = backend_device
+    b, c, h, w, k = _shapes(name, device)[-1]
+    feats = torch.randn(b, h, w, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
+    protos = torch.randn(b, c, k, dtype=dtype, device=device).transpose(1, 2)
+    center = (torch.randn(b, 4, dtype=dtype, device=device) * 50)[:, ::2]
+    scale = (torch.rand(b, 4, dtype=dtype, device=device) + 0.5)[:, 1::2]
+    rotation = (torch.randn(b, 2, dtype=dtype, device=device) * 30)[:, 1]
+    assert not (feats.is_contiguous() or center.is_contiguous() or scale.is_contiguous())
+    return feats, protos, center, scale, rotation
+
+
+def _empty_problem(backend_device, dtype, empty_case):
+    b, k = empty_case
+    c, h, w = 8, 16, 16
+    device = backend_device[1]
+    feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+    protos = torch.randn(b, k, c, dtype=dtype, device=device)
+    return feats, protos, *_crop(b, dtype, device)
+
+
+def _opcheck_problem(backend_device, dtype):
+    b, c, h, w, k = 2, 8, 16, 12, 3
+    device = backend_device[1]
+    feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+    protos = torch.randn(b, k, c, dtype=dtype, device=device)
+    return feats, protos, *_crop(b, dtype, device)
+
+
+def _tie_problem(backend_device, dtype):
+    """Map 0 constant: every cell ties -> cell (0, 0). Map 1: two equal
+    isolated peaks; the first in row-major order has the larger x, so a
+    column-major or last-index search picks the other. The sums are exact
+    (integers), so the smoothed peaks tie exactly for every kernel size."""
+    name, device = backend_device
+    h, w = (12, 20) if _tiny(name, device) else (20, 24)
+    maps = torch.zeros(1, 2, h, w, dtype=dtype, device=device)
+    maps[0, 0] = 3.0
+    maps[0, 1, 3, w - 5] = 4.0
+    maps[0, 1, h - 4, 4] = 4.0
+    return maps, *_tie_crop(dtype, device)
+
+
+def _tie_crop(dtype, device):
+    center = torch.zeros(1, 2, dtype=dtype, device=device)
+    scale = torch.full((1, 2), 0.5, dtype=dtype, device=device)
+    rotation = torch.zeros(1, dtype=dtype, device=device)
+    return center, scale, rotation
+
+
+def _tie_point(x, y, h, w, scale):
+    """Image coordinates [1, 1, 2] of heatmap point (x, y) under _tie_crop."""
+    size = torch.tensor([w, h], dtype=scale.dtype, device=scale.device)
+    cell = torch.tensor([x, y], dtype=scale.dtype, device=scale.device)
+    return ((cell - size / 2) * (200.0 * scale[0] / size)).reshape(1, 1, 2)
+
+
+def _assert_first_maxima(out, maps, scale, kernel, dtype):
+    """The decoded peaks of _tie_problem's maps are their first maxima."""
+    h, w = maps.shape[-2:]
+    coords, values = out
+    torch.testing.assert_close(coords[:, 0:1], _tie_point(0, 0, h, w, scale), rtol=0, atol=1e-9)
+    # a kernel x kernel plateau of equal values: its top-left cell, then
+    # the quarter-cell shift towards the plateau (none for kernel 1)
+    r, q = kernel // 2, 0.25 if kernel > 1 else 0.0
+    torch.testing.assert_close(coords[:, 1:2], _tie_point(w - 5 - r + q, 3 - r + q, h, w, scale), rtol=0, atol=1e-9)
+    assert float(values[0, 0]) == 3.0
+    assert float(values[0, 1]) == float(torch.tensor(4.0, dtype=dtype) / kernel**2)
+
+
+def _nonfinite_problem(backend_device, bad):
+    """Features whose item 1 holds one non-finite value: every map of item 1
+    sees it (a -inf feature gives +-inf or NaN products)."""
+    device = backend_device[1]
+    dtype = torch.float32
+    b, c, h, w, k = 2, 8, 16, 16, 3
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(b, c, h, w, dtype=dtype, generator=g).to(device)
+    protos = torch.randn(b, k, c, dtype=dtype, generator=g).to(device)
+    center, scale, rotation = _crop(b, dtype, device)
+    feats[1, 3, 5, 7] = bad
+    return feats, protos, center, scale, rotation
+
+
+def _assert_nan_peaks_of_item_1(peaks):
+    assert torch.isfinite(peaks[0]).all()
+    assert torch.isnan(peaks[1]).all()
+
+
+NONFINITE = pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+
+
 # --------------------------------------------------------------------------
 # prototype_heatmaps
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", kernel_backends("prototype_heatmaps"))
-def test_prototype_heatmaps_matches_reference(backend, dtype):
-    name, device = backend
-    for b, c, h, w, k in _shapes(name, device):
-        feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
-        protos = torch.randn(b, k, c, dtype=dtype, device=device)
-        out = ops.prototype_heatmaps(feats, protos, backend=name)
-        ref = reference.prototype_heatmaps(feats, protos)
-        assert out.shape == ref.shape and out.dtype == dtype
-        torch.testing.assert_close(out, ref, **tol(dtype))
-        # non-contiguous inputs: channels-last features, transposed prototypes
-        feats_nc = feats.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-        protos_nc = protos.transpose(1, 2).contiguous().transpose(1, 2)
-        assert not feats_nc.is_contiguous() and (k == 1 or not protos_nc.is_contiguous())
-        torch.testing.assert_close(ops.prototype_heatmaps(feats_nc, protos_nc, backend=name), ref, **tol(dtype))
+class TestPrototypeHeatmaps(KernelOpTestBase):
+    op = "prototype_heatmaps"
+    empty_cases = EMPTY
+    opcheck_dtypes = (torch.float32, torch.float64)
+    test_compile = None  # compiled with both decoders in TestHeatmapDecode.test_compile
 
+    def make_inputs(self, backend_device, dtype, case):
+        name, device = backend_device
+        return [
+            (torch.randn(b, c, h, w, dtype=dtype, device=device), torch.randn(b, k, c, dtype=dtype, device=device))
+            for b, c, h, w, k in _shapes(name, device)
+        ]
 
-@pytest.mark.parametrize("backend", kernel_backends("prototype_heatmaps"))
-def test_prototype_heatmaps_gradcheck(backend):
-    name, device = backend
-    # small: the numerical Jacobian calls the op twice per input element
-    feats = torch.randn(2, 3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
-    protos = torch.randn(2, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda f, p: ops.prototype_heatmaps(f, p, backend=name), (feats, protos))
+    def run(self, backend_device, feats, protos):
+        return ops.prototype_heatmaps(feats, protos, backend=backend_device[0])
+
+    def reference(self, feats, protos):
+        return reference.prototype_heatmaps(feats, protos)
+
+    def assert_matches(self, out, expected, inputs, dtype):
+        assert out.shape == expected.shape and out.dtype == dtype
+        torch.testing.assert_close(out, expected, **tol(dtype))
+
+    def non_contiguous_inputs(self, backend_device, dtype):
+        """Channels-last features, transposed prototypes, on every shape."""
+        strided = []
+        for feats, protos in self.make_inputs(backend_device, dtype, None):
+            feats_nc = feats.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+            protos_nc = protos.transpose(1, 2).contiguous().transpose(1, 2)
+            assert not feats_nc.is_contiguous() and (protos.shape[1] == 1 or not protos_nc.is_contiguous())
+            strided.append((feats_nc, protos_nc))
+        return strided
+
+    def empty_inputs(self, backend_device, dtype, empty_case):
+        return _empty_problem(backend_device, dtype, empty_case)[:2]
+
+    def grad_inputs(self, backend_device):
+        device = backend_device[1]
+        # small: the numerical Jacobian calls the op twice per input element
+        feats = torch.randn(2, 3, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+        protos = torch.randn(2, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
+        return [(functools.partial(self.run, backend_device), (feats, protos))]
+
+    def opcheck_inputs(self, backend_device, dtype):
+        feats, protos = _opcheck_problem(backend_device, dtype)[:2]
+        op = self.kernel(backend_device)
+        return [(op, (feats, protos)), (op, (feats.clone().requires_grad_(), protos.clone().requires_grad_()))]
 
 
 # --------------------------------------------------------------------------
-# decode_heatmaps and heatmap_decode on random and planted inputs
+# heatmap_decode: prototype heatmaps, mean filter and argmax in one kernel
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-@pytest.mark.parametrize("kernel", [15, 3, 1])
-def test_heatmap_decode_random(backend, kernel, dtype):
-    name, _ = backend
-    _random_decode_against_reference(backend, kernel, dtype, lambda f, p, c, s, r: ops.heatmap_decode(
-        f, p, c, s, kernel, backend=name, rotation=r))
+class TestHeatmapDecode(KernelOpTestBase):
+    op = "heatmap_decode"
+    cases = KERNELS
+    empty_cases = EMPTY
+    opcheck_dtypes = (torch.float32, torch.float64)
+    compile_options = {"fullgraph": True}
+    test_gradcheck = None  # the decoded argmax has no gradient
 
+    def make_inputs(self, backend_device, dtype, kernel):
+        name, device = backend_device
+        inputs = []
+        for b, c, h, w, k in _shapes(name, device):
+            feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+            protos = torch.randn(b, k, c, dtype=dtype, device=device)
+            center, scale, rotation = _crop(b, dtype, device)
+            inputs.append((feats, protos, center, scale, kernel, rotation))
+        return inputs
 
-def _random_decode_against_reference(backend, kernel, dtype, decode):
-    """``decode(features, prototypes, center, scale, rotation)`` against
-    reference.heatmap_decode(..., kernel) on random inputs of every shape;
-    at most 1% argmax flips, all at near-ties."""
-    name, device = backend
-    flips = total = 0
-    for b, c, h, w, k in _shapes(name, device):
-        feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
-        protos = torch.randn(b, k, c, dtype=dtype, device=device)
-        center, scale, rotation = _crop(b, dtype, device)
-        ref = reference.heatmap_decode(feats, protos, center, scale, kernel, rotation)
+    def run(self, backend_device, feats, protos, center, scale, kernel, rotation):
+        return ops.heatmap_decode(feats, protos, center, scale, kernel, backend=backend_device[0], rotation=rotation)
+
+    def reference(self, feats, protos, center, scale, kernel, rotation):
+        return reference.heatmap_decode(feats, protos, center, scale, kernel, rotation)
+
+    def assert_matches(self, out, expected, inputs, dtype, allow_ties=True):
+        """Returns (argmax flips, keypoints)."""
+        feats, protos, center, scale, kernel, rotation = inputs
         smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), kernel)
-        out = decode(feats, protos, center, scale, rotation)
-        flips += _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
-        total += b * k
-    assert flips <= max(1, total // 100), f"{flips} of {total} argmaxes flipped"
+        flips = _check_decoded(out, expected, smooth, center, scale, rotation, dtype, allow_ties)
+        return flips, protos.shape[0] * protos.shape[1]
+
+    def assert_all_matched(self, results, dtype):
+        """At most 1% argmax flips over all shapes, all at near-ties."""
+        flips, total = sum(f for f, _ in results), sum(n for _, n in results)
+        assert flips <= max(1, total // 100), f"{flips} of {total} argmaxes flipped"
+
+    def non_contiguous_inputs(self, backend_device, dtype):
+        feats, protos, center, scale, rotation = _strided_problem(backend_device, dtype)
+        return [(feats, protos, center, scale, kernel, rotation) for kernel in (15, 3)]
+
+    def empty_inputs(self, backend_device, dtype, empty_case):
+        feats, protos, center, scale, rotation = _empty_problem(backend_device, dtype, empty_case)
+        return feats, protos, center, scale, 15, rotation
+
+    def opcheck_inputs(self, backend_device, dtype):
+        feats, protos, center, scale, rotation = _opcheck_problem(backend_device, dtype)
+        return [(self.kernel(backend_device), (feats, protos, center, scale, rotation, 3))]
+
+    def compile_inputs(self, backend_device):
+        """One graph of all three ops: the fused decode and the split one."""
+        fused = self.kernel(backend_device)
+        heatmaps = self.kernel(backend_device, "prototype_heatmaps")
+        decode = self.kernel(backend_device, "decode_heatmaps")
+
+        def fn(f, p, cen, sc, rot):
+            return fused(f, p, cen, sc, rot, 15), decode(heatmaps(f, p) * 2.0, cen, sc, rot, 3)
+
+        dtype = torch.float32
+        b, c, h, w, k = 2, 8, 20, 24, 5
+        device = backend_device[1]
+        feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
+        protos = torch.randn(b, k, c, dtype=dtype, device=device)
+        return fn, (feats, protos, *_crop(b, dtype, device))
+
+    def test_decoding_smoothed_features_equals_decoding(self, backend_device, dtype):
+        """heatmap_decode(smooth_features(F), P, kernel=1) == heatmap_decode(F, P),
+        up to argmax flips at near-ties (the sums run in another order)."""
+        results = []
+        for inputs in self.make_inputs(backend_device, dtype, 15):
+            feats, protos, center, scale, _, rotation = inputs
+            out = self.run(backend_device, ops.smooth_features(feats, 15), protos, center, scale, 1, rotation)
+            results.append(self.assert_matches(out, self.reference(*inputs), inputs, dtype))
+        self.assert_all_matched(results, dtype)
+
+    @pytest.mark.parametrize("kernel", [15, 3])
+    def test_planted_peaks_no_flips(self, backend_device, kernel, dtype):
+        name, device = backend_device
+        for b, c, h, w, k in _shapes(name, device):
+            feats, protos = _planted_features(b, c, h, w, k, dtype, device)
+            center, scale, rotation = _crop(b, dtype, device)
+            inputs = (feats, protos, center, scale, kernel, rotation)
+            out = self.run(backend_device, *inputs)
+            self.assert_matches(out, self.reference(*inputs), inputs, dtype, allow_ties=False)
+
+    def test_ties_take_first_maximum(self, backend_device, dtype):
+        """Features = the tie maps as channels and identity prototypes, so the
+        heatmaps are the maps exactly (products by 1 and 0)."""
+        maps, center, scale, rotation = _tie_problem(backend_device, dtype)
+        eye = torch.eye(2, dtype=dtype, device=maps.device)[None]
+        for kernel in (3, 1):
+            out = self.run(backend_device, maps, eye, center, scale, kernel, rotation)
+            _assert_first_maxima(out, maps, scale, kernel, dtype)
+
+    def test_ties_of_one_channel_take_first_maximum(self, backend_device, dtype):
+        """Heatmap = channel 0 (prototype (1, 0, 0)), two equal peaks."""
+        name, device = backend_device
+        h, w = (12, 20) if _tiny(name, device) else (20, 24)
+        feats = torch.randn(1, 3, h, w, dtype=dtype, device=device)
+        feats[0, 0] = 0.0
+        feats[0, 0, 2, w - 3] = 2.0
+        feats[0, 0, h - 3, 3] = 2.0
+        protos = torch.tensor([[[1.0, 0.0, 0.0]]], dtype=dtype, device=device)
+        center, scale, rotation = _tie_crop(dtype, device)
+        coords, values = self.run(backend_device, feats, protos, center, scale, 3, rotation)
+        # the 3 x 3 plateau's top-left cell (w - 4, 1) is on the border row: no shift
+        torch.testing.assert_close(coords[0, 0], _tie_point(w - 4, 1, h, w, scale)[0, 0], rtol=0, atol=1e-9)
+        assert float(values[0, 0]) == float(torch.tensor(2.0, dtype=dtype) / 9)
+
+    @NONFINITE
+    def test_nonfinite_feature_gives_a_nan_peak(self, backend_device, bad):
+        """The public ops learn of non-finite features from the peaks (ops.CHECK_FINITE):
+        every kernel, like the reference, must make such a map's peak NaN, and only its."""
+        feats, protos, center, scale, rotation = _nonfinite_problem(backend_device, bad)
+        _, peaks = self.kernel(backend_device)(feats, protos, center, scale, rotation, 3)
+        _assert_nan_peaks_of_item_1(peaks)
+
+    def test_bad_arguments_raise(self, backend_device):
+        device = backend_device[1]
+        op = self.kernel(backend_device)
+        feats = torch.randn(1, 4, 8, 8, device=device)
+        protos = torch.randn(1, 2, 4, device=device)
+        center, scale, rotation = _crop(1, torch.float32, device)
+        with pytest.raises((RuntimeError, ValueError)):
+            op(feats, protos, center, scale, rotation, 4)  # even kernel
+        with pytest.raises((RuntimeError, ValueError)):
+            op(feats, torch.randn(1, 2, 5, device=device), center, scale, rotation, 3)
 
 
-@pytest.mark.parametrize("backend", kernel_backends("decode_heatmaps"))
-@pytest.mark.parametrize("kernel", [15, 3, 1])
-def test_decode_heatmaps_random(backend, kernel, dtype):
-    name, device = backend
-    for b, _, h, w, k in _shapes(name, device):
-        maps = torch.randn(b, k, h, w, dtype=dtype, device=device)
-        center, scale, rotation = _crop(b, dtype, device)
-        ref = reference.decode_heatmaps(maps, center, scale, kernel, rotation)
+# --------------------------------------------------------------------------
+# decode_heatmaps: mean filter and argmax of given heatmaps
+# --------------------------------------------------------------------------
+class TestDecodeHeatmaps(KernelOpTestBase):
+    op = "decode_heatmaps"
+    cases = KERNELS
+    empty_cases = EMPTY
+    opcheck_dtypes = (torch.float32, torch.float64)
+    test_gradcheck = None  # the decoded argmax has no gradient
+    test_compile = None  # compiled with the fused op in TestHeatmapDecode.test_compile
+
+    def make_inputs(self, backend_device, dtype, kernel):
+        name, device = backend_device
+        inputs = []
+        for b, _, h, w, k in _shapes(name, device):
+            maps = torch.randn(b, k, h, w, dtype=dtype, device=device)
+            center, scale, rotation = _crop(b, dtype, device)
+            inputs.append((maps, center, scale, kernel, rotation))
+        return inputs
+
+    def run(self, backend_device, maps, center, scale, kernel, rotation):
+        return ops.decode_heatmaps(maps, center, scale, kernel, backend=backend_device[0], rotation=rotation)
+
+    def reference(self, maps, center, scale, kernel, rotation):
+        return reference.decode_heatmaps(maps, center, scale, kernel, rotation)
+
+    def assert_matches(self, out, expected, inputs, dtype, allow_ties=True):
+        maps, center, scale, kernel, rotation = inputs
         smooth = reference.smooth_heatmaps(maps, kernel)
-        out = ops.decode_heatmaps(maps, center, scale, kernel, backend=name, rotation=rotation)
-        _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
+        return _check_decoded(out, expected, smooth, center, scale, rotation, dtype, allow_ties)
 
+    def non_contiguous_inputs(self, backend_device, dtype):
+        feats, protos, center, scale, rotation = _strided_problem(backend_device, dtype)
+        maps = reference.prototype_heatmaps(feats, protos).transpose(2, 3).contiguous().transpose(2, 3)
+        return [(maps, center, scale, kernel, rotation) for kernel in (15, 3)]
 
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-@pytest.mark.parametrize("kernel", [15, 3])
-def test_planted_peaks_no_flips(backend, kernel, dtype):
-    """Features built so that the heatmaps are planted Gaussians: prototypes
-    with orthonormal rows P, features P^T G, so P (P^T G) = G."""
-    name, device = backend
-    for b, c, h, w, k in _shapes(name, device):
-        c = max(c, k)
-        maps = _planted(b, k, h, w, dtype, device)
-        q, _ = torch.linalg.qr(torch.randn(b, c, k, dtype=torch.float64, device=device))
-        protos = q.transpose(1, 2).to(dtype)  # [B, K, C], orthonormal rows
-        feats = torch.einsum("bkc,bkhw->bchw", q.transpose(1, 2), maps.double()).to(dtype)
-        center, scale, rotation = _crop(b, dtype, device)
-        ref = reference.heatmap_decode(feats, protos, center, scale, kernel, rotation)
-        smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), kernel)
-        fused = ops.heatmap_decode(feats, protos, center, scale, kernel, backend=name, rotation=rotation)
-        _check_decoded(fused, ref, smooth, center, scale, rotation, dtype, allow_ties=False)
-        ref_maps = reference.decode_heatmaps(maps, center, scale, kernel, rotation)
-        out = ops.decode_heatmaps(maps, center, scale, kernel, backend=name, rotation=rotation)
-        _check_decoded(out, ref_maps, reference.smooth_heatmaps(maps, kernel), center, scale, rotation, dtype,
-                       allow_ties=False)
+    def empty_inputs(self, backend_device, dtype, empty_case):
+        feats, protos, center, scale, rotation = _empty_problem(backend_device, dtype, empty_case)
+        maps = ops.prototype_heatmaps(feats, protos, backend=backend_device[0])
+        return maps, center, scale, 15, rotation
+
+    def opcheck_inputs(self, backend_device, dtype):
+        feats, protos, center, scale, rotation = _opcheck_problem(backend_device, dtype)
+        maps = torch.randn(protos.shape[:2] + feats.shape[2:], dtype=dtype, device=feats.device)
+        return [(self.kernel(backend_device), (maps, center, scale, rotation, 5))]
+
+    @pytest.mark.parametrize("kernel", [15, 3])
+    def test_planted_peaks_no_flips(self, backend_device, kernel, dtype):
+        name, device = backend_device
+        for b, _, h, w, k in _shapes(name, device):
+            maps = _planted(b, k, h, w, dtype, device)
+            center, scale, rotation = _crop(b, dtype, device)
+            inputs = (maps, center, scale, kernel, rotation)
+            out = self.run(backend_device, *inputs)
+            self.assert_matches(out, self.reference(*inputs), inputs, dtype, allow_ties=False)
+
+    def test_ties_take_first_maximum(self, backend_device, dtype):
+        maps, center, scale, rotation = _tie_problem(backend_device, dtype)
+        for kernel in (3, 1):
+            out = self.run(backend_device, maps, center, scale, kernel, rotation)
+            _assert_first_maxima(out, maps, scale, kernel, dtype)
+
+    @NONFINITE
+    def test_nonfinite_map_gives_a_nan_peak(self, backend_device, bad):
+        """As the fused op's test, on the heatmaps of those features; the
+        reference's decoder must agree."""
+        feats, protos, center, scale, rotation = _nonfinite_problem(backend_device, bad)
+        heat = reference.prototype_heatmaps(feats, protos)
+        _, peaks = self.kernel(backend_device)(heat, center, scale, rotation, 3)
+        _assert_nan_peaks_of_item_1(peaks)
+        _, peaks = reference.decode_heatmaps(heat, center, scale, 3, rotation)
+        _assert_nan_peaks_of_item_1(peaks)
+
+    def test_bad_arguments_raise(self, backend_device):
+        device = backend_device[1]
+        maps = torch.randn(1, 4, 8, 8, device=device)
+        center, scale, rotation = _crop(1, torch.float32, device)
+        with pytest.raises((RuntimeError, ValueError, TypeError)):
+            self.kernel(backend_device)(maps, center.double(), scale, rotation, 3)
 
 
 # --------------------------------------------------------------------------
-# smooth_features: the mean filter moved before the inner product
+# smooth_features, the public ops' finite checks, the CUDA fallback
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("kernel", [15, 3, 1])
 @pytest.mark.parametrize("b, c, h, w", [(2, 16, 32, 32), (1, 8, 64, 64), (3, 5, 7, 20), (1, 4, 5, 3)])
@@ -207,15 +491,6 @@ def test_smooth_features_is_the_reference_filter(b, c, h, w, kernel, dtype, devi
     torch.testing.assert_close(out, reference.smooth_heatmaps(feats, kernel), **tol(dtype))
 
 
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-def test_decoding_smoothed_features_equals_decoding(backend, dtype):
-    """heatmap_decode(smooth_features(F), P, kernel=1) == heatmap_decode(F, P),
-    up to argmax flips at near-ties (the sums run in another order)."""
-    name, _ = backend
-    _random_decode_against_reference(backend, 15, dtype, lambda f, p, c, s, r: ops.heatmap_decode(
-        ops.smooth_features(f, 15), p, c, s, 1, backend=name, rotation=r))
-
-
 def test_smooth_features_bad_input():
     with pytest.raises(ValueError, match="smooth_features: features must be"):
         ops.smooth_features(torch.zeros(2, 3, 4))
@@ -223,184 +498,6 @@ def test_smooth_features_bad_input():
         ops.smooth_features(torch.zeros(1, 2, 4, 4), 4)
     with pytest.raises(TypeError, match="floating"):
         ops.smooth_features(torch.zeros(1, 2, 4, 4, dtype=torch.int64))
-
-
-# --------------------------------------------------------------------------
-# ties, layouts, empty inputs
-# --------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-def test_ties_take_first_maximum(backend, dtype):
-    name, device = backend
-    h, w = (12, 20) if _tiny(name, device) else (20, 24)
-    center = torch.zeros(1, 2, dtype=dtype, device=device)
-    scale = torch.full((1, 2), 0.5, dtype=dtype, device=device)
-    rotation = torch.zeros(1, dtype=dtype, device=device)
-    size = torch.tensor([w, h], dtype=dtype, device=device)
-
-    def expect(x, y):  # image coordinates of heatmap point (x, y) with this crop
-        cell = torch.tensor([x, y], dtype=dtype, device=device)
-        return ((cell - size / 2) * (200.0 * scale[0] / size)).reshape(1, 1, 2)
-
-    # Map 0 constant: every cell ties -> cell (0, 0). Map 1: two equal
-    # isolated peaks; the first in row-major order has the larger x, so a
-    # column-major or last-index search picks the other. The sums are exact
-    # (integers), so the smoothed peaks tie exactly for every kernel size.
-    maps = torch.zeros(1, 2, h, w, dtype=dtype, device=device)
-    maps[0, 0] = 3.0
-    maps[0, 1, 3, w - 5] = 4.0
-    maps[0, 1, h - 4, 4] = 4.0
-    # Fused: features = the two maps as channels, identity prototypes, so the
-    # heatmaps are the maps exactly (products by 1 and 0).
-    eye = torch.eye(2, dtype=dtype, device=device)[None]
-    for kernel in (3, 1):
-        for out in (
-            ops.decode_heatmaps(maps, center, scale, kernel, backend=name, rotation=rotation),
-            ops.heatmap_decode(maps, eye, center, scale, kernel, backend=name, rotation=rotation),
-        ):
-            coords, values = out
-            torch.testing.assert_close(coords[:, 0:1], expect(0, 0), rtol=0, atol=1e-9)
-            # a kernel x kernel plateau of equal values: its top-left cell, then
-            # the quarter-cell shift towards the plateau (none for kernel 1)
-            r, q = kernel // 2, 0.25 if kernel > 1 else 0.0
-            torch.testing.assert_close(coords[:, 1:2], expect(w - 5 - r + q, 3 - r + q), rtol=0, atol=1e-9)
-            assert float(values[0, 0]) == 3.0
-            assert float(values[0, 1]) == float(torch.tensor(4.0, dtype=dtype) / kernel**2)
-
-
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-def test_fused_ties_first_maximum(backend, dtype):
-    """Fused op: heatmap = channel 0 (prototype (1, 0, 0)), two equal peaks."""
-    name, device = backend
-    h, w = (12, 20) if _tiny(name, device) else (20, 24)
-    feats = torch.randn(1, 3, h, w, dtype=dtype, device=device)
-    feats[0, 0] = 0.0
-    feats[0, 0, 2, w - 3] = 2.0
-    feats[0, 0, h - 3, 3] = 2.0
-    protos = torch.tensor([[[1.0, 0.0, 0.0]]], dtype=dtype, device=device)
-    center = torch.zeros(1, 2, dtype=dtype, device=device)
-    scale = torch.full((1, 2), 0.5, dtype=dtype, device=device)
-    rotation = torch.zeros(1, dtype=dtype, device=device)
-    coords, values = ops.heatmap_decode(feats, protos, center, scale, 3, backend=name, rotation=rotation)
-    size = torch.tensor([w, h], dtype=dtype, device=device)
-    # the 3 x 3 plateau's top-left cell (w - 4, 1) is on the border row: no shift
-    expect = (torch.tensor([w - 4, 1], dtype=dtype, device=device) - size / 2) * (200.0 * scale[0] / size)
-    torch.testing.assert_close(coords[0, 0], expect, rtol=0, atol=1e-9)
-    assert float(values[0, 0]) == float(torch.tensor(2.0, dtype=dtype) / 9)
-
-
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-def test_non_contiguous_inputs(backend, dtype):
-    name, device = backend
-    b, c, h, w, k = _shapes(name, device)[-1]
-    feats = torch.randn(b, h, w, c, dtype=dtype, device=device).permute(0, 3, 1, 2)
-    protos = torch.randn(b, c, k, dtype=dtype, device=device).transpose(1, 2)
-    center = (torch.randn(b, 4, dtype=dtype, device=device) * 50)[:, ::2]
-    scale = (torch.rand(b, 4, dtype=dtype, device=device) + 0.5)[:, 1::2]
-    rotation = (torch.randn(b, 2, dtype=dtype, device=device) * 30)[:, 1]
-    assert not (feats.is_contiguous() or center.is_contiguous() or scale.is_contiguous())
-    for kernel in (15, 3):
-        ref = reference.heatmap_decode(feats, protos, center, scale, kernel, rotation)
-        smooth = reference.smooth_heatmaps(reference.prototype_heatmaps(feats, protos), kernel)
-        out = ops.heatmap_decode(feats, protos, center, scale, kernel, backend=name, rotation=rotation)
-        _check_decoded(out, ref, smooth, center, scale, rotation, dtype)
-        maps = reference.prototype_heatmaps(feats, protos).transpose(2, 3).contiguous().transpose(2, 3)
-        out = ops.decode_heatmaps(maps, center, scale, kernel, backend=name, rotation=rotation)
-        _check_decoded(out, reference.decode_heatmaps(maps, center, scale, kernel, rotation), smooth,
-                       center, scale, rotation, dtype)
-
-
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-@pytest.mark.parametrize("b, k", [(0, 3), (2, 0)])
-def test_empty(backend, b, k, dtype):
-    name, device = backend
-    c, h, w = 8, 16, 16
-    feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
-    protos = torch.randn(b, k, c, dtype=dtype, device=device)
-    center, scale, rotation = _crop(b, dtype, device)
-    coords, values = ops.heatmap_decode(feats, protos, center, scale, 15, backend=name, rotation=rotation)
-    assert coords.shape == (b, k, 2) and values.shape == (b, k)
-    maps = ops.prototype_heatmaps(feats, protos, backend=name)
-    assert maps.shape == (b, k, h, w)
-    coords, values = ops.decode_heatmaps(maps, center, scale, 15, backend=name, rotation=rotation)
-    assert coords.shape == (b, k, 2) and values.shape == (b, k)
-
-
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-def test_bad_arguments_raise(backend):
-    name, device = backend
-    op = _op_namespace(name)
-    feats = torch.randn(1, 4, 8, 8, device=device)
-    protos = torch.randn(1, 2, 4, device=device)
-    center, scale, rotation = _crop(1, torch.float32, device)
-    with pytest.raises((RuntimeError, ValueError)):
-        op.heatmap_decode(feats, protos, center, scale, rotation, 4)  # even kernel
-    with pytest.raises((RuntimeError, ValueError)):
-        op.heatmap_decode(feats, torch.randn(1, 2, 5, device=device), center, scale, rotation, 3)
-    with pytest.raises((RuntimeError, ValueError, TypeError)):
-        op.decode_heatmaps(feats, center.double(), scale, rotation, 3)
-
-
-# --------------------------------------------------------------------------
-# opcheck and torch.compile
-# --------------------------------------------------------------------------
-def _op_namespace(name):
-    return torch.ops.escape_fast_triton if name == "triton" else torch.ops.escape_fast
-
-
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-def test_opcheck(backend, dtype):
-    name, device = backend
-    ns = _op_namespace(name)
-    b, c, h, w, k = 2, 8, 16, 12, 3
-    feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
-    protos = torch.randn(b, k, c, dtype=dtype, device=device)
-    center, scale, rotation = _crop(b, dtype, device)
-    maps = torch.randn(b, k, h, w, dtype=dtype, device=device)
-    # opcheck's default set of checks
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if _tiny(name, device):
-        # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted
-        # kernel itself, which then runs on the fake tensors of the fake /
-        # AOT checks and fails; those checks run for triton on CUDA instead.
-        utils = ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(ns.heatmap_decode, (feats, protos, center, scale, rotation, 3), test_utils=utils)
-    torch.library.opcheck(ns.decode_heatmaps, (maps, center, scale, rotation, 5), test_utils=utils)
-    torch.library.opcheck(ns.prototype_heatmaps, (feats, protos), test_utils=utils)
-    torch.library.opcheck(
-        ns.prototype_heatmaps, (feats.clone().requires_grad_(), protos.clone().requires_grad_()), test_utils=utils
-    )
-
-
-def _compile_backends():
-    params = []
-    for p in kernel_backends("heatmap_decode"):
-        (name, device), marks = p.values[0], list(p.marks)
-        if name == "triton" and device.type == "cpu":
-            marks = [pytest.mark.skip(reason="inductor cannot launch Triton kernels on CPU tensors")]
-        params.append(pytest.param((name, device), id=p.id, marks=marks))
-    return params
-
-
-@pytest.mark.parametrize("backend", _compile_backends())
-def test_torch_compile_matches_eager(backend):
-    name, device = backend
-    dtype = torch.float32
-    b, c, h, w, k = 2, 8, 20, 24, 5
-    feats = torch.randn(b, c, h, w, dtype=dtype, device=device)
-    protos = torch.randn(b, k, c, dtype=dtype, device=device)
-    center, scale, rotation = _crop(b, dtype, device)
-    ns = _op_namespace(name)
-
-    def fn(f, p, cen, sc, rot):
-        fused = ns.heatmap_decode(f, p, cen, sc, rot, 15)
-        split = ns.decode_heatmaps(ns.prototype_heatmaps(f, p) * 2.0, cen, sc, rot, 3)
-        return fused, split
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    got = compiled(feats, protos, center, scale, rotation)
-    want = fn(feats, protos, center, scale, rotation)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -431,31 +528,6 @@ def test_cells_inverse_is_exact():
     coords = reference.heatmap_to_image(shifted, center, scale, (w, h), rotation)
     assert torch.equal(_cells(coords, center, scale, rotation, h, w), cells)
     assert math.isfinite(float(coords.abs().max()))
-
-
-# --------------------------------------------------------------------------
-# non-finite input: the peak of a map that holds a NaN or an Inf is NaN
-# --------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", kernel_backends("heatmap_decode"))
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
-def test_nonfinite_map_gives_a_nan_peak(backend, bad):
-    """The public ops learn of non-finite features from the peaks (ops.CHECK_FINITE):
-    every kernel, like the reference, must make such a map's peak NaN, and only its."""
-    name, device = backend
-    dtype = torch.float32
-    b, c, h, w, k = 2, 8, 16, 16, 3
-    g = torch.Generator().manual_seed(5)
-    feats = torch.randn(b, c, h, w, dtype=dtype, generator=g).to(device)
-    protos = torch.randn(b, k, c, dtype=dtype, generator=g).to(device)
-    center, scale, rotation = _crop(b, dtype, device)
-    feats[1, 3, 5, 7] = bad  # every map of item 1 sees it (a -inf feature gives +-inf or NaN products)
-    ns = _op_namespace(name)
-    heat = reference.prototype_heatmaps(feats, protos)
-    for _, peaks in (ns.heatmap_decode(feats, protos, center, scale, rotation, 3),
-                     ns.decode_heatmaps(heat, center, scale, rotation, 3),
-                     reference.decode_heatmaps(heat, center, scale, 3, rotation)):
-        assert torch.isfinite(peaks[0]).all()
-        assert torch.isnan(peaks[1]).all()
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

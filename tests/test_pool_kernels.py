@@ -1,24 +1,21 @@
-"""keypoint_pool / keypoint_pool_backward: every backend against escape_fast.reference."""
+"""keypoint_pool / keypoint_pool_backward: every backend against escape_fast.reference.
+
+TestKeypointPool runs the common checks of kernel_test_base.KernelOpTestBase
+(its determinism check is on the backward, whose cells sum many keypoints)
+and adds the backward kernel against autograd through the reference (random,
+strided and empty inputs), constant maps, and that only the Gaussian windows
+of the visible keypoints are read.
+"""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from conftest import kernel_backends, tol
+from conftest import tol
+from kernel_test_base import KernelOpTestBase, interpreted
 
 from escape_fast import ops, reference
 
-BACKENDS = kernel_backends("keypoint_pool")
-
-# Under TRITON_INTERPRET=1, torch.library.wrap_triton hands back the raw
-# InterpretedFunction, which runs even on fake tensors: fake-tensor tracing
-# (opcheck's fake/aot tests, torch.compile) of the Triton ops only works on CUDA.
-NO_FAKE_TRACE = "Triton ops are not traceable with fake tensors under TRITON_INTERPRET=1 (CUDA only)"
-
-
-def _interpreted(backend_device):
-    backend, device = backend_device
-    return backend == "triton" and device.type == "cpu"
+SHAPES = {"square": (2, 7, 5, 16, 16), "wide": (1, 9, 3, 11, 23)}  # (B, K, C, H, W)
 
 
 def _inputs(b, k, c, h, w, dtype, device, seed=0, margin=4.0):
@@ -52,147 +49,122 @@ def _with_edge_keypoints(keypoints, visible, h, w, sigma):
     return kp, vis
 
 
-def _run(backend_device, features, keypoints, visible, sigma):
-    backend, _ = backend_device
-    return ops.keypoint_pool(features, keypoints, visible, sigma, backend=backend)
+class TestKeypointPool(KernelOpTestBase):
+    op = "keypoint_pool"
+    cases = {f"{name}-sigma{sigma:g}": (shape, sigma) for name, shape in SHAPES.items() for sigma in (1.0, 2.0, 3.0)}
+    empty_cases = {"b0-k3": (0, 3), "b2-k0": (2, 0), "b0-k0": (0, 0)}
+    compile_options = {"fullgraph": False}
+    compile_tol = tol(torch.float32)
 
+    def make_inputs(self, backend_device, dtype, case):
+        (b, k, c, h, w), sigma = case
+        f, kp, vis = _inputs(b, k, c, h, w, dtype, backend_device[1], seed=int(sigma))
+        kp, vis = _with_edge_keypoints(kp, vis, h, w, sigma)
+        return [(f, kp, vis, sigma)]
 
-def _backward_op(backend):
-    if backend == "triton":
-        return ops._triton_op("keypoint_pool_backward")
-    return torch.ops.escape_fast.keypoint_pool_backward
+    def run(self, backend_device, features, keypoints, visible, sigma):
+        return ops.keypoint_pool(features, keypoints, visible, sigma, backend=backend_device[0])
 
+    def reference(self, features, keypoints, visible, sigma):
+        return reference.keypoint_pool(features, keypoints, visible, sigma)
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-@pytest.mark.parametrize("sigma", [1.0, 2.0, 3.0])
-@pytest.mark.parametrize("shape", [(2, 7, 5, 16, 16), (1, 9, 3, 11, 23)], ids=["square", "wide"])
-def test_forward_and_backward_match_reference(backend_device, sigma, shape, dtype):
-    backend, device = backend_device
-    b, k, c, h, w = shape
-    f, kp, vis = _inputs(b, k, c, h, w, dtype, device, seed=int(sigma))
-    kp, vis = _with_edge_keypoints(kp, vis, h, w, sigma)
-    want = reference.keypoint_pool(f, kp, vis, sigma)
-    got = _run(backend_device, f, kp, vis, sigma)
-    torch.testing.assert_close(got, want, **tol(dtype))
-    # backward: the op against autograd through the reference
-    grad = torch.randn(b, k, c, dtype=dtype, device=device)
-    fr = f.clone().requires_grad_()
-    reference.keypoint_pool(fr, kp, vis, sigma).backward(grad)
-    got_grad = _backward_op(backend)(grad, kp, vis, sigma, h, w)
-    torch.testing.assert_close(got_grad, fr.grad, **tol(dtype))
+    def non_contiguous_inputs(self, backend_device, dtype):
+        f, kp, vis = _inputs(3, 5, 4, 14, 12, dtype, backend_device[1], seed=7)
+        f_nc = f.transpose(2, 3).contiguous().transpose(2, 3)[::2]  # strided H/W, every other image
+        kp_nc = kp.flip(-1).contiguous().flip(-1)[::2]  # negative stride on x/y
+        vis_nc = vis.t().contiguous().t()[::2]
+        assert not f_nc.is_contiguous() and not vis_nc.is_contiguous()
+        return [(f_nc, kp_nc, vis_nc, 2.0)]
 
+    def empty_inputs(self, backend_device, dtype, empty_case):
+        b, k = empty_case
+        return (*_inputs(b, k, 4, 8, 8, dtype, backend_device[1]), 2.0)
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_constant_map_pools_to_the_constant(backend_device, dtype):
-    backend, device = backend_device
-    b, k, c, h, w = 2, 6, 3, 12, 10
-    _, kp, vis = _inputs(b, k, c, h, w, dtype, device, seed=3)
-    kp, vis = _with_edge_keypoints(kp, vis, h, w, 2.0)
-    f = torch.full((b, c, h, w), 2.5, dtype=dtype, device=device)
-    got = _run(backend_device, f, kp, vis, 2.0)
-    _, weight = reference.gaussian_heatmaps(kp, vis, (w, h), 2.0)
-    want = 2.5 * weight[..., None].expand(b, k, c)
-    torch.testing.assert_close(got, want, **tol(dtype))
-    assert weight.sum() > 0 and (weight == 0).any()  # both cases are exercised
-    assert (got[~vis] == 0).all()
+    def grad_inputs(self, backend_device):
+        f, kp, vis = _inputs(1, 5, 2, 9, 8, torch.float64, backend_device[1], seed=13)
+        kp, vis = _with_edge_keypoints(kp, vis, 9, 8, 1.0)
+        return [(lambda x: self.run(backend_device, x, kp, vis, 1.0), (f.requires_grad_(),))]
 
+    def gradcheck_options(self, backend_device):
+        # fast mode (random projections) keeps the interpreted Triton case short
+        return {"eps": 1e-6, "atol": 1e-8, "fast_mode": interpreted(backend_device)}
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_only_the_window_is_read(backend_device, dtype):
-    """NaN outside the visible keypoints' windows must not reach the output."""
-    backend, device = backend_device
-    b, k, c, h, w, sigma = 2, 4, 3, 20, 20, 1.0
-    f, kp, vis = _inputs(b, k, c, h, w, dtype, device, seed=5, margin=0.0)
-    g, _ = reference.gaussian_heatmaps(kp, vis, (w, h), sigma)
-    # the reference's window test as a mask (the Gaussian is > 0 on it)
-    outside = (g > 0).sum(1, keepdim=True) == 0
-    poisoned = f.masked_fill(outside.expand_as(f), float("nan"))
-    fn = ops._triton_op("keypoint_pool") if backend == "triton" else torch.ops.escape_fast.keypoint_pool
-    got = fn(poisoned, kp, vis, sigma)  # the op itself: the wrapper rejects NaN input
-    torch.testing.assert_close(got, reference.keypoint_pool(f, kp, vis, sigma), **tol(dtype))
+    def opcheck_inputs(self, backend_device, dtype):
+        device = backend_device[1]
+        f, kp, vis = _inputs(2, 3, 4, 9, 7, dtype, device, seed=17)
+        grad = torch.randn(2, 3, 4, dtype=dtype, device=device)
+        return [
+            (self.kernel(backend_device), (f.requires_grad_(), kp, vis, 2.0)),
+            (self.kernel(backend_device, "keypoint_pool_backward"), (grad, kp, vis, 2.0, 9, 7)),
+        ]
 
+    def compile_inputs(self, backend_device):
+        backend, device = backend_device
+        f, kp, vis = _inputs(2, 5, 4, 12, 12, torch.float32, device, seed=19)
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_non_contiguous_inputs(backend_device, dtype):
-    backend, device = backend_device
-    f, kp, vis = _inputs(3, 5, 4, 14, 12, dtype, device, seed=7)
-    f_nc = f.transpose(2, 3).contiguous().transpose(2, 3)[::2]  # strided H/W, every other image
-    kp_nc = kp.flip(-1).contiguous().flip(-1)[::2]  # negative stride on x/y
-    vis_nc = vis.t().contiguous().t()[::2]
-    assert not f_nc.is_contiguous() and not vis_nc.is_contiguous()
-    got = _run(backend_device, f_nc, kp_nc, vis_nc, 2.0)
-    torch.testing.assert_close(got, reference.keypoint_pool(f_nc, kp_nc, vis_nc, 2.0), **tol(dtype))
-    grad = torch.randn(5, 2, 4, dtype=dtype, device=device).transpose(0, 1)  # [2, 5, 4] strided
-    fr = f_nc.detach().clone().requires_grad_()
-    reference.keypoint_pool(fr, kp_nc, vis_nc, 2.0).backward(grad)
-    got_grad = _backward_op(backend)(grad, kp_nc, vis_nc, 2.0, 14, 12)
-    torch.testing.assert_close(got_grad, fr.grad, **tol(dtype))
+        def fn(x, p, v):
+            return ops.keypoint_pool(x * 2.0, p, v, 2.0, backend=backend).sum(-1)
 
+        return fn, (f, kp, vis)
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-@pytest.mark.parametrize("b, k", [(0, 3), (2, 0), (0, 0)])
-def test_empty(backend_device, b, k, dtype):
-    backend, device = backend_device
-    f, kp, vis = _inputs(b, k, 4, 8, 8, dtype, device)
-    got = _run(backend_device, f, kp, vis, 2.0)
-    assert got.shape == (b, k, 4) and got.dtype == dtype
-    grad = _backward_op(backend)(got, kp, vis, 2.0, 8, 8)
-    assert grad.shape == (b, 4, 8, 8) and (grad == 0).all()
+    def deterministic_calls(self, backend_device):
+        # The backward is where order could vary: with many keypoints on top
+        # of each other, every cell sums many contributions.
+        device = backend_device[1]
+        _, kp, vis = _inputs(2, 24, 6, 10, 10, torch.float32, device, seed=11, margin=-3.0)
+        grad = torch.randn(2, 24, 6, device=device)
+        return [(self.kernel(backend_device, "keypoint_pool_backward"), (grad, kp, vis, 2.0, 10, 10))]
 
+    # ----------------------------------------------------------------------
+    # the backward kernel, against autograd through the reference
+    # ----------------------------------------------------------------------
+    def test_backward_matches_reference(self, backend_device, case, dtype):
+        [(f, kp, vis, sigma)] = self.make_inputs(backend_device, dtype, case)
+        b, c, h, w = f.shape
+        grad = torch.randn(b, kp.shape[1], c, dtype=dtype, device=backend_device[1])
+        fr = f.clone().requires_grad_()
+        reference.keypoint_pool(fr, kp, vis, sigma).backward(grad)
+        got_grad = self.kernel(backend_device, "keypoint_pool_backward")(grad, kp, vis, sigma, h, w)
+        torch.testing.assert_close(got_grad, fr.grad, **tol(dtype))
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_backward_is_deterministic(backend_device):
-    backend, device = backend_device
-    # many keypoints on top of each other: every cell sums many contributions
-    f, kp, vis = _inputs(2, 24, 6, 10, 10, torch.float32, device, seed=11, margin=-3.0)
-    grad = torch.randn(2, 24, 6, device=device)
-    first = _backward_op(backend)(grad, kp, vis, 2.0, 10, 10)
-    for _ in range(3):
-        assert torch.equal(_backward_op(backend)(grad, kp, vis, 2.0, 10, 10), first)
+    def test_non_contiguous_backward(self, backend_device, dtype):
+        [(f_nc, kp_nc, vis_nc, sigma)] = self.non_contiguous_inputs(backend_device, dtype)
+        grad = torch.randn(5, 2, 4, dtype=dtype, device=backend_device[1]).transpose(0, 1)  # [2, 5, 4] strided
+        fr = f_nc.detach().clone().requires_grad_()
+        reference.keypoint_pool(fr, kp_nc, vis_nc, sigma).backward(grad)
+        got_grad = self.kernel(backend_device, "keypoint_pool_backward")(grad, kp_nc, vis_nc, sigma, 14, 12)
+        torch.testing.assert_close(got_grad, fr.grad, **tol(dtype))
 
+    def test_empty_backward(self, backend_device, empty_case, dtype):
+        b, _ = empty_case
+        f, kp, vis, sigma = self.empty_inputs(backend_device, dtype, empty_case)
+        got = self.run(backend_device, f, kp, vis, sigma)
+        grad = self.kernel(backend_device, "keypoint_pool_backward")(got, kp, vis, sigma, 8, 8)
+        assert grad.shape == (b, 4, 8, 8) and (grad == 0).all()
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_gradcheck_through_public_op(backend_device):
-    backend, device = backend_device
-    f, kp, vis = _inputs(1, 5, 2, 9, 8, torch.float64, device, seed=13)
-    kp, vis = _with_edge_keypoints(kp, vis, 9, 8, 1.0)
-    f.requires_grad_()
-    # fast mode (random projections) keeps the interpreted Triton case short
-    assert torch.autograd.gradcheck(
-        lambda x: ops.keypoint_pool(x, kp, vis, 1.0, backend=backend),
-        (f,),
-        eps=1e-6,
-        atol=1e-8,
-        fast_mode=_interpreted(backend_device),
-    )
+    # ----------------------------------------------------------------------
+    # op-specific cases
+    # ----------------------------------------------------------------------
+    def test_constant_map_pools_to_the_constant(self, backend_device, dtype):
+        device = backend_device[1]
+        b, k, c, h, w = 2, 6, 3, 12, 10
+        _, kp, vis = _inputs(b, k, c, h, w, dtype, device, seed=3)
+        kp, vis = _with_edge_keypoints(kp, vis, h, w, 2.0)
+        f = torch.full((b, c, h, w), 2.5, dtype=dtype, device=device)
+        got = self.run(backend_device, f, kp, vis, 2.0)
+        _, weight = reference.gaussian_heatmaps(kp, vis, (w, h), 2.0)
+        want = 2.5 * weight[..., None].expand(b, k, c)
+        torch.testing.assert_close(got, want, **tol(dtype))
+        assert weight.sum() > 0 and (weight == 0).any()  # both cases are exercised
+        assert (got[~vis] == 0).all()
 
-
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_opcheck(backend_device):
-    backend, device = backend_device
-    f, kp, vis = _inputs(2, 3, 4, 9, 7, torch.float32, device, seed=17)
-    if backend == "triton":
-        fwd, bwd = ops._triton_op("keypoint_pool"), ops._triton_op("keypoint_pool_backward")
-    else:
-        fwd, bwd = torch.ops.escape_fast.keypoint_pool, torch.ops.escape_fast.keypoint_pool_backward
-    grad = torch.randn(2, 3, 4, device=device)
-    utils = ["test_schema", "test_autograd_registration"]
-    if not _interpreted(backend_device):
-        utils += ["test_faketensor", "test_aot_dispatch_dynamic"]  # NO_FAKE_TRACE
-    torch.library.opcheck(fwd, (f.requires_grad_(), kp, vis, 2.0), test_utils=utils)
-    torch.library.opcheck(bwd, (grad, kp, vis, 2.0, 9, 7), test_utils=utils)
-
-
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_torch_compile_matches_eager(backend_device):
-    backend, device = backend_device
-    if _interpreted(backend_device):
-        pytest.skip(NO_FAKE_TRACE)
-    f, kp, vis = _inputs(2, 5, 4, 12, 12, torch.float32, device, seed=19)
-
-    def fn(x, p, v):
-        return ops.keypoint_pool(x * 2.0, p, v, 2.0, backend=backend).sum(-1)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=False)
-    torch.testing.assert_close(compiled(f, kp, vis), fn(f, kp, vis), **tol(torch.float32))
+    def test_only_the_window_is_read(self, backend_device, dtype):
+        """NaN outside the visible keypoints' windows must not reach the output."""
+        b, k, c, h, w, sigma = 2, 4, 3, 20, 20, 1.0
+        f, kp, vis = _inputs(b, k, c, h, w, dtype, backend_device[1], seed=5, margin=0.0)
+        g, _ = reference.gaussian_heatmaps(kp, vis, (w, h), sigma)
+        # the reference's window test as a mask (the Gaussian is > 0 on it)
+        outside = (g > 0).sum(1, keepdim=True) == 0
+        poisoned = f.masked_fill(outside.expand_as(f), float("nan"))
+        got = self.kernel(backend_device)(poisoned, kp, vis, sigma)  # the op itself: the wrapper rejects NaN input
+        torch.testing.assert_close(got, reference.keypoint_pool(f, kp, vis, sigma), **tol(dtype))

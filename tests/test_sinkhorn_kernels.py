@@ -1,6 +1,12 @@
 """sinkhorn_log / sinkhorn_log_backward kernels (cpu, cuda, triton) against
 escape_fast.reference.sinkhorn_log and autograd through it.
 
+TestSinkhornLog runs the common checks of kernel_test_base.KernelOpTestBase
+(forward log_p and the saved u / v histories) and adds the forward and
+backward edge cases (all rows valid with M >= N, no row valid, iters = 0, an
+empty batch), the backward kernel against autograd on the shape grid, and
+bitwise layout independence of the backward.
+
 Note on bin_score: with only a dustbin *row*, a constant row is absorbed by
 its row potential in the first row step, so log_p does not depend on
 bin_score once iters >= 1 and its exact gradient is 0; the kernels (like
@@ -13,13 +19,12 @@ from __future__ import annotations
 import math
 import os
 
-import pytest
 import torch
-from conftest import kernel_backends, tol
+from conftest import tol
+from kernel_test_base import KernelOpTestBase, interpreted
 
 from escape_fast import ops, reference
 
-BACKENDS = kernel_backends("sinkhorn_log")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (M, N, iters): the grid of the brief, with fewer iterations for the big ones
@@ -83,6 +88,12 @@ def _assert_same_inf(actual, expected):
     assert not torch.isnan(actual).any(), "NaN in kernel output"
 
 
+def _magnitude(expected):
+    """max(1, the largest finite |value|): the atol scale of log_p."""
+    finite = expected[expected.isfinite()]
+    return max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+
+
 def _close_finite(actual, expected, dtype, scale=1.0):
     _assert_same_inf(actual, expected)
     fin = torch.isfinite(expected)
@@ -131,169 +142,153 @@ def _check_backward(backend, scores, bins, valid, iters, dtype, gen):
         torch.testing.assert_close(gb.double(), true_b, rtol=1e-4, atol=bin_atol)
 
 
-# --------------------------------------------------------------------------
-# forward
-# --------------------------------------------------------------------------
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_forward_matches_reference(backend_device, dtype):
-    backend, device = backend_device
-    gen = torch.Generator().manual_seed(1)
-    for m, n, iters in _shapes(backend):
-        scores, bins, valid = _problem(3, m, n, dtype, device, gen=gen)
-        log_p, u_hist, v_hist = _op(backend)(scores, bins, valid, iters)
-        assert log_p.shape == (3, m + 1, n) and log_p.dtype == dtype
-        assert u_hist.shape == (3, iters, m + 1) and v_hist.shape == (3, iters, n)
-        expected = reference.sinkhorn_log(scores, bins, valid, iters)
-        _close_finite(log_p, expected, dtype, scale=max(1.0, expected[expected.isfinite()].abs().max().item()))
-        u_ref, v_ref = _history(scores, bins, valid, iters)
-        _close_finite(u_hist, u_ref, dtype, scale=10.0)
-        _close_finite(v_hist, v_ref, dtype, scale=10.0)
+EDGE_CASES = [(2, 6, 3, 5, "full"), (2, 4, 4, 3, "full"), (2, 5, 7, 4, "none"), (3, 5, 7, 0, "random"),
+              (0, 5, 7, 4, "random")]  # (B, M, N, iters, mask)
 
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_forward_edge_cases(backend_device, dtype):
-    """Every row valid with M >= N (dustbin mass 0: its row is -inf), all rows
-    invalid, iters = 0, and an empty batch."""
-    backend, device = backend_device
-    gen = torch.Generator().manual_seed(2)
-    cases = [(2, 6, 3, 5, "full"), (2, 4, 4, 3, "full"), (2, 5, 7, 4, "none"), (3, 5, 7, 0, "random"),
-             (0, 5, 7, 4, "random")]
-    for b, m, n, iters, mode in cases:
-        scores, bins, valid = _problem(b, m, n, dtype, device, mode, gen)
-        log_p, u_hist, v_hist = _op(backend)(scores, bins, valid, iters)
-        expected = reference.sinkhorn_log(scores, bins, valid, iters)
-        assert log_p.shape == expected.shape
-        _close_finite(log_p, expected, dtype, scale=10.0)
-        if mode == "full" and m >= n and iters > 0:
-            assert torch.isneginf(log_p[:, m]).all() and torch.isneginf(u_hist[:, :, m]).all()
-        u_ref, v_ref = _history(scores, bins, valid, iters)
-        _close_finite(u_hist, u_ref, dtype, scale=10.0)
-        _close_finite(v_hist, v_ref, dtype, scale=10.0)
-
-
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_non_contiguous_inputs(backend_device, dtype):
-    backend, device = backend_device
-    gen = torch.Generator().manual_seed(3)
+def _strided_problem(dtype, device, gen):
     b, m, n, iters = 3, 5, 7, 6
     scores = torch.randn(b, n, m, generator=gen, dtype=dtype).to(device).transpose(1, 2)
     bins = torch.randn(2 * b, generator=gen, dtype=dtype).to(device)[::2]
     valid = (torch.rand(m, b, generator=gen) > 0.3).to(device).t()
     assert not (scores.is_contiguous() or bins.is_contiguous() or valid.is_contiguous())
-    log_p, u_hist, v_hist = _op(backend)(scores, bins, valid, iters)
-    _close_finite(log_p, reference.sinkhorn_log(scores, bins, valid, iters), dtype, scale=10.0)
-    grad = torch.randn(b, n, m + 1, generator=gen, dtype=dtype).to(device).transpose(1, 2)
-    gs, gb = _op(backend, "sinkhorn_log_backward")(grad, scores, bins, valid, u_hist, v_hist)
-    gs_c, gb_c = _op(backend, "sinkhorn_log_backward")(
-        grad.contiguous(), scores.contiguous(), bins.contiguous(), valid.contiguous(), u_hist, v_hist
-    )
-    torch.testing.assert_close(gs, gs_c, rtol=0, atol=0)
-    torch.testing.assert_close(gb, gb_c, rtol=0, atol=0)
+    return scores, bins, valid, iters
 
 
-# --------------------------------------------------------------------------
-# backward
-# --------------------------------------------------------------------------
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_backward_matches_autograd(backend_device, dtype):
-    backend, device = backend_device
-    gen = torch.Generator().manual_seed(4)
-    for m, n, iters in _shapes(backend):
-        scores, bins, valid = _problem(3, m, n, dtype, device, gen=gen)
-        _check_backward(backend, scores, bins, valid, iters, dtype, gen)
+class TestSinkhornLog(KernelOpTestBase):
+    op = "sinkhorn_log"
+    cases = {"random-mask": "random"}  # _problem's mask mode, over the shape grid
+    empty_cases = {"b0": (0, 5, 7, 4)}  # (B, M, N, iters)
+    opcheck_dtypes = (torch.float64,)
+    compile_options = {"fullgraph": False, "backend": "aot_eager"}
+    compile_tol = {"rtol": 1e-6, "atol": 1e-6}
 
+    def make_inputs(self, backend_device, dtype, mode):
+        backend, device = backend_device
+        gen = torch.Generator().manual_seed(1)
+        return [(*_problem(3, m, n, dtype, device, mode, gen), iters) for m, n, iters in _shapes(backend)]
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_backward_edge_cases(backend_device, dtype):
-    backend, device = backend_device
-    gen = torch.Generator().manual_seed(5)
-    for b, m, n, iters, mode in [(2, 6, 3, 5, "full"), (2, 4, 4, 3, "full"), (2, 5, 7, 4, "none"),
-                                 (3, 5, 7, 0, "random"), (0, 5, 7, 4, "random")]:
-        scores, bins, valid = _problem(b, m, n, dtype, device, mode, gen)
-        _check_backward(backend, scores, bins, valid, iters, dtype, gen)
+    def run(self, backend_device, scores, bins, valid, iters):
+        """The kernel itself: (log_p, u_hist, v_hist)."""
+        return _op(backend_device[0])(scores, bins, valid, iters)
 
+    def reference(self, scores, bins, valid, iters):
+        return reference.sinkhorn_log(scores, bins, valid, iters)
 
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_gradcheck_public_op(backend_device):
-    """gradcheck in float64 through escape_fast.ops.sinkhorn_log (the
-    registered autograd), gradients to scores and to a learnable bin_score."""
-    backend, device = backend_device
-    gen = torch.Generator().manual_seed(6)
-    # (B, M, N, iters, mode): random mask, M_valid >= N (the dustbin row is
-    # -inf, so only the keypoint rows are checked), iters = 0 (where the
-    # bin_score gradient is not zero)
-    cases = [(2, 3, 4, 5, "random"), (2, 4, 3, 4, "full"), (2, 3, 4, 0, "random")]
-    if _interpreted(backend, device):  # every gradcheck probe is an interpreted launch
-        cases = [(1, 3, 4, 5, "random"), (1, 3, 2, 3, "full")]
-    for b, m, n, iters, mode in cases:
-        scores, _, valid = _problem(b, m, n, torch.float64, device, mode, gen)
+    def assert_matches(self, out, expected, inputs, dtype):
+        scores, bins, valid, iters = inputs
+        b, m, n = scores.shape
+        log_p, u_hist, v_hist = out
+        assert log_p.shape == (b, m + 1, n) and log_p.dtype == dtype
+        assert u_hist.shape == (b, iters, m + 1) and v_hist.shape == (b, iters, n)
+        _close_finite(log_p, expected, dtype, scale=_magnitude(expected))
+        u_ref, v_ref = _history(scores, bins, valid, iters)
+        _close_finite(u_hist, u_ref, dtype, scale=10.0)
+        _close_finite(v_hist, v_ref, dtype, scale=10.0)
+
+    def non_contiguous_inputs(self, backend_device, dtype):
+        return [_strided_problem(dtype, backend_device[1], torch.Generator().manual_seed(3))]
+
+    def empty_inputs(self, backend_device, dtype, empty_case):
+        b, m, n, iters = empty_case
+        gen = torch.Generator().manual_seed(2)
+        return (*_problem(b, m, n, dtype, backend_device[1], "random", gen), iters)
+
+    def grad_inputs(self, backend_device):
+        """Gradients to scores and to a learnable bin_score through
+        escape_fast.ops.sinkhorn_log (the registered autograd)."""
+        backend, device = backend_device
+        gen = torch.Generator().manual_seed(6)
+        # (B, M, N, iters, mode): random mask, M_valid >= N (the dustbin row is
+        # -inf, so only the keypoint rows are checked), iters = 0 (where the
+        # bin_score gradient is not zero)
+        cases = [(2, 3, 4, 5, "random"), (2, 4, 3, 4, "full"), (2, 3, 4, 0, "random")]
+        if interpreted(backend_device):  # every gradcheck probe is an interpreted launch
+            cases = [(1, 3, 4, 5, "random"), (1, 3, 2, 3, "full")]
+        pairs = []
+        for b, m, n, iters, mode in cases:
+            scores, _, valid = _problem(b, m, n, torch.float64, device, mode, gen)
+            bin_score = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
+
+            def fn(s, bs, valid=valid, iters=iters, m=m):
+                return ops.sinkhorn_log(s, bs, valid, iters, backend=backend)[:, :m]
+
+            pairs.append((fn, (scores.requires_grad_(), bin_score)))
+        return pairs
+
+    def gradcheck_options(self, backend_device):
+        return {"eps": 1e-6, "atol": 1e-7, "rtol": 1e-6}
+
+    def opcheck_inputs(self, backend_device, dtype):
+        device = backend_device[1]
+        gen = torch.Generator().manual_seed(7)
+        forward, backward = self.kernel(backend_device), self.kernel(backend_device, "sinkhorn_log_backward")
+        scores, bins, valid = _problem(2, 3, 5, dtype, device, gen=gen)
         scores.requires_grad_()
-        bin_score = torch.tensor(0.3, dtype=torch.float64, device=device, requires_grad=True)
+        bins.requires_grad_()
+        with torch.no_grad():
+            _, u_hist, v_hist = forward(scores, bins, valid, 4)
+        grad = torch.randn(2, 4, 5, generator=gen, dtype=dtype).to(device)
+        return [
+            (forward, (scores, bins, valid, 4)),
+            (backward, (grad, scores.detach(), bins.detach(), valid, u_hist, v_hist)),
+        ]
+
+    def compile_inputs(self, backend_device):
+        backend, device = backend_device
+        gen = torch.Generator().manual_seed(8)
+        scores, bins, valid = _problem(2, 4, 6, torch.float32, device, gen=gen)
 
         def fn(s, bs):
-            return ops.sinkhorn_log(s, bs, valid, iters, backend=backend)[:, :m]
+            return ops.sinkhorn_log(s * 1.5, bs, valid, 5, backend=backend).exp().sum(dim=1)
 
-        assert torch.autograd.gradcheck(fn, (scores, bin_score), eps=1e-6, atol=1e-7, rtol=1e-6)
+        return fn, (scores.requires_grad_(), bins)
 
+    # ----------------------------------------------------------------------
+    # op-specific cases
+    # ----------------------------------------------------------------------
+    def test_forward_edge_cases(self, backend_device, dtype):
+        """Every row valid with M >= N (dustbin mass 0: its row is -inf), all rows
+        invalid, iters = 0, and an empty batch."""
+        device = backend_device[1]
+        gen = torch.Generator().manual_seed(2)
+        for b, m, n, iters, mode in EDGE_CASES:
+            scores, bins, valid = _problem(b, m, n, dtype, device, mode, gen)
+            log_p, u_hist, v_hist = self.run(backend_device, scores, bins, valid, iters)
+            expected = reference.sinkhorn_log(scores, bins, valid, iters)
+            assert log_p.shape == expected.shape
+            _close_finite(log_p, expected, dtype, scale=10.0)
+            if mode == "full" and m >= n and iters > 0:
+                assert torch.isneginf(log_p[:, m]).all() and torch.isneginf(u_hist[:, :, m]).all()
+            u_ref, v_ref = _history(scores, bins, valid, iters)
+            _close_finite(u_hist, u_ref, dtype, scale=10.0)
+            _close_finite(v_hist, v_ref, dtype, scale=10.0)
 
-# --------------------------------------------------------------------------
-# op registration: opcheck and torch.compile
-# --------------------------------------------------------------------------
-def _opcheck_ops(backend):
-    if backend == "triton":
-        from escape_fast import kernels
+    def test_backward_matches_autograd(self, backend_device, dtype):
+        backend, device = backend_device
+        gen = torch.Generator().manual_seed(4)
+        for m, n, iters in _shapes(backend):
+            scores, bins, valid = _problem(3, m, n, dtype, device, gen=gen)
+            _check_backward(backend, scores, bins, valid, iters, dtype, gen)
 
-        kernels.load("sinkhorn_log")
-        return torch.ops.escape_fast_triton
-    return torch.ops.escape_fast
+    def test_backward_edge_cases(self, backend_device, dtype):
+        backend, device = backend_device
+        gen = torch.Generator().manual_seed(5)
+        for b, m, n, iters, mode in EDGE_CASES:
+            scores, bins, valid = _problem(b, m, n, dtype, device, mode, gen)
+            _check_backward(backend, scores, bins, valid, iters, dtype, gen)
 
-
-def _interpreted(backend, device) -> bool:
-    # Under TRITON_INTERPRET=1, torch.library.wrap_triton hands back the raw
-    # interpreted kernel, which runs (and fails) on fake tensors instead of
-    # being traced: fake-tensor checks and torch.compile need real Triton.
-    return backend == "triton" and device.type == "cpu"
-
-
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_opcheck(backend_device):
-    backend, device = backend_device
-    gen = torch.Generator().manual_seed(7)
-    namespace = _opcheck_ops(backend)
-    utils = ("test_schema", "test_autograd_registration") if _interpreted(backend, device) else None
-    kwargs = {} if utils is None else {"test_utils": utils}
-    scores, bins, valid = _problem(2, 3, 5, torch.float64, device, gen=gen)
-    scores.requires_grad_()
-    bins.requires_grad_()
-    torch.library.opcheck(namespace.sinkhorn_log.default, (scores, bins, valid, 4), **kwargs)
-    with torch.no_grad():
-        _, u_hist, v_hist = namespace.sinkhorn_log(scores, bins, valid, 4)
-    grad = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64).to(device)
-    torch.library.opcheck(
-        namespace.sinkhorn_log_backward.default,
-        (grad, scores.detach(), bins.detach(), valid, u_hist, v_hist),
-        **kwargs,
-    )
-
-
-@pytest.mark.parametrize("backend_device", BACKENDS)
-def test_torch_compile_matches_eager(backend_device):
-    backend, device = backend_device
-    if _interpreted(backend, device):
-        pytest.skip("Triton interpreter kernels cannot be traced by torch.compile (wrap_triton returns them raw)")
-    gen = torch.Generator().manual_seed(8)
-    scores, bins, valid = _problem(2, 4, 6, torch.float32, device, gen=gen)
-
-    def fn(s, bs):
-        return ops.sinkhorn_log(s * 1.5, bs, valid, 5, backend=backend).exp().sum(dim=1)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=False, backend="aot_eager")
-    s1 = scores.clone().requires_grad_()
-    s2 = scores.clone().requires_grad_()
-    eager = fn(s1, bins)
-    comp = compiled(s2, bins)
-    torch.testing.assert_close(comp, eager, rtol=1e-6, atol=1e-6)
-    eager.sum().backward()
-    comp.sum().backward()
-    torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-6, atol=1e-6)
+    def test_non_contiguous_backward(self, backend_device, dtype):
+        """Strided inputs and upstream gradient give bitwise the gradients of their contiguous copies."""
+        device = backend_device[1]
+        gen = torch.Generator().manual_seed(3)
+        scores, bins, valid, iters = _strided_problem(dtype, device, gen)
+        b, m, n = scores.shape
+        _, u_hist, v_hist = self.run(backend_device, scores, bins, valid, iters)
+        grad = torch.randn(b, n, m + 1, generator=gen, dtype=dtype).to(device).transpose(1, 2)
+        backward = self.kernel(backend_device, "sinkhorn_log_backward")
+        gs, gb = backward(grad, scores, bins, valid, u_hist, v_hist)
+        gs_c, gb_c = backward(grad.contiguous(), scores.contiguous(), bins.contiguous(), valid.contiguous(),
+                              u_hist, v_hist)
+        torch.testing.assert_close(gs, gs_c, rtol=0, atol=0)
+        torch.testing.assert_close(gb, gb_c, rtol=0, atol=0)
