@@ -40,6 +40,8 @@ def info(file=None) -> dict:
         f"extension escape_fast._C: {_extension.build_info()}"
         + (f" ({_extension.LOAD_ERROR})" if _extension.LOAD_ERROR else ""),
         f"CUDA kernels: {_extension.cuda_note()}",
+        f"CPU kernels' instruction set: {ops.cpu_isa()} (this CPU: {', '.join(ops.cpu_isas()) or '-'}; "
+        "ESCAPE_FAST_CPU_ISA forces one)" if _extension.LOADED else "CPU kernels: not built",
     ]
     if kernels.HAVE_TRITON:
         import triton
@@ -65,4 +67,5 @@ def info(file=None) -> dict:
             lines.append(f"  {op:<20} {dev:<5} auto -> {used:<10} available: {', '.join(avail) or 'reference only'}")
     print("\n".join(lines), file=file)
     return {"version": __version__, "torch": torch.__version__, "build": _extension.build_info(),
-            "cuda_kernels": _extension.cuda_note(), "ops": table}
+            "cuda_kernels": _extension.cuda_note(), "cpu_isa": ops.cpu_isa(), "cpu_isas": list(ops.cpu_isas()),
+            "ops": table}

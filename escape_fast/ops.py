@@ -180,6 +180,38 @@ def resolve(op: str, backend: str, device: torch.device | str) -> str:
     return backend
 
 
+CPU_ISAS = ("baseline", "avx2", "avx512")
+
+
+def cpu_isas() -> tuple[str, ...]:
+    """The instruction sets the C++ CPU kernels can run on this CPU, lowest
+    first (csrc/cpu/isa.h: baseline x86-64, AVX2 + FMA, AVX-512); () without
+    the compiled extension."""
+    return tuple(torch.ops.escape_fast.cpu_isas()) if _extension.LOADED else ()
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the C++ CPU kernels run now: the best of
+    :func:`cpu_isas`, unless the environment variable ESCAPE_FAST_CPU_ISA
+    forced one at load or :func:`use_cpu_isa` set one; None without the extension."""
+    return torch.ops.escape_fast.cpu_isa() if _extension.LOADED else None
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str):
+    """Run the C++ CPU kernels compiled for ``name`` (one of :func:`cpu_isas`)
+    inside the block, for tests and benchmarks; every variant computes the same
+    op (up to the rounding of fused multiply-adds)."""
+    if name not in cpu_isas():
+        raise BackendUnavailable(f"CPU ISA {name!r} is not available here (this CPU runs: "
+                                 f"{', '.join(cpu_isas()) or 'no compiled kernels'})")
+    previous = torch.ops.escape_fast.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        torch.ops.escape_fast.set_cpu_isa(previous)
+
+
 def _kernel(op: str, backend: str):
     if backend == "triton":
         return _triton_op(op)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -94,3 +95,52 @@ def test_auto_backend_is_resolved_and_reported():
     text = buf.getvalue()
     assert "escape_fast" in text and "torch" in text and "sinkhorn_log" in text
     assert table["ops"]["sinkhorn_log@cpu"]["auto"] == ops.resolve("sinkhorn_log", "auto", "cpu")
+
+
+def test_cpu_isa_choice_is_reported_forced_and_checked():
+    """The CPU kernels' instruction set: the best this CPU has unless
+    ESCAPE_FAST_CPU_ISA forces one at load; use_cpu_isa sets one for a block."""
+    import subprocess
+    import sys
+
+    if not ops.cpu_isas():
+        pytest.skip("the compiled extension is not built")
+    isas = ops.cpu_isas()
+    assert isas[0] == "baseline" and set(isas) <= set(ops.CPU_ISAS)
+    assert ops.cpu_isa() == isas[-1]
+    with ops.use_cpu_isa("baseline"):
+        assert ops.cpu_isa() == "baseline"
+    assert ops.cpu_isa() == isas[-1]
+    missing = [isa for isa in ops.CPU_ISAS if isa not in isas]
+    for isa in missing:
+        with pytest.raises(ops.BackendUnavailable, match=isa):
+            with ops.use_cpu_isa(isa):
+                pass
+    code = "from escape_fast import ops; print(ops.cpu_isa())"
+    env = {k: v for k, v in os.environ.items() if k != "ESCAPE_FAST_CPU_ISA"}
+    forced = subprocess.run([sys.executable, "-c", code], env={**env, "ESCAPE_FAST_CPU_ISA": "baseline"},
+                            capture_output=True, text=True, check=True)
+    assert forced.stdout.strip() == "baseline"
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "ESCAPE_FAST_CPU_ISA": "sse9"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown CPU ISA 'sse9'" in bad.stderr
+
+
+def test_every_cpu_isa_variant_gives_the_same_pooling_and_decoding_bits():
+    """Pooling and the filter / argmax / crop map compile without FMA
+    contraction: their results do not depend on the CPU they ran on."""
+    if len(ops.cpu_isas()) < 2:
+        pytest.skip("this CPU runs one ISA variant only")
+    torch.manual_seed(0)
+    feats = torch.randn(3, 16, 20, 24)
+    kp, vis = torch.rand(3, 5, 2) * 22, torch.rand(3, 5) > 0.2
+    maps = torch.randn(3, 5, 20, 24)
+    center, scale, rot = torch.rand(3, 2) * 100, torch.rand(3, 2) + 0.5, torch.rand(3) * 30
+    outs = {}
+    for isa in ops.cpu_isas():
+        with ops.use_cpu_isa(isa):
+            outs[isa] = (ops.keypoint_pool(feats, kp, vis, 2.0, backend="cpu"),
+                         *ops.decode_heatmaps(maps, center, scale, 5, backend="cpu", rotation=rot))
+    for isa, out in outs.items():
+        for got, want in zip(out, outs["baseline"]):
+            assert torch.equal(got, want), isa

@@ -5,9 +5,9 @@
 // sums divided by the in-image cell count), the first maximum in row-major
 // order, the quarter-cell shift and the crop's inverse map.
 // fused: per (b, chunk of prototypes), the chunk's heatmaps are accumulated
-// by a register-blocked micro-kernel in a thread-local buffer (features read
-// once per chunk, not once per keypoint) and decoded there; the [B, K, H, W]
-// heatmaps are never stored.
+// by a register-blocked micro-kernel (heatmap_gemm.cpp) in a thread-local
+// buffer (features read once per chunk, not once per keypoint) and decoded
+// there; the [B, K, H, W] heatmaps are never stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,9 +17,18 @@
 #include <limits>
 #include <vector>
 
+// No fused multiply-add contraction in the filter, the argmax and the crop
+// map: they give the same bits on every ISA variant (isa.h). The inner
+// products (heatmap_gemm.cpp) keep their FMAs.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include "checks.h"
 #include "escape_fast.h"
 #include "heatmap_common.h"
+#include "heatmap_gemm.h"
+#include "isa.h"
 
 namespace escape_fast {
 namespace {
@@ -32,7 +41,7 @@ constexpr int64_t kChunkMax = 128;
 // Sums run over ascending x (then y) like a direct window sum; the inner
 // loops run over contiguous x so that the compiler vectorizes them.
 template <typename T>
-void box_filter(const T* in, T* tmp, T* out, int64_t H, int64_t W, int64_t r) {
+ESCAPE_FAST_INLINE void box_filter(const T* in, T* tmp, T* out, int64_t H, int64_t W, int64_t r) {
   const int64_t rx = std::min(r, W - 1);
   for (int64_t y = 0; y < H; ++y) {
     const T* row = in + y * W;
@@ -66,7 +75,7 @@ void box_filter(const T* in, T* tmp, T* out, int64_t H, int64_t W, int64_t r) {
 // when the map holds a NaN or an infinity (how the public op learns of
 // non-finite input without a separate pass over the features).
 template <typename T>
-void decode_smoothed(const T* s, int64_t H, int64_t W, const heatmap::CropMap<T>& crop, T* coord, T* value) {
+ESCAPE_FAST_INLINE void decode_smoothed(const T* s, int64_t H, int64_t W, const heatmap::CropMap<T>& crop, T* coord, T* value) {
   int64_t best = 0;
   T best_v = s[0];
   bool finite = std::isfinite(s[0]);
@@ -88,10 +97,10 @@ struct Decoder {
   T *coords, *values;
   int64_t H, W;
 
-  heatmap::CropMap<T> crop(int64_t b) const {
+  ESCAPE_FAST_INLINE heatmap::CropMap<T> crop(int64_t b) const {
     return heatmap::CropMap<T>::make(center + 2 * b, scale + 2 * b, rotation[b], H, W);
   }
-  void decode(const T* smooth, const heatmap::CropMap<T>& crop, int64_t bk) const {
+  ESCAPE_FAST_INLINE void decode(const T* smooth, const heatmap::CropMap<T>& crop, int64_t bk) const {
     decode_smoothed(smooth, H, W, crop, coords + 2 * bk, values + bk);
   }
 };
@@ -103,113 +112,53 @@ Decoder<T> make_decoder(const at::Tensor& center, const at::Tensor& scale, const
           values.data_ptr<T>(), H, W};
 }
 
-// heat[t, p] = sum_c pt[c, t] * feat[c, p] for NK prototypes (pt: the
-// prototypes transposed to [C, NK]) on the pixels [p0, p0 + PJ). The NK x PJ
-// accumulators live in registers across the whole loop over channels (16
-// AVX-512 registers for NK = 8), so each feature vector loaded is used NK
-// times: a small GEMM micro-kernel written as plain loops.
-template <typename T, int NK, int PJ>
-__attribute__((always_inline)) inline void micro_tile(const T* feat, const T* pt, int64_t C, int64_t HW,
-                                                     int64_t p0, T* heat) {
-  T acc[NK][PJ] = {};
-  for (int64_t c = 0; c < C; ++c) {
-    const T* f = feat + c * HW + p0;
-    const T* w = pt + c * NK;
-#pragma GCC unroll 16
-    for (int t = 0; t < NK; ++t) {
-#pragma GCC unroll 32
-      for (int j = 0; j < PJ; ++j) acc[t][j] += w[t] * f[j];
-    }
-  }
-  for (int t = 0; t < NK; ++t) {
-    for (int j = 0; j < PJ; ++j) heat[t * HW + p0 + j] = acc[t][j];
-  }
-}
-
-// The same for nk <= NK prototypes and the last np < PJ pixels.
-template <typename T, int NK, int PJ>
-inline void tail_tile(const T* feat, const T* pt, int64_t C, int64_t HW, int64_t p0, int64_t np, T* heat) {
-  T acc[NK][PJ] = {};
-  for (int64_t c = 0; c < C; ++c) {
-    const T* f = feat + c * HW + p0;
-    for (int t = 0; t < NK; ++t) {
-      for (int64_t j = 0; j < np; ++j) acc[t][j] += pt[c * NK + t] * f[j];
-    }
-  }
-  for (int t = 0; t < NK; ++t) {
-    for (int64_t j = 0; j < np; ++j) heat[t * HW + p0 + j] = acc[t][j];
-  }
-}
-
-// heat[k] = sum_c proto[k, c] * feat[c] for the nk prototypes of a chunk
-// (pt: C * nk scratch). The chunk is cut into register tiles of 8 prototypes
-// (then 4, 2, 1 for the rest); the pixel panel is the outer loop, so one
-// panel of features (C x PJ values, 32 KiB for C = 256 in float32) stays in
-// L1/L2 while every tile of the chunk consumes it: the features stream from
-// memory once per chunk instead of once per tile.
+// The work of a range [begin, end) of the parallel loops below, one variant
+// per instruction set (isa.h): the box filter and the argmax vectorize as
+// well as the inner products.
 template <typename T>
-__attribute__((always_inline)) inline void chunk_heatmaps_body(const T* feat, const T* proto, int64_t nk,
-                                                              int64_t C, int64_t HW, T* heat, T* pt) {
-  constexpr int PJ = 128 / sizeof(T);  // two 64-byte vectors of pixels
-  int64_t starts[64], sizes[64];       // register tiles; nk <= kChunkMax
-  int n_tiles = 0;
-  for (int64_t k = 0; k < nk; ++n_tiles) {
-    const int64_t rest = nk - k;
-    const int64_t nt = rest >= 8 ? 8 : rest >= 4 ? 4 : rest >= 2 ? 2 : 1;
-    starts[n_tiles] = k;
-    sizes[n_tiles] = nt;
-    for (int64_t c = 0; c < C; ++c) {  // transpose the tile's prototypes to [C, nt]
-      for (int64_t t = 0; t < nt; ++t) pt[k * C + c * nt + t] = proto[(k + t) * C + c];
-    }
-    k += nt;
+ESCAPE_FAST_INLINE void decode_maps_body(const T* maps, const Decoder<T>& out, int64_t K, int64_t H, int64_t W,
+                                         int64_t r, int64_t begin, int64_t end) {
+  const int64_t HW = H * W;
+  std::vector<T> tmp(HW), smooth(HW);
+  for (int64_t i = begin; i < end; ++i) {
+    box_filter(maps + i * HW, tmp.data(), smooth.data(), H, W, r);
+    out.decode(smooth.data(), out.crop(i / K), i);
   }
-  int64_t p0 = 0;
-  for (; p0 + PJ <= HW; p0 += PJ) {
-    for (int i = 0; i < n_tiles; ++i) {
-      const int64_t k = starts[i];
-      const T* w = pt + k * C;
-      T* h = heat + k * HW;
-      switch (sizes[i]) {
-        case 8: micro_tile<T, 8, PJ>(feat, w, C, HW, p0, h); break;
-        case 4: micro_tile<T, 4, PJ>(feat, w, C, HW, p0, h); break;
-        case 2: micro_tile<T, 2, PJ>(feat, w, C, HW, p0, h); break;
-        default: micro_tile<T, 1, PJ>(feat, w, C, HW, p0, h); break;
-      }
-    }
-  }
-  if (p0 < HW) {
-    for (int i = 0; i < n_tiles; ++i) {
-      const int64_t k = starts[i];
-      const T* w = pt + k * C;
-      T* h = heat + k * HW;
-      switch (sizes[i]) {
-        case 8: tail_tile<T, 8, PJ>(feat, w, C, HW, p0, HW - p0, h); break;
-        case 4: tail_tile<T, 4, PJ>(feat, w, C, HW, p0, HW - p0, h); break;
-        case 2: tail_tile<T, 2, PJ>(feat, w, C, HW, p0, HW - p0, h); break;
-        default: tail_tile<T, 1, PJ>(feat, w, C, HW, p0, HW - p0, h); break;
-      }
+}
+
+// Work item i = (b, chunk of prototypes): heatmaps of the chunk, then each filtered and decoded.
+template <typename T>
+ESCAPE_FAST_INLINE void fused_chunks_body(const T* feat, const T* proto, const Decoder<T>& out, int64_t K,
+                                          int64_t C, int64_t H, int64_t W, int64_t r, int64_t chunks,
+                                          int64_t chunk, int64_t begin, int64_t end) {
+  const int64_t HW = H * W;
+  std::vector<T> heat(chunk * HW), tmp(HW), smooth(HW), pt(chunk * C);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t b = i / chunks;
+    const int64_t k0 = (i % chunks) * chunk;
+    const int64_t nk = std::min(chunk, K - k0);
+    heatmap_cpu::chunk_heatmaps(feat + b * C * HW, proto + (b * K + k0) * C, nk, C, HW, heat.data(), pt.data());
+    const auto crop = out.crop(b);
+    for (int64_t t = 0; t < nk; ++t) {
+      box_filter(heat.data() + t * HW, tmp.data(), smooth.data(), H, W, r);
+      out.decode(smooth.data(), crop, b * K + k0 + t);
     }
   }
 }
 
-// The extension is built for the baseline x86-64 ISA (SSE2); the heatmap
-// loop is where wider vectors pay, so GCC compiles it for AVX-512, AVX2 and
-// the baseline and picks one at load time (no fast-math, no FMA contraction).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ESCAPE_FAST_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ESCAPE_FAST_ISA_CLONES
-#endif
-
-ESCAPE_FAST_ISA_CLONES void chunk_heatmaps(const float* feat, const float* proto, int64_t nk, int64_t C,
-                                          int64_t HW, float* heat, float* pt) {
-  chunk_heatmaps_body(feat, proto, nk, C, HW, heat, pt);
-}
-
-ESCAPE_FAST_ISA_CLONES void chunk_heatmaps(const double* feat, const double* proto, int64_t nk, int64_t C,
-                                          int64_t HW, double* heat, double* pt) {
-  chunk_heatmaps_body(feat, proto, nk, C, HW, heat, pt);
-}
+#define ESCAPE_FAST_HEATMAP_VARIANTS(T)                                                                         \
+  ESCAPE_FAST_ISA_VARIANTS(decode_maps,                                                                        \
+                           (const T* maps, const Decoder<T>& out, int64_t K, int64_t H, int64_t W, int64_t r,   \
+                            int64_t begin, int64_t end),                                                        \
+                           (maps, out, K, H, W, r, begin, end))                                                 \
+  ESCAPE_FAST_ISA_VARIANTS(fused_chunks,                                                                       \
+                           (const T* feat, const T* proto, const Decoder<T>& out, int64_t K, int64_t C,         \
+                            int64_t H, int64_t W, int64_t r, int64_t chunks, int64_t chunk, int64_t begin,      \
+                            int64_t end),                                                                       \
+                           (feat, proto, out, K, C, H, W, r, chunks, chunk, begin, end))
+ESCAPE_FAST_HEATMAP_VARIANTS(float)
+ESCAPE_FAST_HEATMAP_VARIANTS(double)
+#undef ESCAPE_FAST_HEATMAP_VARIANTS
 
 // --------------------------------------------------------------------------
 // ops
@@ -234,17 +183,11 @@ std::tuple<at::Tensor, at::Tensor> decode_heatmaps_cpu(const at::Tensor& heatmap
 
   const auto maps = heatmaps.contiguous();
   const auto cen = center.contiguous(), sca = scale.contiguous(), rot = rotation.contiguous();
-  const int64_t HW = H * W, r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
+  const int64_t r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
   ESCAPE_FAST_DISPATCH_FLOATING(maps.scalar_type(), "decode_heatmaps_cpu", [&] {
     const scalar_t* m = maps.data_ptr<scalar_t>();
     const auto out = make_decoder<scalar_t>(cen, sca, rot, coords, values, H, W);
-    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> tmp(HW), smooth(HW);
-      for (int64_t i = begin; i < end; ++i) {
-        box_filter(m + i * HW, tmp.data(), smooth.data(), H, W, r);
-        out.decode(smooth.data(), out.crop(i / K), i);
-      }
-    });
+    at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) { decode_maps(m, out, K, H, W, r, begin, end); });
   });
   return {coords, values};
 }
@@ -261,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
 
   const auto feat = features.contiguous(), proto = prototypes.contiguous();
   const auto cen = center.contiguous(), sca = scale.contiguous(), rot = rotation.contiguous();
-  const int64_t HW = H * W, r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
+  const int64_t r = std::min<int64_t>(kernel / 2, std::max(H, W));  // wider changes nothing
   // Work items (b, chunk of prototypes): as few chunks as keep every thread
   // busy, since each chunk streams the features of its b once.
   const int64_t threads = at::get_num_threads();
@@ -274,18 +217,7 @@ std::tuple<at::Tensor, at::Tensor> heatmap_decode_cpu(const at::Tensor& features
     const scalar_t* p = proto.data_ptr<scalar_t>();
     const auto out = make_decoder<scalar_t>(cen, sca, rot, coords, values, H, W);
     at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> heat(chunk * HW), tmp(HW), smooth(HW), pt(chunk * C);
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / chunks;
-        const int64_t k0 = (i % chunks) * chunk;
-        const int64_t nk = std::min(chunk, K - k0);
-        chunk_heatmaps(f + b * C * HW, p + (b * K + k0) * C, nk, C, HW, heat.data(), pt.data());
-        const auto crop = out.crop(b);
-        for (int64_t t = 0; t < nk; ++t) {
-          box_filter(heat.data() + t * HW, tmp.data(), smooth.data(), H, W, r);
-          out.decode(smooth.data(), crop, b * K + k0 + t);
-        }
-      }
+      fused_chunks(f, p, out, K, C, H, W, r, chunks, chunk, begin, end);
     });
   });
   return {coords, values};

@@ -14,8 +14,15 @@
 #include <cmath>
 #include <vector>
 
+// No fused multiply-add contraction: pooled features are the same bits on
+// every ISA variant (isa.h), so a model's features do not depend on the CPU.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include "checks.h"
 #include "escape_fast.h"
+#include "isa.h"
 
 namespace escape_fast {
 namespace {
@@ -96,6 +103,67 @@ std::vector<Window<scalar_t>> make_windows(const at::Tensor& keypoints, const at
   return wins;
 }
 
+// The planes [begin, end) of the forward (pool_planes) and of the backward
+// (unpool_planes), one variant per instruction set (isa.h).
+template <typename scalar_t>
+ESCAPE_FAST_INLINE void pool_planes_body(const scalar_t* f, const std::vector<Window<scalar_t>>& wins, int64_t K,
+                                         int64_t C, int64_t H, int64_t W, scalar_t* o, int64_t begin, int64_t end) {
+  for (int64_t bc = begin; bc < end; ++bc) {
+    const int64_t b = bc / C, c = bc % C;
+    const scalar_t* plane = f + bc * H * W;
+    for (int64_t k = 0; k < K; ++k) {
+      const auto& win = wins[b * K + k];
+      if (!win.valid()) continue;
+      const int64_t ww = win.gx.size(), hh = win.gy.size();
+      const scalar_t* gx = win.gx.data();
+      scalar_t acc = 0;
+      for (int64_t j = 0; j < hh; ++j) {
+        const scalar_t* row = plane + (win.y0 + j) * W + win.x0;
+        scalar_t racc = 0;
+        for (int64_t i = 0; i < ww; ++i) racc += row[i] * gx[i];  // contiguous: vectorizes
+        acc += racc * win.gy[j];
+      }
+      o[(b * K + k) * C + c] = acc * win.inv_norm;
+    }
+  }
+}
+
+template <typename scalar_t>
+ESCAPE_FAST_INLINE void unpool_planes_body(const scalar_t* gr, const std::vector<Window<scalar_t>>& wins,
+                                           int64_t K, int64_t C, int64_t H, int64_t W, scalar_t* o, int64_t begin,
+                                           int64_t end) {
+  for (int64_t bc = begin; bc < end; ++bc) {
+    const int64_t b = bc / C, c = bc % C;
+    scalar_t* plane = o + bc * H * W;
+    std::fill(plane, plane + H * W, scalar_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const auto& win = wins[b * K + k];
+      if (!win.valid()) continue;
+      const scalar_t scale = gr[(b * K + k) * C + c] * win.inv_norm;
+      const int64_t ww = win.gx.size(), hh = win.gy.size();
+      const scalar_t* gx = win.gx.data();
+      for (int64_t j = 0; j < hh; ++j) {
+        scalar_t* row = plane + (win.y0 + j) * W + win.x0;
+        const scalar_t s = scale * win.gy[j];
+        for (int64_t i = 0; i < ww; ++i) row[i] += s * gx[i];  // contiguous: vectorizes
+      }
+    }
+  }
+}
+
+#define ESCAPE_FAST_POOL_VARIANTS(T)                                                                           \
+  ESCAPE_FAST_ISA_VARIANTS(pool_planes,                                                                       \
+                           (const T* f, const std::vector<Window<T>>& wins, int64_t K, int64_t C, int64_t H,   \
+                            int64_t W, T* o, int64_t begin, int64_t end),                                      \
+                           (f, wins, K, C, H, W, o, begin, end))                                               \
+  ESCAPE_FAST_ISA_VARIANTS(unpool_planes,                                                                     \
+                           (const T* gr, const std::vector<Window<T>>& wins, int64_t K, int64_t C, int64_t H,  \
+                            int64_t W, T* o, int64_t begin, int64_t end),                                      \
+                           (gr, wins, K, C, H, W, o, begin, end))
+ESCAPE_FAST_POOL_VARIANTS(float)
+ESCAPE_FAST_POOL_VARIANTS(double)
+#undef ESCAPE_FAST_POOL_VARIANTS
+
 }  // namespace
 
 at::Tensor keypoint_pool_cpu(const at::Tensor& features, const at::Tensor& keypoints, const at::Tensor& visible,
@@ -115,26 +183,7 @@ at::Tensor keypoint_pool_cpu(const at::Tensor& features, const at::Tensor& keypo
     // values, 16 KiB at 64 x 64) stays in L1 while all K windows read it, so
     // the features stream through memory once.
     const auto wins = make_windows<scalar_t>(keypoints, visible, sigma, H, W);
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bc = begin; bc < end; ++bc) {
-        const int64_t b = bc / C, c = bc % C;
-        const scalar_t* plane = f + bc * H * W;
-        for (int64_t k = 0; k < K; ++k) {
-          const auto& win = wins[b * K + k];
-          if (!win.valid()) continue;
-          const int64_t ww = win.gx.size(), hh = win.gy.size();
-          const scalar_t* gx = win.gx.data();
-          scalar_t acc = 0;
-          for (int64_t j = 0; j < hh; ++j) {
-            const scalar_t* row = plane + (win.y0 + j) * W + win.x0;
-            scalar_t racc = 0;
-            for (int64_t i = 0; i < ww; ++i) racc += row[i] * gx[i];  // contiguous: vectorizes
-            acc += racc * win.gy[j];
-          }
-          o[(b * K + k) * C + c] = acc * win.inv_norm;
-        }
-      }
-    });
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) { pool_planes(f, wins, K, C, H, W, o, begin, end); });
   });
   return out;
 }
@@ -159,23 +208,7 @@ at::Tensor keypoint_pool_backward_cpu(const at::Tensor& grad, const at::Tensor& 
     // deterministic without atomics.
     const auto wins = make_windows<scalar_t>(keypoints, visible, sigma, H, W);
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bc = begin; bc < end; ++bc) {
-        const int64_t b = bc / C, c = bc % C;
-        scalar_t* plane = o + bc * H * W;
-        std::fill(plane, plane + H * W, scalar_t(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const auto& win = wins[b * K + k];
-          if (!win.valid()) continue;
-          const scalar_t scale = gr[(b * K + k) * C + c] * win.inv_norm;
-          const int64_t ww = win.gx.size(), hh = win.gy.size();
-          const scalar_t* gx = win.gx.data();
-          for (int64_t j = 0; j < hh; ++j) {
-            scalar_t* row = plane + (win.y0 + j) * W + win.x0;
-            const scalar_t s = scale * win.gy[j];
-            for (int64_t i = 0; i < ww; ++i) row[i] += s * gx[i];  // contiguous: vectorizes
-          }
-        }
-      }
+      unpool_planes(gr, wins, K, C, H, W, o, begin, end);
     });
   });
   return out;

@@ -13,7 +13,7 @@
 //  * exp (and log) are written as branch-free range reduction + polynomial
 //    (vexp/vlog below), so GCC vectorises the loops that call them; the
 //    libm calls it would otherwise make are scalar. The hot functions are
-//    compiled for AVX-512, AVX2 and the baseline (target_clones), since the
+//    compiled for AVX-512, AVX2 and the baseline (isa.h), since the
 //    extension itself is built for baseline x86-64.
 //  * one exp per element per iteration instead of two. Forward: the row
 //    step's terms, scaled by mu_r / (row sum), are the row-normalised plan
@@ -40,19 +40,15 @@
 #include <vector>
 
 #include "escape_fast.h"
+#include "isa.h"
 #include "sinkhorn_common.h"
 
 namespace escape_fast {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SINKHORN_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SINKHORN_ISA_CLONES
-#endif
-// Helpers are inlined into the cloned functions so that each clone
-// vectorises them for its own ISA.
-#define SINKHORN_INLINE __attribute__((always_inline)) inline
+// Helpers are inlined into each ISA variant (isa.h) so that it vectorises
+// them for its own instruction set.
+#define SINKHORN_INLINE ESCAPE_FAST_INLINE
 
 template <typename T>
 constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -325,7 +321,7 @@ struct ForwardArgs {
 };
 
 template <typename T>
-SINKHORN_INLINE void forward_body(const ForwardArgs<T>& a, std::atomic<int64_t>& next) {
+SINKHORN_INLINE void forward_problems_body(const ForwardArgs<T>& a, std::atomic<int64_t>& next) {
   const int64_t M = a.M, N = a.N, iters = a.iters;
   Problem<T> p(M, N);
   const int64_t NP = p.NP;
@@ -419,12 +415,8 @@ SINKHORN_INLINE void forward_body(const ForwardArgs<T>& a, std::atomic<int64_t>&
   }
 }
 
-SINKHORN_ISA_CLONES void forward_problems(const ForwardArgs<float>& a, std::atomic<int64_t>& next) {
-  forward_body(a, next);
-}
-SINKHORN_ISA_CLONES void forward_problems(const ForwardArgs<double>& a, std::atomic<int64_t>& next) {
-  forward_body(a, next);
-}
+ESCAPE_FAST_ISA_VARIANTS(forward_problems, (const ForwardArgs<float>& a, std::atomic<int64_t>& next), (a, next))
+ESCAPE_FAST_ISA_VARIANTS(forward_problems, (const ForwardArgs<double>& a, std::atomic<int64_t>& next), (a, next))
 
 template <typename T>
 struct BackwardArgs {
@@ -446,7 +438,7 @@ template <typename T>
 const T kMaxColumnShift = -std::log(std::numeric_limits<T>::min()) / 2;
 
 template <typename T>
-SINKHORN_INLINE void backward_body(const BackwardArgs<T>& a, std::atomic<int64_t>& next) {
+SINKHORN_INLINE void backward_problems_body(const BackwardArgs<T>& a, std::atomic<int64_t>& next) {
   const int64_t M = a.M, N = a.N, iters = a.iters;
   Problem<T> p(M, N);
   // rows of NP: the potentials padded with -inf (see Problem), the rest
@@ -521,12 +513,8 @@ SINKHORN_INLINE void backward_body(const BackwardArgs<T>& a, std::atomic<int64_t
   }
 }
 
-SINKHORN_ISA_CLONES void backward_problems(const BackwardArgs<float>& a, std::atomic<int64_t>& next) {
-  backward_body(a, next);
-}
-SINKHORN_ISA_CLONES void backward_problems(const BackwardArgs<double>& a, std::atomic<int64_t>& next) {
-  backward_body(a, next);
-}
+ESCAPE_FAST_ISA_VARIANTS(backward_problems, (const BackwardArgs<float>& a, std::atomic<int64_t>& next), (a, next))
+ESCAPE_FAST_ISA_VARIANTS(backward_problems, (const BackwardArgs<double>& a, std::atomic<int64_t>& next), (a, next))
 
 // Runs work(next) on every thread of at::parallel_for, where work takes
 // problems one at a time from the shared counter: unlike parallel_for's
