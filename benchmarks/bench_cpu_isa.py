@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from escape_fast import ops, reference
+from escape_fast import ops
 
 
 def cpu_name() -> str:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
@@ -120,3 +122,32 @@ def test_prior_quality_sweep_scores_clusters_against_the_truth(tmp_path):
         assert rows[growth, 0.5]["clusters"] == parts and rows[growth, 0.5]["ari"] == 1.0
         assert rows[growth, 0.5]["cluster_purity"] == 1.0
         assert rows[growth, 1.0]["clusters"] == parts * cats
+
+
+def test_cpu_isa_benchmark_checks_and_times_every_variant():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_isa.py"), "--repeat", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from escape_fast import ops
+
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("| case"))
+    assert all(f" {isa} " in header for isa in ops.cpu_isas())
+    assert sum(line.startswith("| ") for line in proc.stdout.splitlines()) == 2 + 6  # header, rule, six cases
+
+
+def test_predict_parity_names_what_changed(tmp_path):
+    fixture = ROOT.parent / "shared" / "data" / "mp100_fixture"
+    if not fixture.is_dir():
+        pytest.skip(f"MP-100 fixture not found at {fixture}")
+    import numpy as np
+
+    script = [sys.executable, str(ROOT / "benchmarks" / "predict_parity.py"), "--categories", "1", "--queries", "1"]
+    first = subprocess.run([*script, "--out", str(tmp_path / "a.npz")], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    arrays = dict(np.load(tmp_path / "a.npz"))
+    changed = next(k for k in arrays if k.endswith("-keypoints"))
+    arrays[changed] = arrays[changed] + 0.5  # as a regression would move one query's keypoints
+    np.savez(tmp_path / "b.npz", **arrays)
+    again = subprocess.run([*script, "--out", str(tmp_path / "c.npz"), "--compare", str(tmp_path / "b.npz")],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 1 and f"1 of {len(arrays)} differ" in again.stdout and changed in again.stdout
