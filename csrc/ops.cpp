@@ -17,6 +17,8 @@ TORCH_LIBRARY(escape_fast, m) {
   m.def(
       "heatmap_decode(Tensor features, Tensor prototypes, Tensor center, "
       "Tensor scale, Tensor rotation, int kernel) -> (Tensor, Tensor)");
+  // features [B, C, H, W] -> the in-image mean filter of side kernel on every channel
+  m.def("smooth_features(Tensor features, int kernel) -> Tensor");
   // features [B, C, H, W], keypoints [B, K, 2] (cell units), visible [B, K]
   // bool -> pooled [B, K, C]
   m.def(

@@ -323,7 +323,7 @@ def heatmap_decode(
     return coords, peaks
 
 
-def smooth_features(features: torch.Tensor, kernel: int = 15) -> torch.Tensor:
+def smooth_features(features: torch.Tensor, kernel: int = 15, backend: str = "auto") -> torch.Tensor:
     """The decoder's in-image mean filter applied to every feature channel.
 
     The filter is linear and a heatmap is linear in the features, so
@@ -335,6 +335,10 @@ def smooth_features(features: torch.Tensor, kernel: int = 15) -> torch.Tensor:
 
     Args:
         features (Tensor[B, C, H, W]), kernel (int): odd window side (15).
+        backend: "cpu" (the C++ kernel, filtering each plane in place, the
+            same bits as the torch path), or anything else: two avg_pool2d
+            (differentiable; what "auto" runs on a GPU or when a gradient is
+            needed).
     Returns:
         Tensor[B, C, H, W]: the mean over the in-image cells of each window.
     """
@@ -343,6 +347,10 @@ def smooth_features(features: torch.Tensor, kernel: int = 15) -> torch.Tensor:
     _check_kernel(op, kernel)
     if kernel == 1:
         return features.contiguous()
+    needs_grad = torch.is_grad_enabled() and features.requires_grad
+    if resolve(op, "cpu" if backend == "cpu" else "auto", features.device) == "cpu" and not needs_grad \
+            and backend in ("auto", "cpu"):
+        return _kernel(op, "cpu")(features, kernel)
     pad = kernel // 2
     pool = torch.nn.functional.avg_pool2d
     # Separable: the product of the two 1-D in-image counts is the 2-D one.

@@ -46,6 +46,10 @@ def _heatmaps_fake(features, prototypes):
     return features.new_empty(b, prototypes.shape[1], h, w)
 
 
+def _smooth_fake(features, kernel):
+    return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+
 def _pool_fake(features, keypoints, visible, sigma):
     return features.new_empty(keypoints.shape[0], keypoints.shape[1], features.shape[1])
 
@@ -139,6 +143,7 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("prototype_heatmaps", _heatmaps_fake, "heatmap", autograd=_heatmaps_autograd),
     OpSpec("decode_heatmaps", _decode_fake, "heatmap"),
     OpSpec("heatmap_decode", _fused_fake, "heatmap"),
+    OpSpec("smooth_features", _smooth_fake),  # CPU only, no gradient: ops.smooth_features uses it when none is needed
     OpSpec("keypoint_pool", _pool_fake, "pool", autograd=_pool_autograd, backward="keypoint_pool_backward"),
     OpSpec("keypoint_pool_backward", _pool_backward_fake, "pool", public=False),
     OpSpec("sinkhorn_log", _sinkhorn_fake, "sinkhorn", autograd=_sinkhorn_autograd, backward="sinkhorn_log_backward"),

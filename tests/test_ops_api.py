@@ -144,3 +144,23 @@ def test_every_cpu_isa_variant_gives_the_same_pooling_and_decoding_bits():
     for isa, out in outs.items():
         for got, want in zip(out, outs["baseline"]):
             assert torch.equal(got, want), isa
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 16, 16), (1, 7, 20, 24), (3, 2, 5, 9), (1, 1, 1, 1), (0, 3, 4, 4)])
+def test_smooth_features_kernel_gives_the_torch_paths_bits(shape, dtype):
+    """The CPU kernel of smooth_features (every ISA variant) equals the torch
+    path's two avg_pool2d exactly, on contiguous and strided inputs; a
+    gradient still flows through the torch path."""
+    if not ops.available("smooth_features", "cpu", "cpu"):
+        pytest.skip("the compiled extension is not built")
+    wide = torch.randn(shape[0], shape[1], shape[2], shape[3] * 2, dtype=dtype)
+    for feats in (wide[..., : shape[3]].contiguous(), wide[..., ::2]):
+        for kernel in (3, 5, 15, 41):
+            want = ops.smooth_features(feats, kernel, backend="reference")
+            for isa in ops.cpu_isas():
+                with ops.use_cpu_isa(isa):
+                    got = ops.smooth_features(feats, kernel, backend="cpu")
+                assert got.is_contiguous() and torch.equal(got, want), (isa, kernel)
+            assert torch.equal(ops.smooth_features(feats, kernel), want)  # auto takes the kernel here
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: ops.smooth_features(t, 3), (x,))
