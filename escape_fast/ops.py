@@ -348,8 +348,7 @@ def smooth_features(features: torch.Tensor, kernel: int = 15, backend: str = "au
     if kernel == 1:
         return features.contiguous()
     needs_grad = torch.is_grad_enabled() and features.requires_grad
-    if resolve(op, "cpu" if backend == "cpu" else "auto", features.device) == "cpu" and not needs_grad \
-            and backend in ("auto", "cpu"):
+    if backend in ("auto", "cpu") and not needs_grad and resolve(op, backend, features.device) == "cpu":
         return _kernel(op, "cpu")(features, kernel)
     pad = kernel // 2
     pool = torch.nn.functional.avg_pool2d

@@ -155,13 +155,18 @@ def _tie_problem(backend_device, dtype):
     isolated peaks; the first in row-major order has the larger x, so a
     column-major or last-index search picks the other. The sums are exact
     (integers), so the smoothed peaks tie exactly for every kernel size."""
-    name, device = backend_device
-    h, w = (12, 20) if _tiny(name, device) else (20, 24)
+    device, h, w = _tie_grid(backend_device)
     maps = torch.zeros(1, 2, h, w, dtype=dtype, device=device)
     maps[0, 0] = 3.0
     maps[0, 1, 3, w - 5] = 4.0
     maps[0, 1, h - 4, 4] = 4.0
     return maps, *_tie_crop(dtype, device)
+
+
+def _tie_grid(backend_device):
+    """(device, h, w) of the tie problems: smaller where the backend is interpreted."""
+    name, device = backend_device
+    return (device, 12, 20) if _tiny(name, device) else (device, 20, 24)
 
 
 def _tie_crop(dtype, device):
@@ -363,8 +368,7 @@ class TestHeatmapDecode(KernelOpTestBase):
 
     def test_ties_of_one_channel_take_first_maximum(self, backend_device, dtype):
         """Heatmap = channel 0 (prototype (1, 0, 0)), two equal peaks."""
-        name, device = backend_device
-        h, w = (12, 20) if _tiny(name, device) else (20, 24)
+        device, h, w = _tie_grid(backend_device)
         feats = torch.randn(1, 3, h, w, dtype=dtype, device=device)
         feats[0, 0] = 0.0
         feats[0, 0, 2, w - 3] = 2.0

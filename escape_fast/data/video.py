@@ -86,7 +86,7 @@ class FrameSource(abc.ABC):
 class _Video(FrameSource):
     def __init__(self, path: str):
         av = _av()
-        self.path = path
+        self.path, self.skipped = path, 0  # the probe below may skip packets already
         try:
             with av.open(path) as container:
                 if not container.streams.video:
@@ -115,7 +115,7 @@ class _Video(FrameSource):
             try:
                 decoded = packet.decode()
             except av.error.FFmpegError:
-                self.skipped = getattr(self, "skipped", 0) + 1
+                self.skipped += 1
                 continue
             for frame in decoded:
                 yield frame.to_ndarray(format="rgb24")
