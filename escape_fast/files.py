@@ -84,6 +84,32 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """``with atomic_path(path) as tmp: library.save(tmp)``: for writers that
+    take a path, not a file; ``tmp`` keeps ``path``'s suffix (libraries pick
+    the format by it) and is renamed over ``path`` when the block ends, or
+    removed on any exception."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    name = os.path.basename(path)
+    suffix = name[name.index("."):] if "." in name else ""  # all of it: x.analysis.h5 stays .analysis.h5
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=suffix, dir=folder)
+    os.close(fd)
+    os.unlink(tmp)  # some writers refuse a path that exists
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> None:
     """``obj`` as JSON, atomically (numbers and strings only: ``default=str`` for the rest)."""
     with atomic_write(path, "w") as f:

@@ -68,8 +68,11 @@ class CropView:
     box: np.ndarray  # the box that was cropped, [x, y, w, h]
 
 
-def make_crop(image: np.ndarray, box, input_size: int, name: str) -> CropView:
-    """Crop ``box`` ([x, y, w, h], default: the whole image) as the evaluation does."""
+def make_crop(image: np.ndarray, box, input_size: int, name: str, rotation: float = 0.0) -> CropView:
+    """Crop ``box`` ([x, y, w, h], default: the whole image) as the evaluation does,
+    turned by ``rotation`` degrees about the box's centre (the crop's up is
+    the image's up turned by it; escape_fast.track turns a crop so that the
+    object stands as it does in the supports)."""
     h, w = image.shape[:2]
     if min(h, w) < MIN_SIDE:
         raise DataError(f"{name}: the image is {w} x {h} pixels; at least {MIN_SIDE} x {MIN_SIDE} is needed")
@@ -82,6 +85,8 @@ def make_crop(image: np.ndarray, box, input_size: int, name: str) -> CropView:
                         f"{MIN_BOX_SIDE} pixels on a side")
     size = (input_size, input_size)
     crop = Crop.of_box(clean, size)
+    if rotation:
+        crop = Crop(crop.center, crop.scale, float(rotation))
     return CropView(normalize_image(crop.warp(image, size)), crop, clean)
 
 
@@ -159,7 +164,7 @@ class Predictor:
 
     # ---------------------------------------------------------------- support
     def _support_crop(self, image, kps: KeypointSet, box, name: str):
-        """(crop, heatmap cells [K, 2], visible [K]) of one support, after
+        """(image, crop, heatmap cells [K, 2], visible [K]) of one support, after
         checking its keypoints: those outside the crop of its box are left
         out with a warning (they would pool nothing), none left is an error."""
         where = f"{name} with keypoints {kps.source}"
@@ -183,7 +188,7 @@ class Predictor:
             if off.sum() == kps.visible.sum():
                 raise DataError(f"{what}; give a box that holds the keypoints")
             warnings.warn(f"{what}; left out of this support (give a box that holds them)", DataWarning, 2)
-        return crop, cells, kps.visible & ~off
+        return img, crop, cells, kps.visible & ~off
 
     @torch.no_grad()
     def adapt(self, images, keypoints, boxes=None) -> Predictor:
@@ -211,7 +216,7 @@ class Predictor:
         if not images or len(keypoints) != len(images) or len(boxes) != len(images):
             raise UsageError(f"adapt: {len(images)} support images, {len(keypoints)} keypoint sets and "
                              f"{len(boxes)} boxes; give one of each per support")
-        sets, crops, cells, shown = [], [], [], []
+        sets, pixels, crops, cells, shown = [], [], [], [], []
         for n, (image, kp, box) in enumerate(zip(images, keypoints, boxes)):
             name = _image_name(image, f"support #{n}")
             kps = as_keypoint_set(kp, image)
@@ -221,8 +226,9 @@ class Predictor:
             if shared and any(s.source == kps.source for s in sets):
                 raise DataError(f"{kps.source}: chosen for two supports; one keypoint file for several supports "
                                 "must be a COCO file with one annotation on each support image")
-            crop, cell, vis = self._support_crop(image, kps, box, name)
+            img, crop, cell, vis = self._support_crop(image, kps, box, name)
             sets.append(kps)
+            pixels.append(img)
             crops.append(crop)
             cells.append(cell)
             shown.append(vis)
@@ -237,6 +243,7 @@ class Predictor:
         self.prototypes = self._adapted.prototypes[0]
         self.supports = sets
         self.support_crops = crops
+        self._support_pixels = pixels  # decoded again by reference_scores
         self.support_images = [_image_name(im, f"support #{n}") for n, im in enumerate(images)]
         self.known = self._adapted.known[0].cpu().numpy()  # keypoints visible in some support
         self._layout = SupportLayout.of_supports(sets, [c.box for c in crops])  # for the object search
@@ -269,7 +276,8 @@ class Predictor:
 
     # ---------------------------------------------------------------- queries
     @torch.no_grad()
-    def predict(self, images, boxes=None, raise_errors: bool = False) -> list[Prediction]:
+    def predict(self, images, boxes=None, raise_errors: bool = False, names=None,
+                rotations=None) -> list[Prediction]:
         """Keypoints of each query image (paths or RGB arrays), in batches.
 
         ``boxes``: None or one [x, y, w, h] (or None) per image. In a query
@@ -277,20 +285,26 @@ class Predictor:
         box is decoded like a given one. A query
         that cannot be read gets a Prediction with ``error`` set (or, with
         ``raise_errors``, raises its DataError); the others are unaffected.
+        ``names``: what messages and results call each image (default: its
+        path, or "query #n" for an array); ``rotations``: None or one angle
+        per image (degrees, see :func:`make_crop`) for the crops of given boxes.
         """
         self._need_support()
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         boxes = [None] * len(images) if boxes is None else list(boxes)
         if len(boxes) != len(images):
             raise UsageError(f"predict: {len(images)} images but {len(boxes)} boxes")
+        if names is not None and len(names) != len(images):
+            raise UsageError(f"predict: {len(images)} images but {len(names)} names")
         results: list[Prediction] = []
         for start in range(0, len(images), self.batch_size):
             chunk, crops, pixels, searched = [], [], [], []
             for n in range(start, min(start + self.batch_size, len(images))):
-                result = Prediction(_image_name(images[n], f"query #{n}"))
+                result = Prediction(names[n] if names is not None else _image_name(images[n], f"query #{n}"))
                 try:
                     img = read_image(images[n], result.image)
-                    crop = make_crop(img, boxes[n], self.input_size, result.image)
+                    turn = 0.0 if rotations is None or boxes[n] is None else rotations[n]
+                    crop = make_crop(img, boxes[n], self.input_size, result.image, turn)
                 except DataError as e:
                     if raise_errors:
                         raise
@@ -315,6 +329,20 @@ class Predictor:
                             pass
             self._decode(chunk, crops)
         return results
+
+    @torch.no_grad()
+    def reference_scores(self) -> np.ndarray:
+        """[K]: each keypoint's score when the supports themselves are decoded
+        (in their boxes), averaged over the supports that show it; NaN for
+        keypoints no support shows. What a query's scores are compared with
+        to tell a found object from a lost one (escape_fast.track)."""
+        self._need_support()
+        found = self.predict(self._support_pixels, [c.box for c in self.support_crops], raise_errors=True,
+                             names=self.support_images)
+        scores = np.stack([np.where(kps.visible, p.scores, np.nan) for p, kps in zip(found, self.supports)])
+        with warnings.catch_warnings():  # a keypoint that no support shows has no reference
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(scores, 0)
 
     @torch.no_grad()
     def locate(self, view: CropView) -> np.ndarray | None:

@@ -288,8 +288,12 @@ def _draw_motif(img, motif, center, r, angle, hue_shift, left_mark, rng):
                    cv2.LINE_AA, _SHIFT)
 
 
-def _pose(cat: CategorySpec, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Positions [P, 2] and local angles [P] of the full plan, canonical frame."""
+def _pose(cat: CategorySpec, rng, normal=None) -> tuple[np.ndarray, np.ndarray]:
+    """Positions [P, 2] and local angles [P] of the full plan, canonical frame.
+
+    ``normal(0, std)`` draws each joint's angle noise (default
+    ``rng.normal``; a video passes a smooth function of time instead)."""
+    normal = rng.normal if normal is None else normal
     fam = cat.family
     n = len(fam.parts)
     pos = np.zeros((n, 2))
@@ -302,7 +306,7 @@ def _pose(cat: CategorySpec, rng) -> tuple[np.ndarray, np.ndarray]:
             pos[i] = fam.spine[0] * cat.spine_scale
         else:
             seg = (fam.spine[i] - fam.spine[i - 1]) * cat.spine_scale
-            bend += math.radians(rng.normal(0, art * 0.4))
+            bend += math.radians(normal(0, art * 0.4))
             c, s = math.cos(bend), math.sin(bend)
             pos[i] = pos[i - 1] + np.array([c * seg[0] - s * seg[1], s * seg[0] + c * seg[1]])
         ang[i] = bend
@@ -313,7 +317,7 @@ def _pose(cat: CategorySpec, rng) -> tuple[np.ndarray, np.ndarray]:
             direction = math.radians(angle + cat.limb_angle[li])
             prev = pos[a].copy()
             for j, (length, b) in enumerate(zip(lengths, bends)):
-                direction += math.radians(b + rng.normal(0, art))
+                direction += math.radians(b + normal(0, art))
                 # the left limb mirrors the right one about the spine's axis
                 dx, dy = sign * math.cos(direction), math.sin(direction)
                 d = np.array([cb * dx - sb * dy, sb * dx + cb * dy])
@@ -330,6 +334,31 @@ def _background(size: int, rng) -> np.ndarray:
     low = rng.uniform(30, 220, (4, 4, 3)).astype(np.float32)
     img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _draw_object(img, cat: CategorySpec, pts, angles, unit: float, r: float, hue_shift: float, body, rng) -> None:
+    """The object: limbs as thick strokes, the torso as a polygon along the
+    spine, then every kept part's motif (``pts`` [P, 2] and ``angles`` [P]
+    of the full plan in image pixels, ``unit`` the body's scale, ``r`` the
+    motifs' radius)."""
+    fam = cat.family
+    thick = max(2, int(0.09 * unit))
+    for i in cat.keep:
+        p = fam.parts[i]
+        if p.limb >= 0:
+            parent = pts[p.parent] if p.joint > 0 else pts[fam.limbs[p.limb][0]]
+            cv2.line(img, tuple(_fx(parent)), tuple(_fx(pts[i])), body, thick, cv2.LINE_AA, _SHIFT)
+    spine_idx = [i for i in cat.keep if fam.parts[i].limb < 0]
+    sp = pts[spine_idx]
+    if len(sp) >= 2:
+        d = np.gradient(sp, axis=0)
+        nrm = np.stack([-d[:, 1], d[:, 0]], 1) / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
+        w = fam.width * unit
+        torso = np.concatenate([sp + nrm * w, (sp - nrm * w)[::-1]])
+        cv2.fillPoly(img, [_fx(torso)], body, cv2.LINE_AA, _SHIFT)
+    for i in cat.keep:
+        p = fam.parts[i]
+        _draw_motif(img, fam.motifs[p.type_index], pts[i], r, angles[i], hue_shift, p.side == "L", rng)
 
 
 def render_instance(cat: CategorySpec, instance: int, seed: int, size: int):
@@ -369,23 +398,7 @@ def render_instance(cat: CategorySpec, instance: int, seed: int, size: int):
 
     # body: limbs as thick strokes, torso as a polygon along the spine
     body = _hsv(rng.uniform(0, 180), rng.uniform(20, 110), rng.uniform(70, 200))
-    thick = max(2, int(0.09 * unit))
-    for i in cat.keep:
-        p = fam.parts[i]
-        if p.limb >= 0:
-            parent = pts[p.parent] if p.joint > 0 else pts[fam.limbs[p.limb][0]]
-            cv2.line(img, tuple(_fx(parent)), tuple(_fx(pts[i])), body, thick, cv2.LINE_AA, _SHIFT)
-    spine_idx = [i for i in cat.keep if fam.parts[i].limb < 0]
-    sp = pts[spine_idx]
-    if len(sp) >= 2:
-        d = np.gradient(sp, axis=0)
-        nrm = np.stack([-d[:, 1], d[:, 0]], 1) / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
-        w = fam.width * unit
-        torso = np.concatenate([sp + nrm * w, (sp - nrm * w)[::-1]])
-        cv2.fillPoly(img, [_fx(torso)], body, cv2.LINE_AA, _SHIFT)
-    for i in cat.keep:
-        p = fam.parts[i]
-        _draw_motif(img, fam.motifs[p.type_index], pts[i], r, angles[i], hue_shift, p.side == "L", rng)
+    _draw_object(img, cat, pts, angles, unit, r, hue_shift, body, rng)
     # this photo's nuisances at single parts (a leaf, a glint, mud): a third of
     # the motifs is half covered by a blob of another colour; the keypoint
     # stays visible. One photo may show a part atypically; many do not.

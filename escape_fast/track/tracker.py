@@ -1,0 +1,361 @@
+"""Tracking one animal through a video with an adapted Predictor.
+
+The object is found on the first frame by the Predictor's object search
+(escape_fast.predict.search). After that each frame's crop comes from the
+frames before it: the support's layout is fitted to the confident
+keypoints of the last good frame (a similarity: centre, size, angle), moved
+on by the centre's velocity, and its box, widened by a margin, is decoded
+like a given box. Frames go through the trunk in batches, each one placed
+by the motion estimate, so frame t + 1 need not wait for frame t.
+
+A frame whose scores fall below what the supports themselves score (the
+median over keypoints of score / reference score under
+``TrackingConfig.lost``) is searched again in the whole frame, and the
+better of the two results is kept; when the search moved the object, the
+rest of the batch is decoded again from there.
+
+One animal per video: the tracker follows one object; with several animals
+in view it follows the one the first search found, and may change to
+another at a re-search.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from escape_fast.predict.predictor import Prediction, Predictor
+
+
+BATCH = 4  # frames per trunk batch (default)
+SIZE_WEIGHT = 0.3  # of a new frame's fitted size, against the running estimate (in log terms)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """``margin``: the box from the fitted layout is widened by this factor
+    (the crop then pads it by 1.25, as every crop); ``low``: a keypoint whose
+    score is below ``low`` x its reference score is low-confidence (kept,
+    marked, not used to place the next box nor by the smoother); ``lost``: a
+    frame whose median relative score is below it is searched again;
+    ``damping``: of the velocity in the motion estimate (1: constant velocity);
+    ``rotate``: turn each crop so that the object stands as in the supports
+    (by the angle fitted on the last good frame; the network is not
+    rotation-invariant, and animals turn)."""
+
+    margin: float = 1.1
+    low: float = 0.5
+    lost: float = 0.6
+    damping: float = 0.8
+    rotate: bool = True
+
+
+@dataclass
+class TrackedFrame:
+    """One frame's result: ``keypoints`` [K, 2] image pixels as decoded (NaN
+    for keypoints no support shows), ``scores`` [K], ``confident`` [K]
+    (score >= low x reference), ``box`` the decoded crop's box, ``searched``
+    whether the whole frame was searched for the object, ``quality`` the
+    median relative score; or ``error`` when the frame could not be decoded."""
+
+    index: int
+    keypoints: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    confident: np.ndarray | None = None
+    box: np.ndarray | None = None
+    searched: bool = False
+    quality: float = float("nan")
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_record(self) -> dict:
+        """A JSON-able dict (the progress file's line; :meth:`of_record` reads it back)."""
+        if not self.ok:
+            return {"frame": self.index, "error": self.error}
+        return {"frame": self.index, "keypoints": _nan_list(self.keypoints), "scores": _nan_list(self.scores),
+                "confident": self.confident.tolist(), "box": self.box.tolist(), "searched": self.searched,
+                "quality": None if not np.isfinite(self.quality) else float(self.quality)}
+
+    @classmethod
+    def of_record(cls, r: dict) -> TrackedFrame:
+        if "error" in r:
+            return cls(int(r["frame"]), error=str(r["error"]))
+        return cls(int(r["frame"]), _nan_array(r["keypoints"]), _nan_array(r["scores"]),
+                   np.asarray(r["confident"], dtype=bool), np.asarray(r["box"], dtype=np.float64),
+                   bool(r["searched"]), float("nan") if r["quality"] is None else float(r["quality"]))
+
+
+def _nan_list(a: np.ndarray):
+    return np.where(np.isfinite(a), a, None).tolist()
+
+
+def _nan_array(values) -> np.ndarray:
+    return np.array(values, dtype=np.float64)  # None -> nan
+
+
+@dataclass
+class _Pose:
+    """The support layout fitted to one frame: box centre [2], size (the
+    support box's longer side, pixels) and angle (radians)."""
+
+    index: int
+    center: np.ndarray
+    size: float
+    angle: float
+
+
+def fit_layout(offsets: np.ndarray, points: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """(centre [2], size, angle) of the similarity that best maps the support
+    layout's ``offsets`` [K, 2] onto ``points`` [K, 2] over ``use`` [K], or
+    None with fewer than two usable points. Least squares in the complex
+    plane, mirrored or not (whichever fits better), once more without the
+    points that fit worst (a mistaken keypoint should not move the box)."""
+    use = use & np.isfinite(offsets).all(1) & np.isfinite(points).all(1)
+    if use.sum() < 2:
+        return None
+    o_all = offsets[:, 0] + 1j * offsets[:, 1]
+    p_all = points[:, 0] + 1j * points[:, 1]
+
+    def solve(mask):
+        best = None
+        for o in (o_all, np.conj(o_all)):
+            om, pm = o[mask].mean(), p_all[mask].mean()
+            den = np.sum(np.abs(o[mask] - om) ** 2)
+            if den <= 1e-12:
+                continue
+            a = np.sum(np.conj(o[mask] - om) * (p_all[mask] - pm)) / den
+            resid = np.abs(pm + a * (o - om) - p_all)
+            cost = float(np.sum(resid[mask] ** 2))
+            if best is None or cost < best[0]:
+                best = (cost, a, pm - a * om, resid, mask)
+        return best
+
+    fit = solve(use)
+    if fit is None:
+        return None
+    if use.sum() >= 4:  # drop the points beyond twice the median residual and fit again
+        resid = fit[3]
+        keep = use & (resid <= 2 * np.median(resid[use]) + 1e-9)
+        if keep.sum() >= 3:
+            fit = solve(keep) or fit
+    _, a, c, _, mask = fit
+    # the size from the spreads: least squares shrinks |a| by every mislocated point it averages in
+    spread = np.sqrt(np.sum(np.abs(p_all[mask] - p_all[mask].mean()) ** 2) /
+                     np.sum(np.abs(o_all[mask] - o_all[mask].mean()) ** 2))
+    return np.array([c.real, c.imag]), float(spread), float(np.angle(a))
+
+
+def prefetch(items: Iterable, depth: int) -> Iterator:
+    """``items`` produced in a background thread, ``depth`` ahead (a video
+    decoder releases the GIL, so decoding overlaps the network); exceptions
+    reach the consumer in order."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=work, daemon=True, name="escape_fast-frames")
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+@dataclass
+class TrackStats:
+    frames: int = 0
+    failed: int = 0
+    searches: int = 0
+    low_points: int = 0
+    known_points: int = 0
+
+
+class Tracker:
+    """Follow the object of an adapted :class:`Predictor` through a sequence of frames.
+
+    >>> predictor = Predictor().adapt(support_frame, "support.json")
+    >>> for result in Tracker(predictor).track(open_frames("video.mp4")):
+    ...     print(result.index, result.keypoints)
+    """
+
+    def __init__(self, predictor: Predictor, config: TrackingConfig = TrackingConfig(), batch_size: int | None = None):
+        predictor._need_support()
+        self.predictor, self.config = predictor, config
+        # frames of one batch are all placed from the frames before it: a few at a time, or the
+        # motion estimate runs ahead of what it knows (16 frames of 128 px: the box trailed the animal)
+        self.batch_size = int(batch_size or min(predictor.batch_size, BATCH))
+        self.reference = predictor.reference_scores()
+        self.known = predictor.known & np.isfinite(self.reference)
+        self.stats = TrackStats()
+        self._poses: list[_Pose] = []  # the last two good frames' fitted layouts
+
+    # ----------------------------------------------------------- state
+    def resume(self, done: Iterable[TrackedFrame]) -> None:
+        """Continue after frames tracked earlier (e.g. read back from a progress file)."""
+        for frame in done:
+            if frame.ok and np.isfinite(frame.quality) and frame.quality >= self.config.lost:
+                self._remember(frame)
+
+    def _remember(self, frame: TrackedFrame) -> None:
+        fit = fit_layout(self.predictor._layout.offsets, frame.keypoints, frame.confident & self.known)
+        if fit is None:
+            return
+        center, size, angle = fit
+        if self._poses:  # the size changes slowly and one fit is noisy (a leg stretched): average it in
+            last = self._poses[-1].size
+            size = float(last * np.clip(size / last, 1 / 1.4, 1.4) ** SIZE_WEIGHT)
+        self._poses = (self._poses + [_Pose(frame.index, center, size, angle)])[-2:]
+
+    def _forget(self) -> None:
+        """The object was lost: keep where it was last seen, but not its velocity."""
+        self._poses = self._poses[-1:]
+
+    def _box_of(self, center: np.ndarray, size: float, angle: float, shape) -> tuple[np.ndarray | None, float]:
+        """(box [x, y, w, h], crop rotation in degrees) of the support's box
+        placed at ``center``, ``size`` and ``angle``; (None, 0) when it left the frame."""
+        aw, ah = self.predictor._layout.aspect * size * self.config.margin
+        if self.config.rotate:  # the crop turns with the object: the support's box as it is
+            w, h, turn = aw, ah, float(np.degrees(angle))
+        else:  # the support's box turned by the angle, and its bounding box cropped upright
+            c, s = abs(np.cos(angle)), abs(np.sin(angle))
+            w, h, turn = c * aw + s * ah, s * aw + c * ah, 0.0
+        box = np.array([center[0] - w / 2, center[1] - h / 2, w, h])
+        height, width = shape[:2]
+        if not (0 <= center[0] < width and 0 <= center[1] < height):
+            return None, 0.0  # the estimate left the frame: search it
+        return box, turn
+
+    def predicted_box(self, index: int, shape) -> tuple[np.ndarray | None, float]:
+        """(box [x, y, w, h], rotation) to decode frame ``index`` in, from the
+        motion estimate; (None, 0) before the first good frame (search the whole frame)."""
+        if not self._poses:
+            return None, 0.0
+        pose = self._poses[-1]
+        center = pose.center
+        if len(self._poses) == 2:
+            prev = self._poses[0]
+            velocity = (pose.center - prev.center) / max(pose.index - prev.index, 1)
+            center = center + self.config.damping * velocity * (index - pose.index)
+        return self._box_of(center, pose.size, pose.angle, shape)
+
+    # ----------------------------------------------------------- results
+    def _result(self, index: int, p: Prediction, searched: bool) -> TrackedFrame:
+        if not p.ok:
+            return TrackedFrame(index, error=p.error, searched=searched)
+        rel = p.scores / self.reference
+        known = self.known
+        confident = known & (rel >= self.config.low)
+        quality = float(np.median(rel[known])) if known.any() else float("nan")
+        return TrackedFrame(index, p.keypoints, p.scores, confident, p.box, searched, quality)
+
+    def _lost(self, frame: TrackedFrame) -> bool:
+        return not frame.ok or not np.isfinite(frame.quality) or frame.quality < self.config.lost
+
+    def _search(self, index: int, image: np.ndarray, name: str) -> TrackedFrame:
+        """The object searched in the whole frame, then decoded once more in
+        the box that the decoded keypoints imply (the search's box is coarse)."""
+        self.stats.searches += 1
+        frame = self._result(index, self.predictor.predict([image], [None], names=[name])[0], True)
+        if not frame.ok:
+            return frame
+        fit = fit_layout(self.predictor._layout.offsets, frame.keypoints, frame.confident & self.known)
+        if fit is None:
+            return frame
+        box, turn = self._box_of(*fit, image.shape)
+        if box is None:
+            return frame
+        again = self._result(index, self.predictor.predict([image], [box], names=[name], rotations=[turn])[0], True)
+        return again if again.ok and again.quality >= frame.quality else frame
+
+    def _account(self, frame: TrackedFrame) -> TrackedFrame:
+        s = self.stats
+        s.frames += 1
+        if not frame.ok:
+            s.failed += 1
+        else:
+            s.known_points += int(self.known.sum())
+            s.low_points += int((self.known & ~frame.confident).sum())
+        return frame
+
+    # ----------------------------------------------------------- the loop
+    def track(self, frames: Iterable[tuple[int, np.ndarray]], name: str = "video") -> Iterator[TrackedFrame]:
+        """:class:`TrackedFrame` of each ``(index, RGB frame)``, in order.
+        ``name`` names the frames in error messages (``name#frameN``)."""
+        pending: list[tuple[int, np.ndarray]] = []
+        source = iter(prefetch(frames, 2 * self.batch_size))
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < self.batch_size:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                else:
+                    pending.append(item)
+            if not pending:
+                return
+            placed = []  # the leading pending frames that the motion estimate places
+            for index, image in pending[:self.batch_size]:
+                box, turn = self.predicted_box(index, image.shape)
+                if box is None:
+                    break
+                placed.append((box, turn))
+            if not placed:  # nothing to follow yet, or it left the frame: search the next frame
+                index, image = pending.pop(0)
+                frame = self._search(index, image, f"{name}#frame{index}")
+                if not self._lost(frame):
+                    self._poses = []  # a new start: no velocity from before the search
+                    self._remember(frame)
+                yield self._account(frame)
+                continue
+            batch = pending[:len(placed)]
+            names = [f"{name}#frame{i}" for i, _ in batch]
+            results = self.predictor.predict([im for _, im in batch], [b for b, _ in placed], names=names,
+                                             rotations=[t for _, t in placed])
+            used = 0
+            for (index, image), p, nm in zip(batch, results, names):
+                used += 1
+                frame = self._result(index, p, False)
+                if self._lost(frame):  # search the whole frame; keep whichever scores better
+                    again = self._search(index, image, nm)
+                    if again.ok and (not frame.ok or again.quality > frame.quality):
+                        frame = again
+                        if not self._lost(frame):  # found it elsewhere: place the rest of the batch from here
+                            self._poses = []
+                            self._remember(frame)
+                            yield self._account(frame)
+                            break
+                if self._lost(frame):
+                    self._forget()
+                else:
+                    self._remember(frame)
+                yield self._account(frame)
+            del pending[:used]
