@@ -144,12 +144,14 @@ def main(argv=None) -> int:
     p.add_argument("--margin", type=float, default=TrackingConfig.margin)
     p.add_argument("--measurement", type=float, default=SmoothingConfig.measurement)
     p.add_argument("--acceleration", type=float, default=SmoothingConfig.acceleration)
+    p.add_argument("--refine", type=float, default=TrackingConfig.refine)
     p.add_argument("--no-rotate", action="store_true", help="upright crops (the tracker turns them by default)")
     p.add_argument("--out", help="JSON report")
     args = p.parse_args(argv)
     _, cats = _world(0)
     cat_ids = _splits(cats)[0][args.part][:args.videos]
-    tracking = TrackingConfig(margin=args.margin, low=args.low, lost=args.lost, rotate=not args.no_rotate)
+    tracking = TrackingConfig(margin=args.margin, low=args.low, lost=args.lost, rotate=not args.no_rotate,
+                              refine=args.refine)
     smoothing = SmoothingConfig(args.measurement, args.acceleration)
     results = []
     for v, cid in enumerate(cat_ids):

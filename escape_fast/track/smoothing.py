@@ -24,10 +24,16 @@ import numpy as np
 class SmoothingConfig:
     """``measurement``: standard deviation of a fully confident point, as a
     fraction of the object's size; ``acceleration``: standard deviation of
-    the velocity's change per frame, same unit."""
+    the velocity's change per frame, same unit. A keypoint's series starts
+    afresh (nothing carried across, either way) after ``max_gap`` frames
+    without a measurement, or at a measurement more than ``gate`` standard
+    deviations from the prediction (the animal came back elsewhere, or the
+    tracker moved to it)."""
 
     measurement: float = 0.02
     acceleration: float = 0.01
+    max_gap: int = 10
+    gate: float = 5.0
 
 
 def rts_smooth(times: np.ndarray, points: np.ndarray, confidence: np.ndarray, use: np.ndarray, size: float,
@@ -60,6 +66,8 @@ def rts_smooth(times: np.ndarray, points: np.ndarray, confidence: np.ndarray, us
     mean_p = np.zeros((t_count, n, 2))
     cov_p = np.zeros((t_count, n, 2, 2))
     started = np.zeros(n, dtype=bool)
+    last_seen = np.full(n, -np.inf)
+    cut = np.zeros((t_count, n), dtype=bool)  # series that start afresh at t: no smoothing across
     mean = np.zeros((n, 2))
     cov = np.zeros((n, 2, 2))
     for t in range(t_count):
@@ -72,6 +80,12 @@ def rts_smooth(times: np.ndarray, points: np.ndarray, confidence: np.ndarray, us
             cov = f @ cov @ f.T + qm
         mean_p[t], cov_p[t] = mean, cov
         m = meas[:, t]
+        s_pred = cov[:, 0, 0] + var_r[:, t]
+        far = (z[:, t] - mean[:, 0]) ** 2 > config.gate ** 2 * s_pred
+        restart = m & started & (far | (times[t] - last_seen > config.max_gap))
+        restart = np.repeat(restart.reshape(-1, 2).any(1), 2)  # x and y of a keypoint together
+        started &= ~restart
+        cut[t] = restart
         first = m & ~started  # a series starts at its first measurement, at rest with a wide velocity
         mean[first] = np.stack([z[first, t], np.zeros(first.sum())], 1)
         cov[first] = 0.0
@@ -85,12 +99,14 @@ def rts_smooth(times: np.ndarray, points: np.ndarray, confidence: np.ndarray, us
             mean[update] += gain * resid[:, None]
             cov[update] -= gain[:, :, None] * cov[update, 0, None, :]
         started |= m
+        last_seen[m] = times[t]
         mean_f[t], cov_f[t] = mean, cov
     smooth = mean_f.copy()
     for t in range(t_count - 2, -1, -1):
         dt = times[t + 1] - times[t]
         f = np.array([[1.0, dt], [0.0, 1.0]])
         gain = cov_f[t] @ f.T @ np.linalg.inv(cov_p[t + 1] + 1e-12 * np.eye(2))
+        gain[cut[t + 1]] = 0.0
         smooth[t] = mean_f[t] + (gain @ (smooth[t + 1] - mean_p[t + 1])[..., None])[..., 0]
     est = smooth[:, :, 0].T.reshape(k_count, 2, t_count).transpose(2, 0, 1)  # [T, K, 2]
     out[use] = est[use]  # only measured points are replaced by their smoothed estimate

@@ -1,18 +1,23 @@
 """Tracking one animal through a video with an adapted Predictor.
 
-The object is found on the first frame by the Predictor's object search
-(escape_fast.predict.search). After that each frame's crop comes from the
-frames before it: the support's layout is fitted to the confident
-keypoints of the last good frame (a similarity: centre, size, angle), moved
-on by the centre's velocity, and its box, widened by a margin, is decoded
-like a given box. Frames go through the trunk in batches, each one placed
-by the motion estimate, so frame t + 1 need not wait for frame t.
+The object is found on the first frame by a search: the Predictor's object
+search (escape_fast.predict.search) in the whole frame and in overlapping
+tiles a few object sizes wide, each candidate decoded and the best kept.
+After that each frame's crop comes from the frames before it: the
+support's layout is fitted to the confident keypoints of the last good
+frame (a similarity: centre, size, angle), moved on by the centre's
+velocity, and its box, widened by a margin and turned so that the object
+stands as in the supports, is decoded like a given box. Frames go through
+the trunk in batches, each placed by the motion estimate, so frame t + 1
+need not wait for frame t; a frame whose keypoints say the crop was
+misplaced is decoded again where they say.
 
 A frame whose scores fall below what the supports themselves score (the
 median over keypoints of score / reference score under
-``TrackingConfig.lost``) is searched again in the whole frame, and the
-better of the two results is kept; when the search moved the object, the
-rest of the batch is decoded again from there.
+``TrackingConfig.lost``) is searched again, and the better of the two
+results is kept; when the search moved the object, the rest of the batch
+is decoded again from there. While the object stays lost (out of view),
+only every SEARCH_EVERY-th frame is searched.
 
 One animal per video: the tracker follows one object; with several animals
 in view it follows the one the first search found, and may change to
@@ -28,10 +33,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from escape_fast.errors import DataError
 from escape_fast.predict.predictor import Prediction, Predictor
 
 
 BATCH = 4  # frames per trunk batch (default)
+SEARCH_EVERY = 5  # frames between searches while the object is not found
+TILE_OBJECTS = 3.0  # a search tile's side, in object sizes
+REFINE_TURN = 15.0  # degrees between the crop's turn and the keypoints' that call for a second decode
 SIZE_WEIGHT = 0.3  # of a new frame's fitted size, against the running estimate (in log terms)
 
 
@@ -45,13 +54,16 @@ class TrackingConfig:
     ``damping``: of the velocity in the motion estimate (1: constant velocity);
     ``rotate``: turn each crop so that the object stands as in the supports
     (by the angle fitted on the last good frame; the network is not
-    rotation-invariant, and animals turn)."""
+    rotation-invariant, and animals turn); ``refine``: decode a frame again
+    when its keypoints put the object's centre more than this fraction of
+    its size away from where the crop was placed (0: never)."""
 
     margin: float = 1.1
     low: float = 0.5
     lost: float = 0.6
     damping: float = 0.8
     rotate: bool = True
+    refine: float = 0.1
 
 
 @dataclass
@@ -196,6 +208,7 @@ class TrackStats:
     failed: int = 0
     searches: int = 0
     low_points: int = 0
+    refined: int = 0
     known_points: int = 0
 
 
@@ -217,13 +230,28 @@ class Tracker:
         self.known = predictor.known & np.isfinite(self.reference)
         self.stats = TrackStats()
         self._poses: list[_Pose] = []  # the last two good frames' fitted layouts
+        self._failed_searches_ago: int | None = None  # frames since a search found nothing
 
     # ----------------------------------------------------------- state
     def resume(self, done: Iterable[TrackedFrame]) -> None:
-        """Continue after frames tracked earlier (e.g. read back from a progress file)."""
+        """Continue after frames tracked earlier (e.g. read back from a progress
+        file): the state is rebuilt as :meth:`track` left it after them."""
         for frame in done:
-            if frame.ok and np.isfinite(frame.quality) and frame.quality >= self.config.lost:
-                self._remember(frame)
+            if frame.searched:
+                self._failed_searches_ago = 0 if self._lost(frame) else None
+            elif self._failed_searches_ago is not None:
+                self._failed_searches_ago += 1
+            self._update(frame)
+
+    def _update(self, frame: TrackedFrame) -> None:
+        """The state after a frame: a lost frame keeps where the object was
+        last seen; a frame found by a search starts the motion afresh."""
+        if self._lost(frame):
+            self._forget()
+            return
+        if frame.searched:
+            self._poses = []
+        self._remember(frame)
 
     def _remember(self, frame: TrackedFrame) -> None:
         fit = fit_layout(self.predictor._layout.offsets, frame.keypoints, frame.confident & self.known)
@@ -280,13 +308,60 @@ class Tracker:
     def _lost(self, frame: TrackedFrame) -> bool:
         return not frame.ok or not np.isfinite(frame.quality) or frame.quality < self.config.lost
 
+    def _object_size(self) -> float:
+        """The object's size in pixels: the last fitted one, else the supports' boxes' longer side."""
+        if self._poses:
+            return self._poses[-1].size
+        return float(np.mean([max(c.box[2], c.box[3]) for c in self.predictor.support_crops]))
+
+    def search_tiles(self, shape) -> list[np.ndarray]:
+        """Boxes [x, y, w, h] to search: the whole frame, and overlapping
+        tiles of TILE_OBJECTS x the object's size where the frame is larger
+        (in a whole frame a small animal covers a few feature cells)."""
+        height, width = shape[:2]
+        tiles = [np.array([0.0, 0.0, width, height])]
+        side = TILE_OBJECTS * self._object_size()
+        if side < 0.75 * max(width, height):
+            side = min(side, width, height)
+            xs = np.linspace(0, width - side, int(np.ceil((width - side) / (side / 2))) + 1)
+            ys = np.linspace(0, height - side, int(np.ceil((height - side) / (side / 2))) + 1)
+            tiles += [np.array([x, y, side, side]) for y in ys for x in xs]
+        return tiles
+
+    def _may_search(self) -> bool:
+        """After a search that found nothing, the next SEARCH_EVERY - 1 frames
+        do without one (an animal out of view would cost a search per frame)."""
+        return self._failed_searches_ago is None or self._failed_searches_ago >= SEARCH_EVERY
+
     def _search(self, index: int, image: np.ndarray, name: str) -> TrackedFrame:
-        """The object searched in the whole frame, then decoded once more in
-        the box that the decoded keypoints imply (the search's box is coarse)."""
+        frame = self._tiled_search(index, image, name)
+        self._failed_searches_ago = 0 if self._lost(frame) else None
+        return frame
+
+    def _tiled_search(self, index: int, image: np.ndarray, name: str) -> TrackedFrame:
+        """The object searched in the whole frame and in tiles of it
+        (:meth:`search_tiles`; Predictor.locate in each), every candidate box
+        decoded in one batch and the best kept, then decoded once more in
+        the box its keypoints imply (a search's box is coarse)."""
+        from escape_fast.predict.predictor import make_crop
+
         self.stats.searches += 1
-        frame = self._result(index, self.predictor.predict([image], [None], names=[name])[0], True)
-        if not frame.ok:
-            return frame
+        candidates = []
+        for tile in self.search_tiles(image.shape):
+            try:
+                box = self.predictor.locate(make_crop(image, tile, self.predictor.input_size, name))
+            except DataError:  # a tile too small to crop
+                continue
+            if box is not None:
+                candidates.append(box)
+        if not candidates:  # no keypoints could vote: decode the whole frame
+            candidates = [None]
+        found = self.predictor.predict([image] * len(candidates), candidates, names=[name] * len(candidates))
+        frames = [self._result(index, p, True) for p in found]
+        good = [f for f in frames if f.ok]
+        if not good:
+            return frames[0]
+        frame = max(good, key=lambda f: f.quality)
         fit = fit_layout(self.predictor._layout.offsets, frame.keypoints, frame.confident & self.known)
         if fit is None:
             return frame
@@ -297,6 +372,8 @@ class Tracker:
         return again if again.ok and again.quality >= frame.quality else frame
 
     def _account(self, frame: TrackedFrame) -> TrackedFrame:
+        if self._failed_searches_ago is not None and not frame.searched:
+            self._failed_searches_ago += 1
         s = self.stats
         s.frames += 1
         if not frame.ok:
@@ -305,6 +382,38 @@ class Tracker:
             s.known_points += int(self.known.sum())
             s.low_points += int((self.known & ~frame.confident).sum())
         return frame
+
+    def _refine(self, batch, placed, decoded: list[TrackedFrame], names) -> list[TrackedFrame]:
+        """Decode again, in one batch, the frames whose keypoints imply a box
+        away from the one they were decoded in (the motion estimate was off:
+        the centre by more than ``refine`` x the size, or the angle by more
+        than REFINE_TURN); a second decode replaces the first if it scores
+        at least as well."""
+        if not self.config.refine:
+            return decoded
+        redo = []
+        for n, (frame, (box, turn), (_, image)) in enumerate(zip(decoded, placed, batch)):
+            if not frame.ok:
+                continue
+            fit = fit_layout(self.predictor._layout.offsets, frame.keypoints, frame.confident & self.known)
+            if fit is None:
+                continue
+            center, size, angle = fit
+            moved = np.linalg.norm(center - (box[:2] + box[2:] / 2)) / size
+            turned = abs((np.degrees(angle) - turn + 180) % 360 - 180) if self.config.rotate else 0.0
+            if moved > self.config.refine or turned > REFINE_TURN:
+                new_box, new_turn = self._box_of(center, size, angle, image.shape)
+                if new_box is not None:
+                    redo.append((n, new_box, new_turn))
+        if redo:
+            again = self.predictor.predict([batch[n][1] for n, _, _ in redo], [b for _, b, _ in redo],
+                                           names=[names[n] for n, _, _ in redo], rotations=[t for _, _, t in redo])
+            for (n, _, _), p in zip(redo, again):
+                frame = self._result(decoded[n].index, p, False)
+                if frame.ok and frame.quality >= decoded[n].quality:
+                    decoded[n] = frame
+            self.stats.refined += len(redo)
+        return decoded
 
     # ----------------------------------------------------------- the loop
     def track(self, frames: Iterable[tuple[int, np.ndarray]], name: str = "video") -> Iterator[TrackedFrame]:
@@ -330,32 +439,31 @@ class Tracker:
                 placed.append((box, turn))
             if not placed:  # nothing to follow yet, or it left the frame: search the next frame
                 index, image = pending.pop(0)
-                frame = self._search(index, image, f"{name}#frame{index}")
-                if not self._lost(frame):
-                    self._poses = []  # a new start: no velocity from before the search
-                    self._remember(frame)
+                nm = f"{name}#frame{index}"
+                if self._may_search():
+                    frame = self._search(index, image, nm)
+                else:  # the whole frame, decoded after the Predictor's one-pass search
+                    frame = self._result(index, self.predictor.predict([image], [None], names=[nm])[0], False)
+                self._update(frame)
                 yield self._account(frame)
                 continue
             batch = pending[:len(placed)]
             names = [f"{name}#frame{i}" for i, _ in batch]
             results = self.predictor.predict([im for _, im in batch], [b for b, _ in placed], names=names,
                                              rotations=[t for _, t in placed])
+            decoded = self._refine(batch, placed, [self._result(i, p, False) for (i, _), p in zip(batch, results)],
+                                   names)
             used = 0
-            for (index, image), p, nm in zip(batch, results, names):
+            for (index, image), frame, nm in zip(batch, decoded, names):
                 used += 1
-                frame = self._result(index, p, False)
-                if self._lost(frame):  # search the whole frame; keep whichever scores better
+                if self._lost(frame) and self._may_search():  # search the frame; keep whichever scores better
                     again = self._search(index, image, nm)
                     if again.ok and (not frame.ok or again.quality > frame.quality):
                         frame = again
                         if not self._lost(frame):  # found it elsewhere: place the rest of the batch from here
-                            self._poses = []
-                            self._remember(frame)
+                            self._update(frame)
                             yield self._account(frame)
                             break
-                if self._lost(frame):
-                    self._forget()
-                else:
-                    self._remember(frame)
+                self._update(frame)
                 yield self._account(frame)
             del pending[:used]
