@@ -644,3 +644,107 @@ def test_browser_sample_two_shots_and_screenshot(server, page, tmp_path):
     _, report = saved_json(page, "#download", tmp_path)
     assert [s["image"] for s in report["supports"]] == ["support.jpg", "query-3.jpg"]
     assert len(report["queries"]) == 3 and all("error" not in q for q in report["queries"])
+
+
+# --------------------------------------------------------------------------
+# videos
+# --------------------------------------------------------------------------
+VIDEOS = Path(os.environ.get("ESCAPE_FAST_VIDEOS", ROOT.parent / "shared" / "data" / "videos"))
+FLIES = VIDEOS / "flies_pair_384px.mp4"
+needs_video = pytest.mark.skipif(not FLIES.is_file(), reason=f"fly video not found at {FLIES}")
+# the right-hand fly of frame 0 (as in tests/test_track.py)
+FLY = {"names": ["head", "thorax", "wing_tips", "foreleg_tip", "midleg_tip", "hindleg_tip"],
+       "keypoints": [[205, 188], [228, 188], [286, 200], [208, 164], [232, 148], [267, 236]],
+       "skeleton": [[0, 1], [1, 2], [1, 3], [1, 4], [1, 5]], "box": [195, 140, 100, 105]}
+TRACK_FILES = {".json", ".escape_fast.h5", ".escape_fast.csv", ".analysis.h5", ".trajectories.png", ".labeled.webm"}
+
+
+@pytest.fixture(scope="module")
+def fly_clip(tmp_path_factory):
+    """The first 16 frames of the fly video, as a small mp4 (what a user uploads)."""
+    av = pytest.importorskip("av")
+    if not FLIES.is_file():
+        pytest.skip(f"fly video not found at {FLIES}")
+    from escape_fast.data.video import open_frames
+
+    path = tmp_path_factory.mktemp("clip") / "flies.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 384, 384, "yuv420p"
+        for _, frame in open_frames(FLIES).frames(0, 16):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def wait_for_job(server, job: str, seconds: float = 300) -> dict:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        status, answer = call(server, f"/api/track/{job}")
+        assert status == 200, answer
+        if answer["state"] != "running":
+            return answer
+        time.sleep(0.3)
+    pytest.fail(f"tracking job {job} still running after {seconds} s")
+
+
+@needs_video
+def test_video_tracking_gives_the_track_commands_files(server, fly_clip, tmp_path):
+    """Upload a video, annotate its frame 0, track it: the job's files are those of
+    ``python -m escape_fast.track`` on the same video and keypoints, with the same keypoints."""
+    from escape_fast.track.__main__ import main as track_main
+
+    status, video = call(server, "/api/videos?name=flies.mp4", raw=fly_clip.read_bytes())
+    assert status == 200, video
+    assert (video["frames"], video["width"], video["height"]) == (16, 384, 384)
+    status, frame = call(server, f"/api/videos/{video['id']}/frames/0", {})
+    assert status == 200 and (frame["width"], frame["height"]) == (384, 384), frame
+    status, adapted = call(server, "/api/adapt", {"supports": [{"image": frame["id"], "keypoints": FLY}]})
+    assert status == 200, adapted
+    status, started = call(server, "/api/track", {"token": adapted["token"], "video": video["id"]})
+    assert status == 200, started
+    done = wait_for_job(server, started["job"])
+    assert done["state"] == "done", done
+    assert done["summary"]["frames"] == 16
+    names = {f["name"] for f in done["files"]}
+    assert names == {"flies" + s for s in TRACK_FILES}, names
+    url = next(f["url"] for f in done["files"] if f["name"] == "flies.json")
+    with OPENER.open(server.url.rstrip("/") + url) as r:
+        page_json = json.loads(r.read())
+    kp = tmp_path / "fly.json"
+    kp.write_text(json.dumps(FLY))
+    assert track_main([str(fly_clip), "--support-frame", "0", "--support-keypoints", str(kp), "--out",
+                       str(tmp_path / "cli"), "--no-video", "--device", "cpu"]) == 0
+    cli_json = json.loads((tmp_path / "cli" / "flies.json").read_text())
+    assert [f["keypoints"] for f in page_json["frames"]] == [f["keypoints"] for f in cli_json["frames"]]
+    # bad input: a frame past the end, a file that is not a video, an unknown job
+    status, answer = call(server, f"/api/videos/{video['id']}/frames/99", {})
+    assert status == 400 and "flies.mp4: frame 99 is past the end" in answer["error"], answer
+    status, answer = call(server, "/api/videos?name=notes.mp4", raw=b"not a video at all")
+    assert status == 400 and answer["error"].startswith("notes.mp4: not a readable video"), answer
+    assert call(server, "/api/track/nope")[0] == 404
+    alive(server)
+
+
+@needs_video
+def test_browser_tracks_a_video_from_an_annotated_frame(server, page, fly_clip, tmp_path):
+    kp = tmp_path / "fly.json"
+    kp.write_text(json.dumps(FLY))
+    page.set_input_files("#video-file", str(fly_clip))
+    page.wait_for_function("document.querySelector('#video-status').textContent.includes('16 frames')")
+    page.click("#annotate-frame")
+    SupportCanvas(page)  # the frame is shown as the support to annotate
+    page.set_input_files("#keypoints-file", str(kp))
+    page.wait_for_function("document.querySelectorAll('#keypoint-table tbody tr').length === 6")
+    page.click("#track")
+    page.wait_for_selector("body[data-tracked]", timeout=300_000)
+    assert "16 frames tracked" in page.inner_text("#video-status")
+    links = page.locator("#track-files a").all_inner_texts()
+    assert set(links) == {"flies" + s for s in TRACK_FILES}
+    # the labelled video plays in the page: the browser decodes its first frame
+    page.wait_for_function("document.querySelector('#track-video').readyState >= 2")
+    assert page.eval_on_selector("#track-video", "v => v.videoWidth") == 384

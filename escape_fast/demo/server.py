@@ -23,6 +23,14 @@ API (JSON in and out; errors are ``{"error": one line, "code": ...}`` with a
                                     format}}]} -> {"token", "keypoint_names", "skeleton", "supports"}
     POST /api/predict               {"token", "model", "method", "queries": [{"image": ID, "box": null |
                                     [x, y, w, h]}]} -> predictions.json of escape_fast.predict
+    POST /api/videos?name=F         the bytes of a video file -> {"id", "name", "frames", "fps", "width",
+                                    "height"}: kept on the server's disk for tracking
+    POST /api/videos/ID/frames/N    frame N of that video as an image to annotate -> as /api/images
+    POST /api/track                 {"token", "model", "method", "video": ID} -> {"job"}: tracks the
+                                    whole video in the background (escape_fast.track's code and files)
+    GET  /api/track/JOB             {"state": running | done | error, "phase", "done", "total", "error",
+                                    "summary", "files": [{"name", "url"}]}
+    GET  /api/track/JOB/files/NAME  one of the job's files (the labelled .webm plays in the page)
 
 Users do not share supports: /api/adapt stores a support set under a random
 token, and /api/predict names the token. One Predictor per model is loaded at
@@ -82,6 +90,32 @@ class Image:
     pixels: np.ndarray  # RGB uint8 [H, W, 3], exactly what escape_fast.data.load_image gives for the file
     display: bytes  # JPEG shown by the page (downscaled when large)
     display_size: tuple[int, int]  # (width, height)
+
+
+@dataclass
+class Video:
+    """An uploaded video, on the server's disk (it is streamed, never held in memory)."""
+
+    name: str
+    path: str
+    frames: int
+    fps: float | None
+    size: tuple[int, int]
+
+
+@dataclass
+class TrackJob:
+    """One video being tracked in the background; the page polls it."""
+
+    video: Video
+    folder: str
+    state: str = "running"
+    phase: str = "starting"
+    done: int = 0
+    total: int | None = None
+    error: str | None = None
+    summary: dict | None = None
+    files: list = field(default_factory=list)
 
 
 @dataclass
@@ -167,7 +201,10 @@ class DemoService:
         self._images: OrderedDict[str, Image] = OrderedDict()
         self._image_bytes = 0
         self._sessions: OrderedDict[str, SupportSet] = OrderedDict()
-        self._store = threading.Lock()  # guards _images and _sessions
+        self._videos: dict[str, Video] = {}
+        self._jobs: dict[str, TrackJob] = {}
+        self._disk = tempfile.TemporaryDirectory(prefix="escape_fast_demo_")  # videos and tracks; gone at exit
+        self._store = threading.Lock()  # guards _images, _sessions, _videos and _jobs
 
     # ------------------------------------------------------------------ info
     def info(self) -> dict:
@@ -226,6 +263,12 @@ class DemoService:
                 raise DataError(f"{name}: too many pixels to decode safely ({_one_line(e)})") from None
             except DataError as e:
                 raise DataError(str(e).replace(path, name)) from None
+        return self._keep_image(name, pixels)
+
+    def _keep_image(self, name: str, pixels: np.ndarray) -> dict:
+        """Keep decoded pixels as an image of the page (its display JPEG made once)."""
+        from PIL import Image as PILImage
+
         h, w = pixels.shape[:2]
         # the page shows a JPEG of this decoded image, so what it shows is what is predicted (EXIF
         # orientation, CMYK, 16-bit PNG...), and a large photo travels back downscaled
@@ -255,6 +298,117 @@ class DemoService:
             raise DemoError(410, f"image {ident} is no longer on the server (evicted or restarted); "
                                  "upload it again", "unknown_image")
         return image
+
+    # ---------------------------------------------------------------- videos
+    def add_video(self, name: str, data: bytes) -> dict:
+        """Store an uploaded video and check that it can be read (escape_fast.data.video)."""
+        from escape_fast.data.video import open_frames
+
+        name = Path(name or "video.mp4").name or "video.mp4"
+        if not data:
+            raise DataError(f"{name}: the file is empty")
+        ident = secrets.token_urlsafe(12)
+        folder = os.path.join(self._disk.name, "videos", ident)
+        os.makedirs(folder)
+        path = os.path.join(folder, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            source = open_frames(path)
+        except DataError as e:
+            raise DataError(str(e).replace(path, name)) from None
+        video = Video(name, path, source.count, source.fps, source.size)
+        with self._store:
+            self._videos[ident] = video
+        log.info("video %s: %s, %d frames of %d x %d", ident, name, video.frames, *video.size)
+        return {"id": ident, "name": name, "frames": video.frames, "fps": video.fps, "width": video.size[0],
+                "height": video.size[1]}
+
+    def video(self, ident: str) -> Video:
+        with self._store:
+            video = self._videos.get(ident)
+        if video is None:
+            raise DemoError(410, f"video {ident} is no longer on the server (restarted); upload it again",
+                            "unknown_video")
+        return video
+
+    def video_frame(self, ident: str, index: int) -> dict:
+        """Frame ``index`` of a stored video, kept as an image (to annotate as a support)."""
+        from escape_fast.data.video import open_frames
+
+        video = self.video(ident)
+        try:
+            pixels = open_frames(video.path).frame(int(index))
+        except DataError as e:
+            raise DataError(str(e).replace(video.path, video.name)) from None
+        return self._keep_image(f"{Path(video.name).stem}-frame{int(index)}.png", pixels)
+
+    def start_track(self, request: dict) -> dict:
+        """Track a stored video with a stored support set, in a background thread."""
+        model, method = self._model_and_method(request)
+        video = self.video(request.get("video"))
+        with self._store:
+            support = self._sessions.get(request.get("token")) if isinstance(request.get("token"), str) else None
+        if support is None:
+            raise DemoError(410, "the support set is no longer on the server; send it again", "unknown_support")
+        ident = secrets.token_urlsafe(12)
+        job = TrackJob(video, os.path.join(self._disk.name, "tracks", ident), total=video.frames or None)
+        os.makedirs(job.folder)
+        with self._store:
+            self._jobs[ident] = job
+        thread = threading.Thread(target=self._track, args=(job, model, support, request.get("token"), method),
+                                  daemon=True, name=f"track-{ident[:6]}")
+        thread.start()
+        return {"job": ident}
+
+    def _track(self, job: TrackJob, model: Model, support: SupportSet, token: str, method: str) -> None:
+        import argparse as _argparse
+
+        from escape_fast.track.__main__ import track_video
+        from escape_fast.track.outputs import output_stem
+
+        def progress(phase, done, total):
+            job.phase, job.done, job.total = phase, done, total
+
+        # the command's own defaults: the page tracks every frame, smoothed, as the command does
+        options = _argparse.Namespace(start=0, stop=None, step=1, batch_size=None, no_smooth=False,
+                                      no_video=False, no_rotate=False, resume=False, overwrite=True)
+        start = time.perf_counter()
+        try:
+            with model.lock:  # the model is shared: other requests wait while it tracks
+                self._adapt(model, support, token, method)
+                stem = output_stem(job.folder, job.video.name, set())
+                summary = track_video(options, model.predictor, job.video.path, stem, progress,
+                                      labeled_suffix=".labeled.webm")
+        except UserError as e:
+            job.error, job.state = _one_line(str(e).replace(job.video.path, job.video.name)), "error"
+            log.warning("track %s refused: %s", job.video.name, job.error)
+            return
+        except Exception as e:  # a bug: the traceback to the log, one line to the page
+            log.exception("tracking %s failed", job.video.name)
+            job.error, job.state = f"internal error ({type(e).__name__}: {_one_line(e)}); see the server log", "error"
+            return
+        names = sorted(p for p in os.listdir(job.folder) if not p.startswith(".") and not p.endswith(".jsonl"))
+        job.files = names
+        job.summary = summary
+        job.state = "done"
+        log.info("tracked %s: %d frames in %.1f s", job.video.name, summary["frames"], time.perf_counter() - start)
+
+    def job(self, ident: str) -> dict:
+        with self._store:
+            job = self._jobs.get(ident)
+        if job is None:
+            raise DemoError(404, f"no tracking job {ident} on this server", "unknown_job")
+        return {"state": job.state, "phase": job.phase, "done": job.done, "total": job.total, "error": job.error,
+                "summary": job.summary, "video": job.video.name,
+                "files": [{"name": n, "url": f"/api/track/{ident}/files/{n}"} for n in job.files]}
+
+    def job_file(self, ident: str, name: str) -> str:
+        with self._store:
+            job = self._jobs.get(ident)
+        if job is None or name not in job.files:
+            raise DemoError(404, f"no file {name!r} in tracking job {ident}", "unknown_file")
+        return os.path.join(job.folder, name)
 
     # -------------------------------------------------------------- keypoints
     @staticmethod
@@ -465,6 +619,27 @@ def create_app(service: DemoService, max_upload_mb: int = 64):
     async def predict(request):
         return await run_in_threadpool(service.predict, await json_body(request))
 
+    async def add_video(request):
+        data = await body(request)
+        return await run_in_threadpool(service.add_video, request.query_params.get("name", "video.mp4"), data)
+
+    async def video_frame(request):
+        try:
+            index = int(request.path_params["index"])
+        except ValueError:
+            raise DemoError(400, f"frame {request.path_params['index']!r} is not a frame number") from None
+        return await run_in_threadpool(service.video_frame, request.path_params["ident"], index)
+
+    async def start_track(request):
+        return await run_in_threadpool(service.start_track, await json_body(request))
+
+    async def job(request):
+        return service.job(request.path_params["ident"])
+
+    async def job_file(request):
+        path = service.job_file(request.path_params["ident"], request.path_params["name"])
+        return FileResponse(path, filename=os.path.basename(path))
+
     routes = [
         Route("/", index),
         Route("/favicon.ico", lambda request: Response(status_code=204)),  # none; spares a 404 in the console
@@ -474,6 +649,11 @@ def create_app(service: DemoService, max_upload_mb: int = 64):
         Route("/api/keypoints", api(keypoints), methods=["POST"]),
         Route("/api/adapt", api(adapt), methods=["POST"]),
         Route("/api/predict", api(predict), methods=["POST"]),
+        Route("/api/videos", api(add_video), methods=["POST"]),
+        Route("/api/videos/{ident}/frames/{index}", api(video_frame), methods=["POST"]),
+        Route("/api/track", api(start_track), methods=["POST"]),
+        Route("/api/track/{ident}", api(job)),
+        Route("/api/track/{ident}/files/{name}", api(job_file)),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     if SAMPLES.is_dir():

@@ -100,8 +100,12 @@ def _settings(args, predictor, video: str) -> dict:
             "keypoint_names": list(predictor.names), "rotate": not args.no_rotate}
 
 
-def track_video(args, predictor: Predictor, video: str, stem: str) -> dict:
-    """Track one video into the files at ``stem``; returns its summary."""
+def track_video(args, predictor: Predictor, video: str, stem: str, on_progress=None,
+                labeled_suffix: str = ".labeled.mp4") -> dict:
+    """Track one video into the files at ``stem``; returns its summary.
+
+    ``on_progress(phase, done, total)`` ("tracking" then "labelled video";
+    total None when the video does not say) replaces the progress bars."""
     source = open_frames(video)
     progress_path = stem + ".progress.jsonl"
     settings = _settings(args, predictor, video)
@@ -126,13 +130,15 @@ def track_video(args, predictor: Predictor, video: str, stem: str) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=len(done), unit="frame", desc=os.path.basename(video), dynamic_ncols=True,
-               file=sys.stderr)
+               file=sys.stderr, disable=on_progress is not None)
     t0, complete = time.perf_counter(), False
     try:
         for frame in tracker.track(source.frames(start, args.stop, args.step), name=source.name):
             log.add(frame)
             frames.append(frame)
             bar.update(1)
+            if on_progress is not None:
+                on_progress("tracking", len(frames), total)
             if len(frames) % FLUSH_EVERY == 0:
                 log.flush()
         complete = True
@@ -145,10 +151,17 @@ def track_video(args, predictor: Predictor, video: str, stem: str) -> dict:
                   f"writing them; --resume continues", file=sys.stderr, flush=True)
         summary = _write_results(args, predictor, tracker, source, frames, stem, seconds, len(frames) - len(done))
     if complete and not args.no_video and frames:
-        video_bar = tqdm(total=len(frames), unit="frame", desc="labelled video", file=sys.stderr, dynamic_ncols=True)
+        video_bar = tqdm(total=len(frames), unit="frame", desc="labelled video", file=sys.stderr, dynamic_ncols=True,
+                         disable=on_progress is not None)
+
+        def drawn():
+            video_bar.update(1)
+            if on_progress is not None:
+                on_progress("labelled video", video_bar.n, len(frames))
+
         try:
-            write_labeled_video(stem + ".labeled.mp4", source, frames, summary.pop("_positions"),
-                                predictor.skeleton, source.fps, video_bar)
+            write_labeled_video(stem + labeled_suffix, source, frames, summary.pop("_positions"),
+                                predictor.skeleton, source.fps, drawn)
         finally:
             video_bar.close()
     summary.pop("_positions", None)

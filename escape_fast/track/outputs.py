@@ -11,7 +11,8 @@ For a video ``NAME`` in the output folder:
   (scorer / bodyparts / coords x, y, likelihood), written by ``movement``;
 * ``NAME.analysis.h5``: a SLEAP analysis file, written by ``movement``;
 * ``NAME.trajectories.png``: each keypoint's x and y over time;
-* ``NAME.labeled.mp4``: the video with the skeleton drawn, low scores dimmed.
+* ``NAME.labeled.mp4``: the video with the skeleton drawn, low scores dimmed
+  (the demo page writes ``NAME.labeled.webm``, which browsers play).
 
 Every file is written whole under a temporary name and renamed, so a file
 is complete or absent. The likelihood in the DeepLabCut and SLEAP files is
@@ -184,7 +185,9 @@ def write_trajectories(path: str, frames: list[TrackedFrame], positions: np.ndar
 def write_labeled_video(path: str, source, frames: list[TrackedFrame], positions: np.ndarray, skeleton,
                         fps: float | None, progress=None) -> None:
     """The tracked frames of ``source`` (a FrameSource) with their keypoints
-    drawn (low-confidence ones dimmed), as H.264 (MPEG-4 where the build has no x264)."""
+    drawn (low-confidence ones dimmed): H.264 in an .mp4 (MPEG-4 where the
+    build has no x264), VP8 in a .webm (what every browser plays).
+    ``progress()`` is called after each frame."""
     import av
 
     from escape_fast.drawing import draw_pose, keypoint_colors
@@ -200,8 +203,13 @@ def write_labeled_video(path: str, source, frames: list[TrackedFrame], positions
     width, height = source.size
     with atomic_path(path) as tmp:
         with av.open(tmp, "w") as container:
-            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-            stream = container.add_stream(codec, rate=round(fps or 25))
+            if path.endswith(".webm"):
+                stream = container.add_stream("libvpx", rate=round(fps or 25),
+                                              options={"deadline": "realtime", "cpu-used": "8"})
+                stream.bit_rate = 4_000_000
+            else:
+                stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4",
+                                              rate=round(fps or 25))
             stream.width, stream.height = width + width % 2, height + height % 2
             stream.pix_fmt = "yuv420p"
             for index, image in source.frames(first, last + 1, max(step, 1)):
@@ -220,7 +228,7 @@ def write_labeled_video(path: str, source, frames: list[TrackedFrame], positions
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
                     container.mux(packet)
                 if progress is not None:
-                    progress.update(1)
+                    progress()
             for packet in stream.encode():
                 container.mux(packet)
 

@@ -17,7 +17,7 @@ median over keypoints of score / reference score under
 ``TrackingConfig.lost``) is searched again, and the better of the two
 results is kept; when the search moved the object, the rest of the batch
 is decoded again from there. While the object stays lost (out of view),
-only every SEARCH_EVERY-th frame is searched.
+only one frame in ``search_every`` is searched.
 
 One animal per video: the tracker follows one object; with several animals
 in view it follows the one the first search found, and may change to
@@ -38,7 +38,6 @@ from escape_fast.predict.predictor import Prediction, Predictor
 
 
 BATCH = 4  # frames per trunk batch (default)
-SEARCH_EVERY = 5  # frames between searches while the object is not found
 TILE_OBJECTS = 3.0  # a search tile's side, in object sizes
 REFINE_TURN = 15.0  # degrees between the crop's turn and the keypoints' that call for a second decode
 SIZE_WEIGHT = 0.3  # of a new frame's fitted size, against the running estimate (in log terms)
@@ -56,7 +55,9 @@ class TrackingConfig:
     (by the angle fitted on the last good frame; the network is not
     rotation-invariant, and animals turn); ``refine``: decode a frame again
     when its keypoints put the object's centre more than this fraction of
-    its size away from where the crop was placed (0: never)."""
+    its size away from where the crop was placed (0: never);
+    ``search_every``: while the object is not found, search one frame in
+    this many (a search decodes some 30 crops)."""
 
     margin: float = 1.1
     low: float = 0.5
@@ -64,6 +65,7 @@ class TrackingConfig:
     damping: float = 0.8
     rotate: bool = True
     refine: float = 0.1
+    search_every: int = 5
 
 
 @dataclass
@@ -329,9 +331,9 @@ class Tracker:
         return tiles
 
     def _may_search(self) -> bool:
-        """After a search that found nothing, the next SEARCH_EVERY - 1 frames
-        do without one (an animal out of view would cost a search per frame)."""
-        return self._failed_searches_ago is None or self._failed_searches_ago >= SEARCH_EVERY
+        """After a search that found nothing, the next ``search_every`` - 1
+        frames do without one (an animal out of view would cost a search per frame)."""
+        return self._failed_searches_ago is None or self._failed_searches_ago >= self.config.search_every
 
     def _search(self, index: int, image: np.ndarray, name: str) -> TrackedFrame:
         frame = self._tiled_search(index, image, name)

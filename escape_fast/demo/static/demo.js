@@ -27,6 +27,8 @@ const state = {
   report: null,     // the last predictions.json
   busy: false,
   again: false,
+  video: null,      // the server's /api/videos answer for the open video
+  tracking: false,
 };
 
 // ------------------------------------------------------------------ helpers
@@ -579,7 +581,9 @@ async function ensureAdapted() {
 // After the server dropped an image (eviction or restart), the page still has the file: send it again.
 async function reupload() {
   for (const entry of [...state.supports, ...state.queries]) {
-    entry.image = (await upload(entry.blob, entry.name)).image;
+    entry.image = entry.frameOf
+      ? await postJSON(`/api/videos/${entry.frameOf.video}/frames/${entry.frameOf.index}`, {})
+      : (await upload(entry.blob, entry.name)).image;
   }
   state.token = null;
 }
@@ -638,6 +642,96 @@ async function predict() {
     if (state.again) { state.again = false; predict(); }
   }
 }
+
+// ------------------------------------------------------------------ videos
+// The video stays on the server: a frame picked here comes back as an image to annotate, and tracking
+// runs there (escape_fast.track's code), reporting its progress until the labelled video is ready.
+async function openVideo(file) {
+  $("#video-status").textContent = `Uploading ${file.name}...`;
+  state.video = await api(`/api/videos?name=${encodeURIComponent(file.name)}`,
+                          {method: "POST", headers: {"Content-Type": "application/octet-stream"}, body: file});
+  const v = state.video;
+  const fps = v.fps ? `, ${round2(v.fps)} fps` : "";
+  $("#video-status").textContent = `${v.name}: ${v.frames} frames of ${v.width} x ${v.height}${fps}. Pick a ` +
+    "frame, annotate it, then track.";
+  $("#video-frame").max = Math.max(0, v.frames - 1);
+  for (const id of ["#video-frame", "#annotate-frame", "#track"]) $(id).disabled = false;
+  $("#track-video").hidden = true;
+  $("#track-files").replaceChildren();
+}
+
+async function annotateFrame() {
+  if (!state.video) throw new ApiError("Open a video first.");
+  const index = Math.max(0, Math.floor(Number($("#video-frame").value) || 0));
+  const image = await postJSON(`/api/videos/${state.video.id}/frames/${index}`, {});
+  const img = await loadImg(`/api/images/${image.id}`);
+  state.supports.push({name: image.name, blob: null, frameOf: {video: state.video.id, index}, image, img,
+                       points: state.names.map(() => null), box: null});
+  state.current = state.supports.length - 1;
+  state.selected = -1;
+  supportChanged();
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function track() {
+  if (state.tracking) return;
+  if (!state.video) throw new ApiError("Open a video first.");
+  if (!state.supports.length) throw new ApiError("Annotate a frame of the video (or add a support image) first.");
+  state.tracking = true;
+  $("#track").disabled = true;
+  document.body.dataset.tracking = "1";
+  const bar = $("#track-progress");
+  try {
+    await ensureAdapted();
+    const {job} = await postJSON("/api/track", {token: state.token, model: $("#model").value,
+                                                method: $("#method").value, video: state.video.id});
+    bar.hidden = false;
+    bar.removeAttribute("value");
+    let status;
+    for (;;) {
+      status = await api(`/api/track/${job}`);
+      if (status.state !== "running") break;
+      if (status.total) { bar.max = status.total; bar.value = status.done; }
+      $("#video-status").textContent = `${status.phase}: ${status.done}${status.total ? ` of ${status.total}` : ""} frames`;
+      await sleep(400);
+    }
+    if (status.state === "error") throw new ApiError(status.error);
+    const s = status.summary;
+    $("#video-status").textContent = `${s.frames} frames tracked in ${s.seconds} s (${s.fps} frames/s), ` +
+      `${round2(100 * s.low_confidence_share)}% low-confidence points (dimmed), ${s.searches} searches.`;
+    const files = status.files;
+    const labelled = files.find((f) => f.name.endsWith(".webm"));
+    if (labelled) {
+      const video = $("#track-video");
+      video.src = labelled.url;
+      video.hidden = false;
+    }
+    $("#track-files").replaceChildren(...files.map((f) => {
+      const li = document.createElement("li");
+      const a = document.createElement("a");
+      a.href = f.url;
+      a.download = f.name;
+      a.textContent = f.name;
+      li.appendChild(a);
+      return li;
+    }));
+    document.body.dataset.tracked = "1";
+  } finally {
+    bar.hidden = true;
+    state.tracking = false;
+    $("#track").disabled = false;
+    delete document.body.dataset.tracking;
+  }
+}
+
+$("#video-file").addEventListener("change", (e) => guarded(async () => {
+  const file = e.target.files[0];
+  e.target.value = "";
+  if (file) await openVideo(file);
+}));
+$("#annotate-frame").addEventListener("click", () => guarded(annotateFrame));
+$("#track").addEventListener("click", () => guarded(track));
 
 // ------------------------------------------------------------------ controls
 function fillMethods() {
