@@ -145,13 +145,14 @@ def main(argv=None) -> int:
     p.add_argument("--measurement", type=float, default=SmoothingConfig.measurement)
     p.add_argument("--acceleration", type=float, default=SmoothingConfig.acceleration)
     p.add_argument("--refine", type=float, default=TrackingConfig.refine)
+    p.add_argument("--search-every", type=int, default=TrackingConfig.search_every)
     p.add_argument("--no-rotate", action="store_true", help="upright crops (the tracker turns them by default)")
     p.add_argument("--out", help="JSON report")
     args = p.parse_args(argv)
     _, cats = _world(0)
     cat_ids = _splits(cats)[0][args.part][:args.videos]
     tracking = TrackingConfig(margin=args.margin, low=args.low, lost=args.lost, rotate=not args.no_rotate,
-                              refine=args.refine)
+                              refine=args.refine, search_every=args.search_every)
     smoothing = SmoothingConfig(args.measurement, args.acceleration)
     results = []
     for v, cid in enumerate(cat_ids):

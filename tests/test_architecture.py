@@ -26,6 +26,7 @@ ENTRY_POINTS = {
     "escape_fast.eval.__main__",
     "escape_fast.train",
     "escape_fast.predict.__main__",
+    "escape_fast.track.__main__",
     "escape_fast.plot",
     "escape_fast.convert",
     "escape_fast.demo.server",

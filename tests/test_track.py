@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from escape_fast.data.synthetic.video import keypoint_names, render_video, skeleton, video_spec
 from escape_fast.predict import KeypointSet, Predictor
@@ -202,7 +203,7 @@ def test_a_stopped_run_keeps_its_frames_and_resume_completes_it(tmp_path, fly_ke
 
 
 @needs_video
-@pytest.mark.parametrize("case", ["not a video", "support frame past the end", "no support"])
+@pytest.mark.parametrize("case", ["not a video", "support frame past the end", "no support", "frames change size"])
 def test_bad_input_is_one_line_with_exit_code_2(tmp_path, fly_keypoints, capsys, case):
     out = tmp_path / "out"
     if case == "not a video":
@@ -213,13 +214,28 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, fly_keypoints, capsys,
     elif case == "support frame past the end":
         args = [FLIES, "--support-frame", 5000, "--support-keypoints", fly_keypoints]
         message = "flies_pair_384px.mp4: frame 5000 is past the end"
-    else:
+    elif case == "no support":
         args = [FLIES, "--support-keypoints", fly_keypoints]
         message = "no support"
+    else:  # a folder of frames whose sixth frame is larger: the five before it are written, whole
+        from escape_fast.data.video import open_frames
+
+        frames = tmp_path / "frames"
+        frames.mkdir()
+        for n, frame in open_frames(FLIES).frames(0, 6):
+            image = Image.fromarray(frame)
+            (image.resize((400, 400)) if n == 5 else image).save(frames / f"{n:03d}.png")
+        args = [frames, "--support-frame", 0, "--support-keypoints", fly_keypoints, "--batch-size", 1]
+        message = "frames: frame 5 is 400 x 400 pixels, the first was 384 x 384"
     assert _track(args + ["--out", out]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("escape_fast.track: error: ") and message in err[0], err
-    assert not out.exists() or not any(out.iterdir())
+    err = [line for line in capsys.readouterr().err.splitlines() if "%|" not in line and line.strip()]
+    assert len(err) == 1 and err[0].startswith("escape_fast.track: error: ") and message in err[0], err  # + the bar
+    if case == "frames change size":
+        result = json.loads((out / "frames.json").read_text())
+        assert [f["frame"] for f in result["frames"]] == [0, 1, 2, 3, 4]
+        assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    else:
+        assert not out.exists() or not any(out.iterdir())
 
 
 def test_smoother_starts_afresh_after_a_jump_or_a_gap():

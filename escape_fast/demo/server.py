@@ -362,17 +362,13 @@ class DemoService:
         return {"job": ident}
 
     def _track(self, job: TrackJob, model: Model, support: SupportSet, token: str, method: str) -> None:
-        import argparse as _argparse
-
-        from escape_fast.track.__main__ import track_video
         from escape_fast.track.outputs import output_stem
+        from escape_fast.track.run import TrackOptions, track_video
 
         def progress(phase, done, total):
             job.phase, job.done, job.total = phase, done, total
 
-        # the command's own defaults: the page tracks every frame, smoothed, as the command does
-        options = _argparse.Namespace(start=0, stop=None, step=1, batch_size=None, no_smooth=False,
-                                      no_video=False, no_rotate=False, resume=False, overwrite=True)
+        options = TrackOptions(overwrite=True)  # the command's defaults: every frame, smoothed
         start = time.perf_counter()
         try:
             with model.lock:  # the model is shared: other requests wait while it tracks
