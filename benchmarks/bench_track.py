@@ -13,7 +13,9 @@ with its true keypoints and box. Compared on the same frames:
 * ``copy support pose``: the support's keypoints copied into the true box;
 * ``per frame, true box``: Predictor.predict of every frame with its true box;
 * ``per frame, no box`` (with ``--unboxed``): the object searched in every frame;
-* ``tracked``: escape_fast.track.Tracker, no box given; ``tracked + smoothed``.
+* ``tracked``: escape_fast.track.Tracker, no box given (started from the
+  support frame's keypoints, as ``python -m escape_fast.track`` starts on
+  an annotated frame); ``tracked + smoothed``.
 
 PCK@0.2 (visible keypoints, 0.2 x the true box's longer side), with a 95%
 interval over videos; jitter: the median frame-to-frame movement of the
@@ -88,6 +90,8 @@ def run_video(spec, args, tracking: TrackingConfig, smoothing: SmoothingConfig) 
         out[UNBOXED] = keypoints_of(predictor.predict(images), len(names))
         times[UNBOXED] = time.perf_counter() - t
     tracker = Tracker(predictor, tracking)
+    # as the command does when the support is the first frame tracked: start from its keypoints
+    tracker.start_at(-1, truth[0, :, :2], truth[0, :, 2] > 0)
     t = time.perf_counter()
     tracked = list(tracker.track(enumerate(images), f"video {spec.video}"))
     times[TRACKED] = time.perf_counter() - t
@@ -146,13 +150,15 @@ def main(argv=None) -> int:
     p.add_argument("--acceleration", type=float, default=SmoothingConfig.acceleration)
     p.add_argument("--refine", type=float, default=TrackingConfig.refine)
     p.add_argument("--search-every", type=int, default=TrackingConfig.search_every)
+    p.add_argument("--no-prior", action="store_true", help="decode turned crops without the location prior")
     p.add_argument("--no-rotate", action="store_true", help="upright crops (the tracker turns them by default)")
     p.add_argument("--out", help="JSON report")
     args = p.parse_args(argv)
     _, cats = _world(0)
     cat_ids = _splits(cats)[0][args.part][:args.videos]
     tracking = TrackingConfig(margin=args.margin, low=args.low, lost=args.lost, rotate=not args.no_rotate,
-                              refine=args.refine, search_every=args.search_every)
+                              refine=args.refine, search_every=args.search_every,
+                              location_prior=not args.no_prior)
     smoothing = SmoothingConfig(args.measurement, args.acceleration)
     results = []
     for v, cid in enumerate(cat_ids):

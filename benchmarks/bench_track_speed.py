@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -38,6 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_cpu_isa import cpu_name  # noqa: E402
 
 from escape_fast.files import write_json  # noqa: E402
 
@@ -116,11 +118,11 @@ def main(argv=None) -> int:
         "labelled video (extra)": {"seconds": video_s - track_s, "fps": n / max(video_s - track_s, 1e-9)},
         "predict on the frames as PNG files": {"seconds": predict_s, "fps": n / predict_s},
     }
-    report = {"cpu": platform.processor() or platform.machine(), "frames": n, "size": "640 x 480",
+    report = {"cpu": cpu_name(), "frames": n, "size": "640 x 480",
               "rows": rows, "speedup_vs_predict": predict_s / track_s,
               "peak_rss_mib": {"quarter": rss_quarter, "all": rss_full},
               "low_confidence_share": summary["low_confidence_share"], "searches": summary["searches"]}
-    print(f"\n{n} frames of 640 x 480 (real fly footage), this CPU\n")
+    print(f"\n{n} frames of 640 x 480 (real fly footage), {report['cpu']}\n")
     print("| run | seconds | frames / s |\n|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['seconds']:.1f} | {r['fps']:.1f} |")

@@ -151,3 +151,34 @@ def test_predict_parity_names_what_changed(tmp_path):
     again = subprocess.run([*script, "--out", str(tmp_path / "c.npz"), "--compare", str(tmp_path / "b.npz")],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and f"1 of {len(arrays)} differ" in again.stdout and changed in again.stdout
+
+
+def test_track_benchmark_scores_every_method_against_the_truth(tmp_path):
+    out = tmp_path / "track.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_track.py"), "--part", "val", "--videos",
+                           "1", "--frames", "30", "--out", str(out)], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["table"]) == {"copy support pose", "per frame, true box", "tracked", "tracked + smoothed",
+                                    "smoothed - true box"}
+    video = report["videos"][0]
+    assert video["frames"] == 30 and video["supports"] == [0]
+    for name, row in video["methods"].items():
+        assert 0 <= row["pck"] <= 1, name
+    assert "| tracked + smoothed |" in proc.stdout
+
+
+def test_track_speed_benchmark_times_track_and_predict(tmp_path):
+    out = tmp_path / "speed.json"
+    video = ROOT.parent / "shared" / "data" / "videos" / "flies_two_1024px.mp4"
+    if not video.is_file():
+        pytest.skip(f"fly video not found at {video}")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_track_speed.py"), "--frames", "8",
+                           "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["frames"] == 8 and report["speedup_vs_predict"] > 0
+    assert set(report["rows"]) == {"track, end to end (process wall time)", "track, the tool's own frame loop",
+                                   "labelled video (extra)", "predict on the frames as PNG files"}
+    assert report["peak_rss_mib"]["all"] > 0 and "threads" in report["cpu"]

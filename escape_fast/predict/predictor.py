@@ -21,6 +21,7 @@ error is reported for that query while the other queries get their results.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -277,7 +278,7 @@ class Predictor:
     # ---------------------------------------------------------------- queries
     @torch.no_grad()
     def predict(self, images, boxes=None, raise_errors: bool = False, names=None,
-                rotations=None) -> list[Prediction]:
+                rotations=None, location_prior: bool = True) -> list[Prediction]:
         """Keypoints of each query image (paths or RGB arrays), in batches.
 
         ``boxes``: None or one [x, y, w, h] (or None) per image. In a query
@@ -287,7 +288,10 @@ class Predictor:
         ``raise_errors``, raises its DataError); the others are unaffected.
         ``names``: what messages and results call each image (default: its
         path, or "query #n" for an array); ``rotations``: None or one angle
-        per image (degrees, see :func:`make_crop`) for the crops of given boxes.
+        per image (degrees, see :func:`make_crop`) for the crops of given boxes;
+        ``location_prior=False`` decodes without the model's location prior
+        (where the crop's orientation is itself an estimate, the prior would
+        confirm it).
         """
         self._need_support()
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -327,7 +331,7 @@ class Predictor:
                             crops[i] = make_crop(pixels[i], box, self.input_size, chunk[i].image)
                         except DataError:  # no area inside the image: keep the whole image
                             pass
-            self._decode(chunk, crops)
+            self._decode(chunk, crops, location_prior)
         return results
 
     @torch.no_grad()
@@ -353,7 +357,7 @@ class Predictor:
         return locate_object(self.model.smooth(feats), self.prototypes, self._layout, self.known, view.crop,
                              view.crop.pixels_per_cell(grid))
 
-    def _decode(self, preds: list[Prediction], crops: list[CropView]):
+    def _decode(self, preds: list[Prediction], crops: list[CropView], location_prior: bool = True):
         """Decode the crops of ``preds`` (with the model's location prior, if it has one).
 
         A keypoint's score is the cosine similarity of its prototype and the
@@ -364,6 +368,8 @@ class Predictor:
                                      backend=self.backend)
         b, grid = feats.shape[0], feats.shape[-1]
         adapted = self._adapted.map(lambda t: t.expand(b, *t.shape[1:]).contiguous())  # one set per query
+        if not location_prior:
+            adapted = dataclasses.replace(adapted, positions=None)
         # decoded as the evaluation decodes, so both agree
         xy, _ = self.model.predict(self.model.smooth(feats), adapted, CropBatch.of_crops([c.crop for c in crops], dev),
                                    self.backend)

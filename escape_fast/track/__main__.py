@@ -98,10 +98,13 @@ def run(args) -> int:
     remove_stale(args.out)
     options = TrackOptions(args.start, args.stop, args.step, args.batch_size, not args.no_smooth, not args.no_video,
                            not args.no_rotate, args.resume, args.overwrite)
+    # the supports annotated on a video's own frames: tracking from one of them starts from its keypoints
+    support_video = args.support_video or args.videos[0]
+    annotated = dict(zip(args.support_frame, predictor.supports))
     used: set = set()
     for video in args.videos:
         stem = output_stem(args.out, video, used)
-        s = track_video(options, predictor, video, stem)
+        s = track_video(options, predictor, video, stem, annotated=annotated if video == support_video else None)
         print(f"{video}: {s['frames']} frames in {s['seconds']:.1f} s ({s['fps']} fps), "
               f"{100 * s['low_confidence_share']:.1f}% low-confidence points, {s['searches']} searches, "
               f"{s['failed']} failed, {s['skipped_undecodable']} undecodable; results in {stem}.*")

@@ -52,8 +52,12 @@ def _settings(options: TrackOptions, predictor, video: str) -> dict:
 
 
 def track_video(options: TrackOptions, predictor: Predictor, video: str, stem: str, on_progress=None,
-                labeled_suffix: str = ".labeled.mp4") -> dict:
+                labeled_suffix: str = ".labeled.mp4", annotated: dict | None = None) -> dict:
     """Track one video into the files at ``stem``; returns its summary.
+
+    ``annotated``: {frame index: KeypointSet} of this video's frames that
+    are supports; tracking that starts on one starts from its keypoints
+    instead of searching for the object.
 
     ``on_progress(phase, done, total)`` ("tracking" then "labelled video";
     total None when the video does not say) replaces the progress bars."""
@@ -73,6 +77,9 @@ def track_video(options: TrackOptions, predictor: Predictor, video: str, stem: s
                              "again")
     tracker = Tracker(predictor, TrackingConfig(rotate=options.rotate), options.batch_size)
     tracker.resume(done)
+    if not done and annotated and options.start in annotated:
+        kps = annotated[options.start]
+        tracker.start_at(options.start - options.step, kps.keypoints, kps.visible)
     start = done[-1].index + options.step if done else options.start
     stop = options.stop if options.stop is not None else (source.count or None)
     total = None if stop is None else max(0, (stop - options.start + options.step - 1) // options.step)
