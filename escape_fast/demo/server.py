@@ -90,12 +90,14 @@ class Image:
     pixels: np.ndarray  # RGB uint8 [H, W, 3], exactly what escape_fast.data.load_image gives for the file
     display: bytes  # JPEG shown by the page (downscaled when large)
     display_size: tuple[int, int]  # (width, height)
+    frame_of: tuple[str, int] | None = None  # (video id, frame index) for a frame of an uploaded video
 
 
 @dataclass
 class Video:
     """An uploaded video, on the server's disk (it is streamed, never held in memory)."""
 
+    ident: str
     name: str
     path: str
     frames: int
@@ -125,6 +127,7 @@ class SupportSet:
     names: list[str]  # the images' file names (the predictions name them)
     images: list[np.ndarray]
     keypoints: list[KeypointSet]
+    frames: list = field(default_factory=list)  # per support: (video id, frame index), or None
 
 
 @dataclass
@@ -265,7 +268,7 @@ class DemoService:
                 raise DataError(str(e).replace(path, name)) from None
         return self._keep_image(name, pixels)
 
-    def _keep_image(self, name: str, pixels: np.ndarray) -> dict:
+    def _keep_image(self, name: str, pixels: np.ndarray, frame_of: tuple[str, int] | None = None) -> dict:
         """Keep decoded pixels as an image of the page (its display JPEG made once)."""
         from PIL import Image as PILImage
 
@@ -277,7 +280,7 @@ class DemoService:
             shown.thumbnail((self.display_size, self.display_size), PILImage.Resampling.LANCZOS)
         buf = io.BytesIO()
         shown.save(buf, format="JPEG", quality=90)
-        image = Image(name, pixels, buf.getvalue(), shown.size)
+        image = Image(name, pixels, buf.getvalue(), shown.size, frame_of)
         ident = secrets.token_urlsafe(12)
         with self._store:
             self._images[ident] = image
@@ -317,7 +320,7 @@ class DemoService:
             source = open_frames(path)
         except DataError as e:
             raise DataError(str(e).replace(path, name)) from None
-        video = Video(name, path, source.count, source.fps, source.size)
+        video = Video(ident, name, path, source.count, source.fps, source.size)
         with self._store:
             self._videos[ident] = video
         log.info("video %s: %s, %d frames of %d x %d", ident, name, video.frames, *video.size)
@@ -341,7 +344,7 @@ class DemoService:
             pixels = open_frames(video.path).frame(int(index))
         except DataError as e:
             raise DataError(str(e).replace(video.path, video.name)) from None
-        return self._keep_image(f"{Path(video.name).stem}-frame{int(index)}.png", pixels)
+        return self._keep_image(f"{Path(video.name).stem}-frame{int(index)}.png", pixels, (ident, int(index)))
 
     def start_track(self, request: dict) -> dict:
         """Track a stored video with a stored support set, in a background thread."""
@@ -374,8 +377,11 @@ class DemoService:
             with model.lock:  # the model is shared: other requests wait while it tracks
                 self._adapt(model, support, token, method)
                 stem = output_stem(job.folder, job.video.name, set())
+                # as the command does: tracking that starts on an annotated frame starts from its keypoints
+                annotated = {f[1]: kps for f, kps in zip(support.frames, model.predictor.supports)
+                             if f is not None and f[0] == job.video.ident}
                 summary = track_video(options, model.predictor, job.video.path, stem, progress,
-                                      labeled_suffix=".labeled.webm")
+                                      labeled_suffix=".labeled.webm", annotated=annotated)
         except UserError as e:
             job.error, job.state = _one_line(str(e).replace(job.video.path, job.video.name)), "error"
             log.warning("track %s refused: %s", job.video.name, job.error)
@@ -431,7 +437,7 @@ class DemoService:
         supports = request.get("supports")
         if not isinstance(supports, list) or not supports:
             raise DataError("no support image: add one and place its keypoints")
-        names, images, sets = [], [], []
+        names, images, sets, frames = [], [], [], []
         for n, entry in enumerate(supports):
             if not isinstance(entry, dict):
                 raise DemoError(400, f"support {n + 1}: expected an object with 'image' and 'keypoints'")
@@ -446,7 +452,8 @@ class DemoService:
             sets.append(parse_keypoints(kp, f"{Path(image.name).stem}.json"))
             names.append(image.name)
             images.append(image.pixels)
-        support = SupportSet(names, images, sets)
+            frames.append(image.frame_of)
+        support = SupportSet(names, images, sets, frames)
         token = secrets.token_urlsafe(16)
         with model.lock:  # checked by the model at once, so a bad support is reported here, not at predict
             self._adapt(model, support, token, method)
