@@ -372,14 +372,13 @@ class Tracker:
         from escape_fast.predict.predictor import make_crop
 
         self.stats.searches += 1
-        candidates = []
+        views = []
         for tile in self.search_tiles(image.shape):
             try:
-                box = self.predictor.locate(make_crop(image, tile, self.predictor.input_size, name))
+                views.append(make_crop(image, tile, self.predictor.input_size, name))
             except DataError:  # a tile too small to crop
                 continue
-            if box is not None:
-                candidates.append(box)
+        candidates = [box for box in self.predictor.locate_many(views) if box is not None]
         if not candidates:  # no keypoints could vote: decode the whole frame
             candidates = [None]
         found = self.predictor.predict([image] * len(candidates), candidates, names=[name] * len(candidates))
