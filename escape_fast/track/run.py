@@ -76,10 +76,10 @@ def track_video(options: TrackOptions, predictor: Predictor, video: str, stem: s
             raise UsageError(f"{progress_path} exists (an earlier run); --resume continues it, --overwrite starts "
                              "again")
     tracker = Tracker(predictor, TrackingConfig(rotate=options.rotate), options.batch_size)
-    tracker.resume(done)
-    if not done and annotated and options.start in annotated:
+    if annotated and options.start in annotated:  # before resume: a resumed run rebuilds the same state
         kps = annotated[options.start]
         tracker.start_at(options.start - options.step, kps.keypoints, kps.visible)
+    tracker.resume(done)
     start = done[-1].index + options.step if done else options.start
     stop = options.stop if options.stop is not None else (source.count or None)
     total = None if stop is None else max(0, (stop - options.start + options.step - 1) // options.step)
