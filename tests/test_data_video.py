@@ -3,23 +3,18 @@ ranges, one frame, and bad input named by file and frame."""
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fly_video import FLIES, needs_video
+
 from escape_fast.data.video import open_frames
 from escape_fast.errors import DataError, DataWarning
 
 pytest.importorskip("av", reason="PyAV (the video extra) is not installed")
-
-ROOT = Path(__file__).resolve().parents[1]
-VIDEOS = Path(os.environ.get("ESCAPE_FAST_VIDEOS", ROOT.parent / "shared" / "data" / "videos"))
-FLIES = VIDEOS / "flies_pair_384px.mp4"
-needs_video = pytest.mark.skipif(not FLIES.is_file(), reason=f"fly video not found at {FLIES}")
 
 
 @needs_video

@@ -32,6 +32,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fly_video import FLIES, FLY, needs_video
+
 from escape_fast import builtin
 from escape_fast.drawing import keypoint_colors
 from escape_fast.predict import Predictor, parse_keypoints, write_outputs
@@ -649,13 +651,6 @@ def test_browser_sample_two_shots_and_screenshot(server, page, tmp_path):
 # --------------------------------------------------------------------------
 # videos
 # --------------------------------------------------------------------------
-VIDEOS = Path(os.environ.get("ESCAPE_FAST_VIDEOS", ROOT.parent / "shared" / "data" / "videos"))
-FLIES = VIDEOS / "flies_pair_384px.mp4"
-needs_video = pytest.mark.skipif(not FLIES.is_file(), reason=f"fly video not found at {FLIES}")
-# the right-hand fly of frame 0 (as in tests/test_track.py)
-FLY = {"names": ["head", "thorax", "wing_tips", "foreleg_tip", "midleg_tip", "hindleg_tip"],
-       "keypoints": [[205, 188], [228, 188], [286, 200], [208, 164], [232, 148], [267, 236]],
-       "skeleton": [[0, 1], [1, 2], [1, 3], [1, 4], [1, 5]], "box": [195, 140, 100, 105]}
 TRACK_FILES = {".json", ".escape_fast.h5", ".escape_fast.csv", ".analysis.h5", ".trajectories.png", ".labeled.webm"}
 
 
