@@ -86,3 +86,12 @@ def test_image_folders_and_globs(tmp_path):
     Image.fromarray(np.zeros((31, 40, 3), dtype=np.uint8)).save(tmp_path / "f09.png")
     with pytest.warns(DataWarning), pytest.raises(DataError, match="frame 4 is 40 x 31 pixels, the first was 40 x 30"):
         list(open_frames(tmp_path))
+
+
+@needs_video
+def test_one_frame_by_seeking_is_the_frame_decoding_from_the_start_gives():
+    from escape_fast.data.video import FrameSource
+
+    video = open_frames(FLIES)
+    for n in (1, 17, 250, 777, video.count - 1):  # keyframes and frames between them
+        assert np.array_equal(video.frame(n), FrameSource.frame(video, n)), n

@@ -120,6 +120,38 @@ class _Video(FrameSource):
             for frame in decoded:
                 yield frame.to_ndarray(format="rgb24")
 
+    def frame(self, index: int) -> np.ndarray:
+        """One frame: found by seeking to the keyframe before it where the
+        timestamps are those of a constant frame rate (exact: the frame
+        whose timestamp is index / fps), else decoded from the start."""
+        found = self._seek_frame(index) if index > 0 else None
+        return found if found is not None else super().frame(index)
+
+    def _seek_frame(self, index: int) -> np.ndarray | None:
+        """Frame ``index`` by timestamp, or None where that cannot be trusted
+        (no constant frame rate, no timestamps, a timestamp that is not on
+        the frame grid, a frame of another size): decode from the start then."""
+        av = _av()
+        try:
+            with av.open(self.path) as container:
+                stream = container.streams.video[0]
+                if not stream.average_rate or not stream.time_base:
+                    return None
+                per_frame = 1 / (float(stream.average_rate) * float(stream.time_base))  # timestamp units
+                if abs(per_frame - round(per_frame)) > 1e-6:
+                    return None
+                target = (stream.start_time or 0) + index * round(per_frame)
+                container.seek(target, stream=stream, backward=True, any_frame=False)
+                for decoded in container.decode(stream):
+                    if decoded.pts is None or decoded.pts > target:
+                        return None
+                    if decoded.pts == target:
+                        pixels = decoded.to_ndarray(format="rgb24")
+                        return pixels if pixels.shape[1::-1] == self.size else None
+        except av.error.FFmpegError:
+            return None
+        return None
+
     def _decode(self):
         av = _av()
         skipped_before = self.skipped
