@@ -251,6 +251,12 @@ class Predictor:
         return self
 
     @property
+    def layout(self) -> SupportLayout:
+        """Where the keypoints sit in the supports' boxes (the object search's and the tracker's geometry)."""
+        self._need_support()
+        return self._layout
+
+    @property
     def names(self) -> tuple[str, ...]:
         return self.supports[0].names if self.supports else ()
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from escape_fast.errors import DataError
-from escape_fast.predict.predictor import Prediction, Predictor
+from escape_fast.predict.predictor import Prediction, Predictor, make_crop
 
 
 BATCH = 4  # frames per trunk batch (default)
@@ -229,12 +229,11 @@ class Tracker:
     """
 
     def __init__(self, predictor: Predictor, config: TrackingConfig = TrackingConfig(), batch_size: int | None = None):
-        predictor._need_support()
         self.predictor, self.config = predictor, config
         # frames of one batch are all placed from the frames before it: a few at a time, or the
         # motion estimate runs ahead of what it knows (16 frames of 128 px: the box trailed the animal)
         self.batch_size = int(batch_size or min(predictor.batch_size, BATCH))
-        self.reference = predictor.reference_scores()
+        self.reference = predictor.reference_scores()  # raises when the predictor has no support yet
         self.known = predictor.known & np.isfinite(self.reference)
         self.stats = TrackStats()
         self._poses: list[_Pose] = []  # the last two good frames' fitted layouts
@@ -275,8 +274,12 @@ class Tracker:
             self._poses = []
         self._remember(frame)
 
+    def _fit(self, frame: TrackedFrame) -> tuple[np.ndarray, float, float] | None:
+        """(centre, size, angle) of the supports' layout on a frame's confident keypoints (:func:`fit_layout`)."""
+        return fit_layout(self.predictor.layout.offsets, frame.keypoints, frame.confident & self.known)
+
     def _remember(self, frame: TrackedFrame) -> None:
-        fit = fit_layout(self.predictor._layout.offsets, frame.keypoints, frame.confident & self.known)
+        fit = self._fit(frame)
         if fit is None:
             return
         center, size, angle = fit
@@ -294,7 +297,7 @@ class Tracker:
     def _box_of(self, center: np.ndarray, size: float, angle: float, shape) -> tuple[np.ndarray | None, float]:
         """(box [x, y, w, h], crop rotation in degrees) of the support's box
         placed at ``center``, ``size`` and ``angle``; (None, 0) when it left the frame."""
-        aw, ah = self.predictor._layout.aspect * size * self.config.margin
+        aw, ah = self.predictor.layout.aspect * size * self.config.margin
         if self.config.rotate:  # the crop turns with the object: the support's box as it is
             w, h, turn = aw, ah, float(np.degrees(angle))
         else:  # the support's box turned by the angle, and its bounding box cropped upright
@@ -369,8 +372,6 @@ class Tracker:
         (:meth:`search_tiles`; Predictor.locate in each), every candidate box
         decoded in one batch and the best kept, then decoded once more in
         the box its keypoints imply (a search's box is coarse)."""
-        from escape_fast.predict.predictor import make_crop
-
         self.stats.searches += 1
         views = []
         for tile in self.search_tiles(image.shape):
@@ -387,7 +388,7 @@ class Tracker:
         if not good:
             return frames[0]
         frame = max(good, key=lambda f: f.quality)
-        fit = fit_layout(self.predictor._layout.offsets, frame.keypoints, frame.confident & self.known)
+        fit = self._fit(frame)
         if fit is None:
             return frame
         box, turn = self._box_of(*fit, image.shape)
@@ -421,7 +422,7 @@ class Tracker:
         for n, (frame, (box, turn), (_, image)) in enumerate(zip(decoded, placed, batch)):
             if not frame.ok:
                 continue
-            fit = fit_layout(self.predictor._layout.offsets, frame.keypoints, frame.confident & self.known)
+            fit = self._fit(frame)
             if fit is None:
                 continue
             center, size, angle = fit
