@@ -156,28 +156,38 @@ def _group_slots(query_rows: torch.Tensor):
 def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypoints: int, backend="auto",
                      timer=None, alpha=None):
     """Predictions [D * Q, K, 2] (image pixels) for the episodes of one category
-    with ``num_keypoints`` keypoints (only those are decoded; the padding stays 0)."""
+    with ``num_keypoints`` keypoints (only those are decoded; the padding stays 0).
+
+    Draws that share a support set (most 1-shot draws: a category of N
+    instances has N - 1 possible supports for 200 draws) share their
+    prototypes, and a query decoded again against the same set would give the
+    same heatmaps: each distinct set is adapted once and each distinct
+    (query, set) pair decoded once."""
     timer = timer or Timer(bank.smoothed.device)
     dev = bank.smoothed.device
     sup = torch.tensor([[bank.rows[i] for i in e.supports] for e in episodes], device=dev)  # [D, S]
     qry = torch.tensor([[bank.rows[i] for i in e.queries] for e in episodes], device=dev)  # [D, Q]
     d, q = qry.shape
+    sets, set_of_draw = torch.unique(sup, dim=0, return_inverse=True)
     with timer.phase("adaptation"):
-        adapted = model.adapt(bank.support[sup], method, alpha)
+        adapted = model.adapt(bank.support[sets], method, alpha)
     with timer.phase("heatmaps"):
         k = num_keypoints
         k_pad = adapted.prototypes.shape[1]
         pair_rows = qry.reshape(-1)
-        pair_draw = torch.arange(d, device=dev).repeat_interleave(q)
-        uniq, group, slot, width = _group_slots(pair_rows)
+        pair_set = set_of_draw.repeat_interleave(q)
+        # distinct (query row, set) pairs, grouped by query row (unique sorts by row first)
+        keys, pair_key = torch.unique(pair_rows * len(sets) + pair_set, return_inverse=True)
+        key_rows, key_sets = keys // len(sets), keys % len(sets)
+        uniq, group, slot, width = _group_slots(key_rows)
 
-        def regroup(t):  # [D, K_pad, ...] -> [U, width * k, ...]: each query row's sets of every draw that queries it
+        def regroup(t):  # [sets, K_pad, ...] -> [U, width * k, ...]: each query row's distinct sets
             out = t.new_zeros(len(uniq), width, k, *t.shape[2:])
-            out[group, slot] = t[pair_draw, :k]
+            out[group, slot] = t[key_sets, :k]
             return out.reshape(len(uniq), width * k, *t.shape[2:])
 
         coords, _ = model.predict(bank.smoothed[uniq], adapted.map(regroup), bank.crops[uniq], backend)
-        coords = coords.reshape(len(uniq), width, k, 2)[group, slot]  # [D * Q, k, 2]
+        coords = coords.reshape(len(uniq), width, k, 2)[group, slot][pair_key]  # [D * Q, k, 2]
         coords = torch.nn.functional.pad(coords, (0, 0, 0, k_pad - k))
     return coords, sup, pair_rows
 
