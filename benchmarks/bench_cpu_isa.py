@@ -13,27 +13,12 @@ vector extensions; best-of-N milliseconds (N = --repeat).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
+from machine import cpu_name
 
 from escape_fast import ops
-
-
-def cpu_name() -> str:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    vector = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{model}, {torch.get_num_threads()} threads, {' '.join(vector) or 'no AVX'}"
 
 
 def best_ms(fn, repeat: int) -> float:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -26,6 +25,7 @@ import tempfile
 import time
 
 import torch
+from machine import cpu_name
 
 import escape_fast
 from escape_fast import builtin
@@ -78,7 +78,7 @@ def main(argv=None):
     record = {
         "command": " ".join([sys.executable, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "escape_fast": escape_fast.__version__,
         "threads": torch.get_num_threads(),
         "episodes": full.num_pairs,

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_cpu_isa import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 from escape_fast.files import write_json  # noqa: E402
 

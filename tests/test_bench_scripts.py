@@ -153,6 +153,21 @@ def test_predict_parity_names_what_changed(tmp_path):
     assert again.returncode == 1 and f"1 of {len(arrays)} differ" in again.stdout and changed in again.stdout
 
 
+def test_predict_benchmark_times_boxed_and_unboxed_queries(tmp_path):
+    fixture = ROOT.parent / "shared" / "data" / "mp100_fixture"
+    if not fixture.is_dir():
+        pytest.skip(f"MP-100 fixture not found at {fixture}")
+    out = tmp_path / "predict.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_predict.py"), "--queries", "3",
+                           "--repeat", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["queries"] == 3 and "threads" in record["machine"]
+    for kind in ("boxed", "unboxed"):
+        assert len(record["seconds"][kind]) == 2 and record["best"][kind] == min(record["seconds"][kind]) > 0
+        assert f"3 {kind} queries" in proc.stdout
+
+
 def test_track_benchmark_scores_every_method_against_the_truth(tmp_path):
     out = tmp_path / "track.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_track.py"), "--part", "val", "--videos",

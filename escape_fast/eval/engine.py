@@ -167,7 +167,7 @@ def predict_category(model, bank: InstanceBank, episodes, method: str, num_keypo
     dev = bank.smoothed.device
     sup = torch.tensor([[bank.rows[i] for i in e.supports] for e in episodes], device=dev)  # [D, S]
     qry = torch.tensor([[bank.rows[i] for i in e.queries] for e in episodes], device=dev)  # [D, Q]
-    d, q = qry.shape
+    q = qry.shape[1]
     sets, set_of_draw = torch.unique(sup, dim=0, return_inverse=True)
     with timer.phase("adaptation"):
         adapted = model.adapt(bank.support[sets], method, alpha)
