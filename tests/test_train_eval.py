@@ -19,7 +19,7 @@ import torch
 from escape_fast import checkpoint
 from escape_fast.data import EpisodeSampler, load_coco, mp100_split_files
 from escape_fast.data.synthetic import generate
-from escape_fast.eval.engine import evaluate, evaluate_reference
+from escape_fast.eval.engine import build_bank, evaluate, evaluate_reference, predict_category
 from escape_fast.models.escape import EscapeModel
 
 TINY = [
@@ -175,6 +175,27 @@ def test_fast_path_equals_reference_path(trained, bench, method):
     flips = int((diff > 1e-3).sum())
     assert flips <= max(2, diff.numel() // 200), (flips, diff.numel())
     assert abs(fast.summary.pck_main - ref.summary.pck_main) < 0.01
+
+
+@pytest.mark.parametrize("method", ["mle", "escape"])
+def test_shared_support_sets_are_decoded_once_with_the_same_predictions(trained, bench, method):
+    # 1 shot, 12 draws of a 6-instance category: draws share support sets and queries, which the
+    # fast path adapts and decodes once per distinct (query, set); each draw decoded on its own
+    # must give what it gets in the batch, and repeated draws the same rows
+    coco, sampler = _sampler(bench, draws=12, queries=3)
+    model = EscapeModel.load(trained / "model.pt")
+    cat, episodes = next(iter(sampler.by_category().items()))
+    assert len({e.supports for e in episodes}) < len(episodes)  # the case under test
+    k = coco.categories[cat].num_keypoints
+    needed = sorted({i for e in episodes for i in (*e.supports, *e.queries)})
+    bank = build_bank(model, coco, needed, torch.device("cpu"), matcher=method == "escape")
+    episodes = [*episodes, episodes[0]]  # an exact repeat too
+    coords, _, _ = predict_category(model, bank, episodes, method, k)
+    coords = coords.reshape(len(episodes), 3, -1, 2)
+    assert torch.equal(coords[0], coords[-1])
+    for n, e in enumerate(episodes[:-1]):
+        alone, _, _ = predict_category(model, bank, [e], method, k)
+        assert torch.allclose(alone, coords[n], atol=1e-3), n
 
 
 def test_eval_cli_report_and_all_methods(trained, bench, tmp_path):
