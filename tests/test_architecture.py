@@ -33,6 +33,7 @@ ENTRY_POINTS = {
     "escape_fast.demo.__main__",
     "escape_fast.demo.make_samples",
     "escape_fast.data.synthetic.__main__",
+    "escape_fast.data.check.__main__",
 }
 COMMAND_LINE = ENTRY_POINTS | {"escape_fast.cli"}
 
