@@ -388,6 +388,9 @@ def episodes_from_settings(coco, shots, queries, pairs, seed):
 # --------------------------------------------------------------------------
 def read_report(path: str) -> dict:
     report = read_json(path, "evaluation report (python -m escape_fast.eval --out FILE writes one)")
+    if isinstance(report, dict) and isinstance(report.get("runs"), list) and "results" not in report:
+        raise DataError(f"{path}: a report of {len(report['runs'])} evaluations (several --split or --shots); "
+                        "plot reads the report of one: run the evaluation with one --split and one --shots")
     if not isinstance(report, dict) or not isinstance(report.get("results"), dict) or not report["results"]:
         raise DataError(f"{path}: not an evaluation report (no 'results'; see python -m escape_fast.eval --out)")
     return report

@@ -319,6 +319,55 @@ def test_two_runs_of_one_evaluation_write_identical_results(bench, tmp_path):
     assert "seconds" in a["timing"]["mle"] and all("seconds" not in r for r in a["results"].values())
 
 
+def test_five_splits_at_two_shot_counts_make_one_table(bench, tmp_path):
+    from escape_fast import builtin
+
+    for split in range(1, 6):  # a checkpoint per split, named by the {split} placeholder
+        (tmp_path / f"split{split}.pt").symlink_to(builtin.checkpoint_path())
+    out = tmp_path / "table.json"
+    proc = _run("escape_fast.eval", "--data", str(bench), "--split", "all", "--shots", "1", "5", "--episodes", "40",
+                "--queries", "1", "--method", "all", "--checkpoint", str(tmp_path / "split{split}.pt"),
+                "--allow-base-categories", "--workers", "0", "--quiet", "--out", str(out), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs, table = report["runs"], report["table"]
+    assert [(r["split"], r["shots"]) for r in runs] == [(s, k) for s in range(1, 6) for k in (1, 5)]
+    assert [Path(r["checkpoint"]).name for r in runs[::2]] == [f"split{s}.pt" for s in range(1, 6)]
+    assert "0.05, 0.10, 0.15, 0.20, 0.25" in table["measures"]
+    for method in ("MLE", "MAP", "ESCAPE"):
+        row = table["rows"][f"{method} PCK@0.2"]
+        for r in runs:
+            assert row[f"split {r['split']}, {r['shots']}-shot"] == 100 * r["results"][method.lower()]["pck"]["0.20"]
+        for k in (1, 5):
+            mean = sum(row[f"split {s}, {k}-shot"] for s in range(1, 6)) / 5
+            assert abs(table["means"][f"{method} PCK@0.2"][f"mean, {k}-shot"] - mean) < 1e-9
+    md = (tmp_path / "table.md").read_text()
+    assert md.splitlines()[2].startswith("| | split 1, 1-shot | split 1, 5-shot |") and "| ESCAPE mPCK |" in md
+    assert md.strip() in proc.stdout
+    # one split at one shot count writes the single report, as before
+    single = _run("escape_fast.eval", "--data", str(bench), "--split", "2", "--episodes", "40", "--queries", "1",
+                  "--allow-base-categories", "--workers", "0", "--quiet", "--out", str(tmp_path / "one.json"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["split"] == 2 and one["results"]["escape"] == runs[2]["results"]["escape"]
+    bad = _run("escape_fast.eval", "--data", str(bench), "--split", "6", "--quiet")
+    assert bad.returncode == 2 and "a split is 1..5 or all" in bad.stderr
+
+
+def test_the_table_sets_the_authors_figures_beside_their_released_files():
+    from escape_fast.eval.table import build_table, markdown
+
+    def report(split, shots, pck):
+        return {"split": split, "shots": shots, "episodes": 60000, "checkpoint": f"/w/escape_split{split}.pth",
+                "results": {"escape": {"pck": {"0.20": pck}, "mpck": pck - 0.1}}}
+    table = build_table([report(1, 1, 0.85), report(1, 5, 0.9), report(2, 1, 0.8), report(2, 5, 0.86)])
+    theirs = table["rows"]["ESCAPE PCK@0.2, the authors' README (escape_splitN.pth)"]
+    assert theirs == {"split 1, 1-shot": 85.98, "split 1, 5-shot": 91.19, "split 2, 1-shot": 82.72,
+                      "split 2, 5-shot": 87.57}
+    assert abs(table["means"]["ESCAPE PCK@0.2"]["mean, 1-shot"] - 82.5) < 1e-9
+    assert "| ESCAPE PCK@0.2 | 85.00 | 90.00 | 80.00 | 86.00 | 82.50 | 88.00 |" in markdown(table)
+
+
 def test_loader_workers_keep_quiet_when_the_main_process_leaves(capsys):
     """In a loader worker, the resource-sharer thread's errors when the
     stopping main process resets its connection print nothing (it reports

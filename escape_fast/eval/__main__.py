@@ -16,6 +16,7 @@ result equals the single-process one.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -25,12 +26,31 @@ import torch.distributed as dist
 from escape_fast import builtin, cli
 from escape_fast import config as config_mod
 from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_for_run, mp100_split_files
+from escape_fast.data.coco import MP100_SPLITS
 from escape_fast.distributed import Runtime, inference_batch_size
 from escape_fast.errors import UsageError
-from escape_fast.eval.engine import EvalResult, PairResults, evaluate, evaluate_reference, summarize
+from escape_fast.eval.engine import (
+    EvalResult,
+    PairResults,
+    checked_bank,
+    evaluate,
+    evaluate_reference,
+    needed_instances,
+    summarize,
+)
 from escape_fast.eval.metrics import THRESHOLDS, paired_difference
-from escape_fast.files import write_json
+from escape_fast.eval.table import build_table, markdown
+from escape_fast.files import atomic_write, write_json
 from escape_fast.models.escape import EscapeModel
+
+
+def split_argument(text: str) -> tuple[int, ...]:
+    """An argparse type: an MP-100 split 1..5, or ``all`` (1 to 5)."""
+    if text == "all":
+        return MP100_SPLITS
+    if text.isdigit() and int(text) in MP100_SPLITS:
+        return (int(text),)
+    raise argparse.ArgumentTypeError(f"a split is 1..5 or all, got {text!r}")
 
 
 def parse_args(argv=None):
@@ -42,12 +62,16 @@ def parse_args(argv=None):
     p.add_argument("--episodes", type=int, default=60000,
                    help="(support set, query) pairs, spread evenly over the test categories (default 60000)")
     p.add_argument("--data", help="dataset root in MP-100 layout (default: the built-in synthetic benchmark)")
-    p.add_argument("--split", type=int, default=1, help="MP-100 split 1..5 (default 1)")
+    p.add_argument("--split", type=split_argument, default=(1,),
+                   help="MP-100 split 1..5, or all: every split, with one table of all (default 1)")
     p.add_argument("--annotations", help="a test annotation file to use instead of the split's")
     p.add_argument("--checkpoint", help="run folder, model.pt, one of the ESCAPE authors' .pth files, or "
                                         "imagenet:NAME[=FILE] (a training-free pretrained trunk, see README; "
-                                        "default: the built-in checkpoint)")
-    p.add_argument("--shots", type=int, default=1, help="supports per episode, 1 or 5 (default 1)")
+                                        "default: the built-in checkpoint); '{split}' in it stands for each "
+                                        "split's number, e.g. --split all --checkpoint 'runs/split{split}'")
+    p.add_argument("--shots", type=int, nargs="+", default=[1],
+                   help="supports per episode, 1 or 5 (default 1); several (--shots 1 5) are evaluated in turn, "
+                        "with one table of all")
     p.add_argument("--queries", type=int, default=15, help="queries per support draw (default 15)")
     p.add_argument("--method", choices=("mle", "map", "escape", "all"), default=None,
                    help="prototype estimate (default: the best the model has, escape for the built-in one; all: "
@@ -131,16 +155,15 @@ def format_report(results: dict[str, EvalResult], coco, shots: int, alpha: float
     return "\n".join(lines)
 
 
-def evaluate_sharded(model, coco, sampler, methods, rt: Runtime, args):
+def evaluate_sharded(model, coco, sampler, methods, rt: Runtime, args, batch_size: int, bank=None):
     """Categories dealt round-robin over the torchrun processes, results
     gathered on rank 0 in the single-process order (bit for bit the same:
     feature batches never mix categories)."""
     mine = sampler.category_ids[rt.rank :: rt.world]
-    raw = evaluate(model, coco, sampler, methods, rt.device, args.backend, args.batch_size, args.workers,
-                   progress=None, categories=mine, summarize_results=False, alpha=args.alpha)
+    raw = evaluate(model, coco, sampler, methods, rt.device, args.backend, batch_size, args.workers,
+                   progress=None, categories=mine, summarize_results=False, alpha=args.alpha, bank=bank)
     gathered = [None] * rt.world
     dist.all_gather_object(gathered, raw)
-    rt.close()
     if not rt.main:
         return None
     results = {}
@@ -178,22 +201,76 @@ def run(args) -> int:
 
     progress = None if args.quiet else tqdm
     t_start = time.perf_counter()
+    if args.annotations and len(args.split) > 1:
+        raise UsageError("--annotations names one test file: give it with one --split, not all")
+    for shots in args.shots:
+        if shots < 1:
+            raise UsageError(f"--shots: a shot count is a positive integer, got {shots}")
     if args.data is None and args.annotations is None:
         root = builtin.dataset_root(progress=not args.quiet)
     else:  # with --annotations alone there is no need for the built-in benchmark
         root = args.data
-    ann = args.annotations or str(mp100_split_files(root, args.split, need=("test",))["test"])
-    coco = load_for_run(ann, args.bad_images, args.workers, progress)
-    model = EscapeModel.load(args.checkpoint)
-    if not args.allow_base_categories:
-        check_novel(model, coco)
     rt = Runtime(args.device)
-    model.to(rt.device)
-    if args.batch_size is None:
-        args.batch_size = inference_batch_size(rt.device, model.input_size)
-    methods = model.methods if args.method == "all" else (args.method or model.methods[-1],)
-    for m in methods:
-        model.check_method(m)
+    reports = []
+    try:
+        for split in args.split:
+            ann = args.annotations or str(mp100_split_files(root, split, need=("test",))["test"])
+            coco = load_for_run(ann, args.bad_images, args.workers, progress)
+            checkpoint = args.checkpoint.replace("{split}", str(split)) if args.checkpoint else None
+            model = EscapeModel.load(checkpoint)
+            if not args.allow_base_categories:
+                check_novel(model, coco)
+            model.to(rt.device)
+            methods = model.methods if args.method == "all" else (args.method or model.methods[-1],)
+            for m in methods:
+                model.check_method(m)
+            samplers = {shots: episode_sampler(args, coco, shots) for shots in args.shots}
+            batch_size = args.batch_size or inference_batch_size(rt.device, model.input_size)
+            bank = None
+            if len(samplers) > 1 and not args.reference:  # one feature extraction for every shot count
+                mine = {c for s in samplers.values() for c in s.category_ids[rt.rank :: rt.world]}
+                bank = checked_bank(model, coco, needed_instances(samplers.values(), mine), rt.device, batch_size,
+                                    args.workers, progress=progress, matcher="escape" in methods)
+            for shots, sampler in samplers.items():
+                if len(args.split) * len(args.shots) > 1 and rt.main:
+                    print(f"\n=== split {split}, {shots}-shot: {model.path} ===")
+                report = evaluate_one(args, rt, root, ann, coco, model, methods, split, sampler, batch_size, bank,
+                                      progress, t_start)
+                reports.append(report)
+                t_start = time.perf_counter()
+    finally:
+        rt.close()
+    if not rt.main:
+        return 0
+    if len(reports) == 1:
+        if args.out:
+            write_json(args.out, reports[0])
+        return 0
+    table = build_table(reports)
+    print("\n" + markdown(table))
+    if args.out:
+        write_json(args.out, {"table": table, "runs": reports})
+        with atomic_write(os.path.splitext(args.out)[0] + ".md") as f:
+            f.write(markdown(table) + "\n")
+    return 0
+
+
+def episode_sampler(args, coco, shots: int) -> EpisodeSampler:
+    """The episodes of ``coco`` at ``shots`` under the command's --episodes, --queries, --seed, --too-few."""
+    try:
+        draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
+    except UsageError as exc:  # named as argparse names an option
+        raise UsageError(f"--episodes: {exc}") from None
+    return EpisodeSampler(coco, shots=shots, queries=args.queries, draws=draws, seed=args.seed,
+                          too_few=args.too_few)
+
+
+def evaluate_one(args, rt: Runtime, root, ann, coco, model: EscapeModel, methods, split, sampler: EpisodeSampler,
+                 batch_size: int, bank, progress, t_start: float) -> dict | None:
+    """One evaluation (a test file at one shot count; ``bank``: features shared
+    with the other shot counts, or None): printed, and its report returned
+    (None on the processes other than the first under torchrun)."""
+    shots = sampler.shots
     # the support weight of MAP / ESCAPE (a checkpoint that lacks it fails here, before the work)
     if args.alpha is not None:
         try:
@@ -202,13 +279,7 @@ def run(args) -> int:
             raise UsageError(f"--alpha: {exc}") from None
     alpha = None
     if set(methods) & {"map", "escape"}:
-        alpha = args.alpha if args.alpha is not None else model.alpha_for(args.shots)
-    try:
-        draws = draws_for_episodes(args.episodes, len(coco.category_ids), args.queries)
-    except UsageError as exc:  # named as argparse names an option
-        raise UsageError(f"--episodes: {exc}") from None
-    sampler = EpisodeSampler(coco, shots=args.shots, queries=args.queries, draws=draws, seed=args.seed,
-                             too_few=args.too_few)
+        alpha = args.alpha if args.alpha is not None else model.alpha_for(shots)
     setup_seconds = time.perf_counter() - t_start
     if args.reference:
         if rt.world > 1:
@@ -216,29 +287,27 @@ def run(args) -> int:
         results = {m: evaluate_reference(model, coco, sampler.episodes, m, rt.device, args.alpha)
                    for m in methods}
     elif rt.world == 1:
-        results = evaluate(model, coco, sampler, methods, rt.device, args.backend, args.batch_size, args.workers,
-                           progress=progress, alpha=args.alpha)
+        results = evaluate(model, coco, sampler, methods, rt.device, args.backend, batch_size, args.workers,
+                           progress=progress, alpha=args.alpha, bank=bank)
     else:
-        results = evaluate_sharded(model, coco, sampler, methods, rt, args)
+        results = evaluate_sharded(model, coco, sampler, methods, rt, args, batch_size, bank)
         if not rt.main:
-            return 0
+            return None
     differences = method_differences(results)
-    print(format_report(results, coco, args.shots, alpha, differences))
+    print(format_report(results, coco, shots, alpha, differences))
     print(f"setup (data and model loading) {setup_seconds:.2f}s; total {time.perf_counter() - t_start:.2f}s")
-    if args.out:
-        # "results" depend only on the model, the data and the episodes: two runs of one
-        # evaluation write identical sections; machine and timings are kept apart
-        report = {
-            "data": root, "annotations": ann, "checkpoint": model.path, "shots": args.shots, "queries": args.queries,
-            "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed, "reference": args.reference,
-            "results": {m: r.as_dict() for m, r in results.items()},
-            "differences": differences,
-            "category_names": {c: coco.categories[c].name for c in coco.category_ids},
-            "timing": {"backend": args.backend, "device": str(rt.device), "setup_seconds": setup_seconds,
-                       **{m: r.timing() for m, r in results.items()}},
-        }
-        write_json(args.out, report)
-    return 0
+    # "results" depend only on the model, the data and the episodes: two runs of one
+    # evaluation write identical sections; machine and timings are kept apart
+    return {
+        "data": root, "annotations": ann, "split": None if args.annotations else split, "checkpoint": model.path,
+        "shots": shots, "queries": args.queries, "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed,
+        "reference": args.reference,
+        "results": {m: r.as_dict() for m, r in results.items()},
+        "differences": differences,
+        "category_names": {c: coco.categories[c].name for c in coco.category_ids},
+        "timing": {"backend": args.backend, "device": str(rt.device), "setup_seconds": setup_seconds,
+                   **{m: r.timing() for m, r in results.items()}},
+    }
 
 
 if __name__ == "__main__":

@@ -272,10 +272,38 @@ def summarize(method: str, pairs: PairResults, seconds: dict) -> EvalResult:
     return EvalResult(method, summary, pairs.scores, pairs.predictions, pairs.category_ids, pairs.draws, seconds)
 
 
+def needed_instances(samplers, categories=None) -> list[int]:
+    """The instances (coco.instances indices) that the episodes of ``samplers`` use, in
+    ``categories`` (default all): what one bank must hold to serve them all."""
+    needed = set()
+    for sampler in samplers:
+        for c, episodes in sampler.by_category().items():
+            if categories is None or c in set(categories):
+                needed.update(i for e in episodes for i in (*e.supports, *e.queries))
+    return sorted(needed)
+
+
+def checked_bank(model, coco, needed, device, batch_size=None, workers=0, amp=True, backend="auto",
+                 progress=None, matcher=True) -> InstanceBank:
+    """:func:`build_bank`, checked for NaN or Inf features, with the seconds it took in ``bank.seconds``."""
+    timer = Timer(torch.device(device))
+    bank = build_bank(model, coco, needed, torch.device(device), batch_size, workers, amp, backend, timer,
+                      progress, matcher)
+    with timer.phase("features"):
+        if not bool(torch.isfinite(bank.smoothed).all()):
+            raise CheckpointError(f"{model.path or 'the model'}: the feature extractor produced NaN or Inf "
+                                  "features (a broken checkpoint?)")
+    bank.seconds = dict(timer.seconds)
+    return bank
+
+
 def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto", batch_size=None, workers=0,
-             amp=True, progress=None, categories=None, summarize_results=True, alpha=None):
+             amp=True, progress=None, categories=None, summarize_results=True, alpha=None, bank=None):
     """Fast evaluation of ``sampler``'s episodes (``alpha`` as in :meth:`EscapeModel.prototypes`).
 
+    ``bank``: one made by :func:`checked_bank` for these episodes' instances
+    (e.g. shared by the 1- and 5-shot evaluations of a test set, which need
+    the same instances; its seconds count in each), else it is made here.
     Returns {method: EvalResult}, or {method: (PairResults, seconds)} when
     ``summarize_results`` is False (a shard of ``categories`` to be merged).
     """
@@ -283,14 +311,10 @@ def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto
     timer = Timer(device)
     groups = sampler.by_category()
     cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
-    needed = sorted({i for c in cats for e in groups[c] for i in (*e.supports, *e.queries)})
-    bank = build_bank(model, coco, needed, device, batch_size, workers, amp, backend, timer, progress,
-                      matcher="escape" in methods)
-    with timer.phase("features"):
-        if not bool(torch.isfinite(bank.smoothed).all()):
-            raise CheckpointError(f"{model.path or 'the model'}: the feature extractor produced NaN or Inf "
-                                  "features (a broken checkpoint?)")
-    bank_seconds = dict(timer.seconds)
+    if bank is None:
+        bank = checked_bank(model, coco, needed_instances([sampler], cats), device, batch_size, workers, amp,
+                            backend, progress, matcher="escape" in methods)
+    bank_seconds = dict(timer.seconds, **bank.seconds)
     results = {}
     for method in methods:
         timer.seconds = dict(bank_seconds)

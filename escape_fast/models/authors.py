@@ -21,6 +21,7 @@ Only names and shapes carry over; the computation is escape_fast's own.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -147,3 +148,22 @@ def load_weights(model, obj: dict, path: str) -> None:
         raise checkpoint.CheckpointError(
             f"{path!r} is not an authors' {what} checkpoint: {len(unknown)} weights escape_fast does not know "
             f"({', '.join(unknown[:4])}{', ...' if len(unknown) > 4 else ''})")
+
+
+# PCK@0.2 of their released files by split (1..5), as their README's results table gives them
+# (1-shot and 5-shot; the same file serves both). Used to set their figures beside ours.
+RELEASED_PCK = {
+    ("baseline", 1): (84.35, 79.94, 79.91, 80.23, 79.33),
+    ("baseline", 5): (90.37, 85.85, 84.87, 86.69, 85.53),
+    ("finetune", 1): (84.16, 81.10, 80.21, 80.48, 79.70),
+    ("finetune", 5): (90.23, 86.82, 84.94, 87.00, 85.83),
+    ("escape", 1): (85.98, 82.72, 81.35, 82.00, 80.99),
+    ("escape", 5): (91.19, 87.57, 85.46, 87.69, 86.42),
+}
+_RELEASED_NAME = re.compile(r"^(baseline|finetune|escape)_split([1-5])\.pth$")
+
+
+def released_file(path) -> tuple[str, int] | None:
+    """(kind, split) when ``path`` is named as one of their released files (``escape_split3.pth``)."""
+    m = _RELEASED_NAME.match(os.path.basename(str(path or "")))
+    return (m.group(1), int(m.group(2))) if m else None
