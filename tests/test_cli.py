@@ -236,7 +236,7 @@ def test_stop_during_training(bench, tmp_path, signum, group):
 def test_stop_during_evaluation(bench, tmp_path):
     args = ("escape_fast.eval", "--data", str(bench), "--episodes", "60000", "--queries", "3", "--workers", "2",
             "--out", str(tmp_path / "report.json"))
-    code, text, took = _stop(args, "features", signal.SIGTERM, False, delay=0.5)
+    code, text, took = _stop(args, "categories", signal.SIGTERM, False, delay=0.5)
     _stopped_cleanly(code, text, took, signal.SIGTERM)
     assert list(tmp_path.iterdir()) == []
 

@@ -29,15 +29,7 @@ from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load
 from escape_fast.data.coco import MP100_SPLITS
 from escape_fast.distributed import Runtime, inference_batch_size
 from escape_fast.errors import UsageError
-from escape_fast.eval.engine import (
-    EvalResult,
-    PairResults,
-    checked_bank,
-    evaluate,
-    evaluate_reference,
-    needed_instances,
-    summarize,
-)
+from escape_fast.eval.engine import EvalResult, PairResults, evaluate_many, evaluate_reference, summarize
 from escape_fast.eval.metrics import THRESHOLDS, paired_difference
 from escape_fast.eval.table import build_table, markdown
 from escape_fast.files import atomic_write, write_json
@@ -155,26 +147,29 @@ def format_report(results: dict[str, EvalResult], coco, shots: int, alpha: float
     return "\n".join(lines)
 
 
-def evaluate_sharded(model, coco, sampler, methods, rt: Runtime, args, batch_size: int, bank=None):
+def evaluate_sharded(model, coco, samplers, methods, rt: Runtime, args, batch_size: int) -> list[dict] | None:
     """Categories dealt round-robin over the torchrun processes, results
     gathered on rank 0 in the single-process order (bit for bit the same:
-    feature batches never mix categories)."""
-    mine = sampler.category_ids[rt.rank :: rt.world]
-    raw = evaluate(model, coco, sampler, methods, rt.device, args.backend, batch_size, args.workers,
-                   progress=None, categories=mine, summarize_results=False, alpha=args.alpha, bank=bank)
+    feature batches never mix categories); one result dict per sampler."""
+    mine = sorted({c for s in samplers for c in s.category_ids})[rt.rank :: rt.world]
+    raw = evaluate_many(model, coco, samplers, methods, rt.device, args.backend, batch_size, args.workers,
+                        progress=None, categories=mine, summarize_results=False, alpha=args.alpha)
     gathered = [None] * rt.world
     dist.all_gather_object(gathered, raw)
     if not rt.main:
         return None
-    results = {}
-    for m in methods:
-        pairs = PairResults.concat([g[m][0] for g in gathered])
-        order = torch.argsort(pairs.category_ids, stable=True)  # category id order, draws in order within
-        pairs = PairResults(pairs.scores[:, order], pairs.predictions[order], pairs.category_ids[order],
-                            pairs.draws[order])
-        seconds = {k: max(g[m][1][k] for g in gathered) for k in gathered[0][m][1]}
-        results[m] = summarize(m, pairs, seconds)
-    return results
+    out = []
+    for k in range(len(samplers)):
+        results = {}
+        for m in methods:
+            pairs = PairResults.concat([g[k][m][0] for g in gathered])
+            order = torch.argsort(pairs.category_ids, stable=True)  # category id order, draws in order within
+            pairs = PairResults(pairs.scores[:, order], pairs.predictions[order], pairs.category_ids[order],
+                                pairs.draws[order])
+            seconds = {p: max(g[k][m][1][p] for g in gathered) for p in gathered[0][k][m][1]}
+            results[m] = summarize(m, pairs, seconds)
+        out.append(results)
+    return out
 
 
 def check_novel(model: EscapeModel, coco) -> None:
@@ -206,10 +201,18 @@ def run(args) -> int:
     for shots in args.shots:
         if shots < 1:
             raise UsageError(f"--shots: a shot count is a positive integer, got {shots}")
+    if args.alpha is not None:
+        try:
+            config_mod.check_alpha(args.alpha)
+        except config_mod.ConfigError as exc:
+            raise UsageError(f"--alpha: {exc}") from None
+    if args.reference and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--reference runs in one process; start it without torchrun")
     if args.data is None and args.annotations is None:
         root = builtin.dataset_root(progress=not args.quiet)
     else:  # with --annotations alone there is no need for the built-in benchmark
         root = args.data
+    several = len(args.split) * len(args.shots) > 1
     rt = Runtime(args.device)
     reports = []
     try:
@@ -224,25 +227,32 @@ def run(args) -> int:
             methods = model.methods if args.method == "all" else (args.method or model.methods[-1],)
             for m in methods:
                 model.check_method(m)
-            samplers = {shots: episode_sampler(args, coco, shots) for shots in args.shots}
+            # the support weight of MAP / ESCAPE (a checkpoint that lacks it fails here, before the work)
+            alphas = {shots: (args.alpha if args.alpha is not None else model.alpha_for(shots))
+                      if set(methods) & {"map", "escape"} else None for shots in args.shots}
+            samplers = [episode_sampler(args, coco, shots) for shots in args.shots]
             batch_size = args.batch_size or inference_batch_size(rt.device, model.input_size)
-            bank = None
-            if len(samplers) > 1 and not args.reference:  # one feature extraction for every shot count
-                mine = {c for s in samplers.values() for c in s.category_ids[rt.rank :: rt.world]}
-                bank = checked_bank(model, coco, needed_instances(samplers.values(), mine), rt.device, batch_size,
-                                    args.workers, progress=progress, matcher="escape" in methods)
-            for shots, sampler in samplers.items():
-                if len(args.split) * len(args.shots) > 1 and rt.main:
-                    print(f"\n=== split {split}, {shots}-shot: {model.path} ===")
-                report = evaluate_one(args, rt, root, ann, coco, model, methods, split, sampler, batch_size, bank,
-                                      progress, t_start)
-                reports.append(report)
-                t_start = time.perf_counter()
+            setup_seconds = time.perf_counter() - t_start
+            if args.reference:
+                per_shots = [{m: evaluate_reference(model, coco, s.episodes, m, rt.device, args.alpha)
+                              for m in methods} for s in samplers]
+            elif rt.world == 1:  # a split's features are extracted once for all its shot counts
+                per_shots = evaluate_many(model, coco, samplers, methods, rt.device, args.backend, batch_size,
+                                          args.workers, progress=progress, alpha=args.alpha)
+            else:
+                per_shots = evaluate_sharded(model, coco, samplers, methods, rt, args, batch_size)
+            if rt.main:
+                for sampler, results in zip(samplers, per_shots):
+                    if several:
+                        print(f"\n=== split {split}, {sampler.shots}-shot: {model.path} ===")
+                    reports.append(report_of(args, root, ann, coco, model, None if args.annotations else split,
+                                             sampler, results, alphas[sampler.shots], rt, setup_seconds, t_start))
+            t_start = time.perf_counter()
     finally:
         rt.close()
     if not rt.main:
         return 0
-    if len(reports) == 1:
+    if not several:
         if args.out:
             write_json(args.out, reports[0])
         return 0
@@ -265,42 +275,17 @@ def episode_sampler(args, coco, shots: int) -> EpisodeSampler:
                           too_few=args.too_few)
 
 
-def evaluate_one(args, rt: Runtime, root, ann, coco, model: EscapeModel, methods, split, sampler: EpisodeSampler,
-                 batch_size: int, bank, progress, t_start: float) -> dict | None:
-    """One evaluation (a test file at one shot count; ``bank``: features shared
-    with the other shot counts, or None): printed, and its report returned
-    (None on the processes other than the first under torchrun)."""
-    shots = sampler.shots
-    # the support weight of MAP / ESCAPE (a checkpoint that lacks it fails here, before the work)
-    if args.alpha is not None:
-        try:
-            config_mod.check_alpha(args.alpha)
-        except config_mod.ConfigError as exc:
-            raise UsageError(f"--alpha: {exc}") from None
-    alpha = None
-    if set(methods) & {"map", "escape"}:
-        alpha = args.alpha if args.alpha is not None else model.alpha_for(shots)
-    setup_seconds = time.perf_counter() - t_start
-    if args.reference:
-        if rt.world > 1:
-            raise UsageError("--reference runs in one process; start it without torchrun")
-        results = {m: evaluate_reference(model, coco, sampler.episodes, m, rt.device, args.alpha)
-                   for m in methods}
-    elif rt.world == 1:
-        results = evaluate(model, coco, sampler, methods, rt.device, args.backend, batch_size, args.workers,
-                           progress=progress, alpha=args.alpha, bank=bank)
-    else:
-        results = evaluate_sharded(model, coco, sampler, methods, rt, args, batch_size, bank)
-        if not rt.main:
-            return None
+def report_of(args, root, ann, coco, model: EscapeModel, split, sampler: EpisodeSampler, results: dict, alpha,
+              rt: Runtime, setup_seconds: float, t_start: float) -> dict:
+    """One evaluation's report (a test file at one shot count), printed and returned."""
     differences = method_differences(results)
-    print(format_report(results, coco, shots, alpha, differences))
+    print(format_report(results, coco, sampler.shots, alpha, differences))
     print(f"setup (data and model loading) {setup_seconds:.2f}s; total {time.perf_counter() - t_start:.2f}s")
     # "results" depend only on the model, the data and the episodes: two runs of one
     # evaluation write identical sections; machine and timings are kept apart
     return {
-        "data": root, "annotations": ann, "split": None if args.annotations else split, "checkpoint": model.path,
-        "shots": shots, "queries": args.queries, "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed,
+        "data": root, "annotations": ann, "split": split, "checkpoint": model.path, "shots": sampler.shots,
+        "queries": args.queries, "episodes": sampler.num_pairs, "alpha": alpha, "seed": args.seed,
         "reference": args.reference,
         "results": {m: r.as_dict() for m, r in results.items()},
         "differences": differences,

@@ -1,14 +1,16 @@
 """Episode evaluation, fast and reference (docs/method.md, "Evaluation").
 
-Fast path (``evaluate``):
-1. every distinct instance that any episode uses is cropped and run through
-   the feature extractor(s) once; features, pooled keypoint features and the
-   crop parameters stay in device memory (:class:`InstanceBank`);
-2. episodes are processed a category at a time: prototypes of all its support
-   draws at once (MLE, MAP or ESCAPE), then every query instance's feature map
-   is decoded once against the prototypes of all draws that query it
-   (``ops.heatmap_decode`` with K x draws prototypes), so each feature map is
-   read about once per category rather than once per episode;
+Fast path (``evaluate``, ``evaluate_many``), a category at a time:
+1. every distinct instance of the category that any episode uses is cropped
+   and run through the feature extractor(s) once; features, pooled keypoint
+   features and the crop parameters stay in device memory while the
+   category's episodes are evaluated (:class:`InstanceBank`), then are
+   released, so memory holds one category's features whatever the test set;
+2. the prototypes of each distinct support set (MLE, MAP or ESCAPE), then
+   every query instance's feature map decoded once against the prototypes of
+   the distinct sets of all draws that query it (``ops.heatmap_decode`` with
+   K x sets prototypes), so each feature map is read about once per category
+   rather than once per episode;
 3. PCK of every (support set, query) pair, vectorized.
 
 Reference path (``evaluate_reference``): the straightforward way, one
@@ -90,12 +92,15 @@ def _category_batches(coco, instances, batch_size):
 
 
 @torch.no_grad()
-def build_bank(model, coco, instances, device, batch_size=None, workers=0, amp=True, backend="auto",
-               timer: Timer | None = None, progress=None, matcher=True) -> InstanceBank:
-    """Crop, extract and pool every instance in ``instances`` once
-    (``matcher=False``: without the matching network's scores, which only
-    ESCAPE uses), and smooth its features for decoding. ``batch_size``:
-    images per batch (default: distributed.inference_batch_size)."""
+def category_banks(model, coco, instances, device, batch_size=None, workers=0, amp=True, backend="auto",
+                   timer: Timer | None = None, progress=None, matcher=True):
+    """Yield (category id, :class:`InstanceBank` of its instances among
+    ``instances``), a category at a time, from one loader: each instance is
+    cropped, extracted and pooled once (``matcher=False``: without the
+    matching network's scores, which only ESCAPE uses), and its features
+    smoothed for decoding. Only one category's features are held at a time,
+    so memory does not grow with the test set. ``batch_size``: images per
+    batch (default: distributed.inference_batch_size)."""
     timer = timer or Timer(device)
     if batch_size is None:
         batch_size = inference_batch_size(device, model.input_size)
@@ -103,36 +108,66 @@ def build_bank(model, coco, instances, device, batch_size=None, workers=0, amp=T
                               num_keypoints=coco.max_keypoints)
     batches = _category_batches(coco, instances, batch_size)
     loader = make_loader(dataset, batch_sampler=batches, num_workers=workers, persistent_workers=False)
-    order = [i for b in batches for i in b]
     model.eval()
-    feats, supports, meta = [], [], []
+    parts, category = [], None
     it = iter(loader)
     bar = progress(total=len(batches), desc="features", unit="batch") if progress else None
-    while True:
+    for chunk in batches:
         with timer.phase("data"):
-            batch = next(it, None)
-        if batch is None:
-            break
+            batch = next(it)
+        cat_id = coco.instances[chunk[0]].category_id
+        if parts and cat_id != category:
+            yield category, _bank(parts, device)
+            parts = []
+        category = cat_id
         with timer.phase("features"):
             images = batch["image"].to(device, non_blocking=True)
             f, support = model.encode(images, batch["keypoints"].to(device), batch["visible"].to(device), amp,
                                       backend, matcher)
-            feats.append(model.smooth(f))
-            supports.append(support)
-            meta.append(batch)
+            parts.append((chunk, model.smooth(f), support, batch))
         if bar:
             bar.update(1)
+    if parts:
+        yield category, _bank(parts, device)
     if bar:
         bar.close()
 
+
+def build_bank(model, coco, instances, device, batch_size=None, workers=0, amp=True, backend="auto",
+               timer: Timer | None = None, progress=None, matcher=True) -> InstanceBank:
+    """One :class:`InstanceBank` of every instance in ``instances`` (see
+    :func:`category_banks`; the same features, all held at once)."""
+    banks = [b for _, b in category_banks(model, coco, instances, device, batch_size, workers, amp, backend, timer,
+                                          progress, matcher)]
+    if len(banks) == 1:
+        return banks[0]
+    rows, offset = {}, 0
+    for b in banks:
+        rows.update({i: offset + r for i, r in b.rows.items()})
+        offset += len(b.rows)
+
+    def cat(get):
+        return torch.cat([get(b) for b in banks])
+
+    return InstanceBank(
+        rows=rows, smoothed=cat(lambda b: b.smoothed), support=SupportFeatures.cat([b.support for b in banks]),
+        crops=CropBatch(cat(lambda b: b.crops.center), cat(lambda b: b.crops.scale), cat(lambda b: b.crops.rotation)),
+        visible=cat(lambda b: b.visible), keypoint_mask=cat(lambda b: b.keypoint_mask),
+        keypoints_image=cat(lambda b: b.keypoints_image), bbox_size=cat(lambda b: b.bbox_size))
+
+
+def _bank(parts, device) -> InstanceBank:
+    """The bank of some batches: parts = [(instance indices, smoothed features, SupportFeatures, batch)]."""
+    order = [i for chunk, _, _, _ in parts for i in chunk]
+
     def cat(key, dtype=None):
-        t = torch.cat([m[key] for m in meta])
+        t = torch.cat([batch[key] for _, _, _, batch in parts])
         return t.to(device=device, dtype=dtype) if dtype else t.to(device)
 
     return InstanceBank(
         rows={i: r for r, i in enumerate(order)},
-        smoothed=torch.cat(feats),
-        support=SupportFeatures.cat(supports),
+        smoothed=torch.cat([f for _, f, _, _ in parts]),
+        support=SupportFeatures.cat([sup for _, _, sup, _ in parts]),
         crops=CropBatch(cat("center", torch.float32), cat("scale", torch.float32), cat("rotation", torch.float32)),
         visible=cat("visible"),
         keypoint_mask=cat("keypoint_mask"),
@@ -262,9 +297,13 @@ def evaluate_pairs(model, coco, sampler, method, bank: InstanceBank, backend="au
     if bar:
         bar.close()
     if not cats:
-        return PairResults(torch.zeros(len(THRESHOLDS), 0, dtype=torch.float64), torch.zeros(0, 0, 2),
-                           torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        return _no_pairs()
     return PairResults.concat([PairResults(s, p, c, d) for s, p, c, d in zip(scores, preds, cat_ids, draws)])
+
+
+def _no_pairs() -> PairResults:
+    return PairResults(torch.zeros(len(THRESHOLDS), 0, dtype=torch.float64), torch.zeros(0, 0, 2),
+                       torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
 
 
 def summarize(method: str, pairs: PairResults, seconds: dict) -> EvalResult:
@@ -274,7 +313,7 @@ def summarize(method: str, pairs: PairResults, seconds: dict) -> EvalResult:
 
 def needed_instances(samplers, categories=None) -> list[int]:
     """The instances (coco.instances indices) that the episodes of ``samplers`` use, in
-    ``categories`` (default all): what one bank must hold to serve them all."""
+    ``categories`` (default all)."""
     needed = set()
     for sampler in samplers:
         for c, episodes in sampler.by_category().items():
@@ -283,50 +322,71 @@ def needed_instances(samplers, categories=None) -> list[int]:
     return sorted(needed)
 
 
-def checked_bank(model, coco, needed, device, batch_size=None, workers=0, amp=True, backend="auto",
-                 progress=None, matcher=True) -> InstanceBank:
-    """:func:`build_bank`, checked for NaN or Inf features, with the seconds it took in ``bank.seconds``."""
-    timer = Timer(torch.device(device))
-    bank = build_bank(model, coco, needed, torch.device(device), batch_size, workers, amp, backend, timer,
-                      progress, matcher)
-    with timer.phase("features"):
-        if not bool(torch.isfinite(bank.smoothed).all()):
-            raise CheckpointError(f"{model.path or 'the model'}: the feature extractor produced NaN or Inf "
-                                  "features (a broken checkpoint?)")
-    bank.seconds = dict(timer.seconds)
-    return bank
+def evaluate_many(model, coco, samplers, methods=("mle",), device="cpu", backend="auto", batch_size=None,
+                  workers=0, amp=True, progress=None, categories=None, summarize_results=True,
+                  alpha=None) -> list[dict]:
+    """:func:`evaluate` for several samplers of one test set (e.g. its 1- and
+    5-shot episodes): a category at a time, its instances are extracted once
+    for all of them, its episodes evaluated and its features released, so
+    peak memory is one category's features whatever the test set's size.
+    Returns one dict per sampler, as :func:`evaluate` does; the feature
+    phases (data, features) are shared and counted in each."""
+    device = torch.device(device)
+    shared = Timer(device)
+    own = [{m: Timer(device) for m in methods} for _ in samplers]
+    groups = [s.by_category() for s in samplers]
+    cats = sorted({c for g in groups for c in g})
+    if categories is not None:
+        cats = [c for c in cats if c in set(categories)]
+    pairs = [{m: [] for m in methods} for _ in samplers]
+    bar = progress(total=len(cats), desc="categories", unit="category") if progress else None
+    banks = category_banks(model, coco, needed_instances(samplers, cats), device, batch_size, workers, amp, backend,
+                           shared, None, matcher="escape" in methods)
+    with ops.finite_checks(False):  # checked once per bank; no per-call host sync in the episode loop
+        for cat_id, bank in banks:
+            with shared.phase("features"):
+                if not bool(torch.isfinite(bank.smoothed).all()):
+                    raise CheckpointError(f"{model.path or 'the model'}: the feature extractor produced NaN or "
+                                          "Inf features (a broken checkpoint?)")
+            for k, sampler in enumerate(samplers):
+                if cat_id not in groups[k]:
+                    continue
+                for m in methods:
+                    pairs[k][m].append(evaluate_pairs(model, coco, sampler, m, bank, backend, [cat_id], own[k][m],
+                                                      None, alpha))
+            del bank
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    out = []
+    for k in range(len(samplers)):
+        results = {}
+        for m in methods:
+            timer = own[k][m]
+            merged = PairResults.concat(pairs[k][m]) if pairs[k][m] else _no_pairs()
+            if summarize_results:
+                with timer.phase("metric"):
+                    results[m] = summarize(m, merged, {})
+            seconds = {p: shared.seconds[p] + timer.seconds[p] for p in PHASES}
+            if summarize_results:
+                results[m].seconds = seconds
+            else:
+                results[m] = (merged, seconds)
+        out.append(results)
+    return out
 
 
 def evaluate(model, coco, sampler, methods=("mle",), device="cpu", backend="auto", batch_size=None, workers=0,
-             amp=True, progress=None, categories=None, summarize_results=True, alpha=None, bank=None):
-    """Fast evaluation of ``sampler``'s episodes (``alpha`` as in :meth:`EscapeModel.prototypes`).
+             amp=True, progress=None, categories=None, summarize_results=True, alpha=None):
+    """Fast evaluation of ``sampler``'s episodes (``alpha`` as in :meth:`EscapeModel.prototypes`),
+    a category at a time (see :func:`evaluate_many`).
 
-    ``bank``: one made by :func:`checked_bank` for these episodes' instances
-    (e.g. shared by the 1- and 5-shot evaluations of a test set, which need
-    the same instances; its seconds count in each), else it is made here.
     Returns {method: EvalResult}, or {method: (PairResults, seconds)} when
     ``summarize_results`` is False (a shard of ``categories`` to be merged).
     """
-    device = torch.device(device)
-    timer = Timer(device)
-    groups = sampler.by_category()
-    cats = list(groups) if categories is None else [c for c in groups if c in set(categories)]
-    if bank is None:
-        bank = checked_bank(model, coco, needed_instances([sampler], cats), device, batch_size, workers, amp,
-                            backend, progress, matcher="escape" in methods)
-    bank_seconds = dict(timer.seconds, **bank.seconds)
-    results = {}
-    for method in methods:
-        timer.seconds = dict(bank_seconds)
-        with ops.finite_checks(False):  # checked once above; no per-call host sync in the episode loop
-            pairs = evaluate_pairs(model, coco, sampler, method, bank, backend, cats, timer, progress, alpha)
-        if summarize_results:
-            with timer.phase("metric"):
-                results[method] = summarize(method, pairs, dict(timer.seconds))
-            results[method].seconds = dict(timer.seconds)
-        else:
-            results[method] = (pairs, dict(timer.seconds))
-    return results
+    return evaluate_many(model, coco, [sampler], methods, device, backend, batch_size, workers, amp, progress,
+                         categories, summarize_results, alpha)[0]
 
 
 def predict_episodes(model, coco, episodes, method="escape", device="cpu", backend="auto", batch_size=None,
