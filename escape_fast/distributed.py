@@ -58,6 +58,23 @@ def autocast(device: torch.device, enabled: bool = True):
     return nullcontext()
 
 
+def _restart_store(rank: int, world: int):
+    """Under torchrun, the process group's key-value store with its keys under
+    the restart count: after torchrun restarts the processes of a job (one was
+    lost), the new ones must not read the addresses the old ones published in
+    the same store (seen: the new processes connected to a dead peer's port
+    and the restart failed). None outside torchrun (plain env://)."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or "MASTER_ADDR" not in os.environ:
+        return None
+    from datetime import timedelta
+
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # the launcher hosts it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent and rank == 0, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"escape_fast/restart{restart}", store)
+
+
 class Runtime:
     """Rank, world size and device of this process (torchrun sets the environment).
 
@@ -75,7 +92,12 @@ class Runtime:
             device = torch.device("cuda", local)
         self.device = device
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            store = _restart_store(self.rank, self.world)
+            if store is None:
+                dist.init_process_group(backend)
+            else:
+                dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world)
 
     @property
     def main(self) -> bool:

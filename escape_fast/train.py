@@ -26,6 +26,7 @@ from torch import nn
 from escape_fast import checkpoint, cli, ops
 from escape_fast import config as config_mod
 from escape_fast.data import (
+    MP100_SPLITS,
     BalancedCategorySampler,
     KeypointDataset,
     load_for_run,
@@ -317,7 +318,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default: all, in order)")
     p.add_argument("--data", help="dataset root with annotations/ and images/ (MP-100 layout)")
-    p.add_argument("--split", type=int, help="MP-100 split 1..5")
+    p.add_argument("--split", help="MP-100 split 1..5, or all: the five in turn, each in its own run folder "
+                                   "(--out with '{split}' in it, e.g. --out 'runs/split{split}')")
     p.add_argument("--backbone", help="resnet50 | resnet18 | efficientnet_lite0 | dinov2_vits14")
     p.add_argument("--weights", help="trunk weights: imagenet, none, or a state-dict file")
     p.add_argument("--out", required=True, help="run folder (created; config, checkpoints and log go there)")
@@ -326,7 +328,9 @@ def parse_args(argv=None):
                    "the authors' recipe)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set baseline.epochs=2 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoints (also without one yet: then it "
+                        "starts; a job that torchrun restarts after a lost process resumes by itself)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the training models")
     p.add_argument("--bad-images", choices=("raise", "skip"), default="raise",
@@ -341,16 +345,39 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    run_dir, saved = args.out, os.path.join(args.out, "config.yaml")
-    if os.path.exists(saved) and not args.resume:
+    splits = _splits(args.split)
+    if len(splits) > 1 and "{split}" not in args.out:
+        raise UsageError("--split all trains five runs: put '{split}' in --out, e.g. --out 'runs/split{split}'")
+    # torchrun --max-restarts starts the processes again after one was lost: they continue the run
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    for split in splits:
+        train_split(args, split, args.out.replace("{split}", str(split)) if split else args.out,
+                    args.resume or restarted)
+    return 0
+
+
+def _splits(text) -> tuple:
+    if text is None:
+        return (None,)
+    if text == "all":
+        return MP100_SPLITS
+    if not text.isdigit() or int(text) not in MP100_SPLITS:
+        raise UsageError(f"--split: a split is 1..5 or all, got {text!r}")
+    return (int(text),)
+
+
+def train_split(args, split, run_dir: str, resume: bool) -> None:
+    """Every stage asked for, of one split, into ``run_dir``."""
+    saved = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(saved) and not resume:
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     overrides = [config_mod.parse_override(s) for s in args.set]
-    overrides += [{key: getattr(args, key)} for key in ("data", "split", "backbone", "device")
-                  if getattr(args, key) is not None]
+    overrides += [{key: getattr(args, key)} for key in ("data", "backbone", "device") if getattr(args, key) is not None]
+    overrides += [{"split": split}] if split is not None else []
     if args.weights is not None:
         overrides.append({"weights": None if args.weights.lower() == "none" else args.weights})
     overrides += [{"compile": True}] if args.compile else []
-    base = config_mod.resolve(saved) if args.resume and os.path.exists(saved) else None
+    base = config_mod.resolve(saved) if resume and os.path.exists(saved) else None
     cfg = config_mod.resolve(args.config, overrides, base=base)
     if cfg["head"] == "hypercolumn":  # its channels are the trunk's stage widths
         cfg["channels"] = hypercolumn_channels(cfg["backbone"], tuple(cfg["stages"]))
@@ -388,7 +415,6 @@ def run(args) -> int:
                   flush=True)
         rt.barrier()
     rt.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -153,6 +153,64 @@ def test_two_gloo_processes_train_the_same_model_as_one(bench, tmp_path):
             assert torch.equal(v, b[k]), k
 
 
+def test_a_lost_process_is_restarted_by_torchrun_and_the_run_ends_as_an_uninterrupted_one(bench, tmp_path):
+    """Two gloo processes under torchrun --max-restarts 1; one is killed (SIGKILL, as when its node is lost)
+    after the first epoch's checkpoint: torchrun starts both again, they resume from that checkpoint by
+    themselves (no --resume given) and end with the model of a run that was never interrupted."""
+    import signal
+    import time
+
+    def launcher(port, restarts):
+        return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts",
+                str(restarts), "--master_port", str(port), "-m")
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    epochs = ["--set", "baseline.epochs=4"]
+    _train(bench, whole, *epochs, stage="baseline", launcher=launcher(29541, 0))
+    cmd = [*launcher(29542, 1), "escape_fast.train", "--stage", "baseline", "--data", str(bench), "--split", "1",
+           "--out", str(killed), *TINY, *epochs]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        end = time.monotonic() + 600
+        while not (killed / "baseline.pt").exists() or checkpoint.load(killed / "baseline.pt")["epoch"] < 1:
+            assert proc.poll() is None and time.monotonic() < end, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True,
+                                 check=False).stdout.split()
+        assert workers, "no worker processes under torchrun"
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:  # torchrun and its workers, whatever happened
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming after epoch" in out, out[-3000:]
+    a, b = checkpoint.load(whole / "baseline.pt"), checkpoint.load(killed / "baseline.pt")
+    assert a["epoch"] == b["epoch"] == 4 and a["step"] == b["step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_five_splits_train_as_one_job(bench, tmp_path):
+    out = tmp_path / "split{split}"
+    _train_cmd = [sys.executable, "-m", "escape_fast.train", "--stage", "baseline", "--data", str(bench),
+                  "--split", "all", "--out", str(out), *TINY, "--set", "baseline.epochs=1"]
+    proc = subprocess.run(_train_cmd, env=ENV, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for split in range(1, 6):
+        run = tmp_path / f"split{split}"
+        model = EscapeModel.load(run / "model.pt")
+        train = load_coco(mp100_split_files(bench, split)["train"])
+        assert set(model.base_categories) == {train.categories[c].name for c in train.category_ids}
+    no_placeholder = subprocess.run([*_train_cmd[:-6], "--out", str(tmp_path / "one"), *TINY], env=ENV,
+                                    capture_output=True, text=True, timeout=300, check=False)
+    assert no_placeholder.returncode == 2 and "put '{split}' in --out" in no_placeholder.stderr
+
+
 # --------------------------------------------------------------------------
 # evaluation
 # --------------------------------------------------------------------------
