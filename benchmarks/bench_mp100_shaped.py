@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -29,11 +30,12 @@ import time
 import cv2
 import numpy as np
 import torch
+from machine import cpu_name
 
 import escape_fast
 from escape_fast import config as config_mod
 from escape_fast.data import EpisodeSampler, draws_for_episodes, load_coco
-from escape_fast.eval.engine import evaluate
+from escape_fast.eval.engine import evaluate_many
 from escape_fast.models.escape import EscapeModel
 
 FULL = {"categories": 20, "instances": 100, "max_keypoints": 68, "image": 320, "backbone": "resnet50",
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="instances per feature-extraction batch")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="crop loader processes")
     p.add_argument("--repeat", type=int, default=3, help="timed runs (the median is reported)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1], help="shot counts, evaluated together (default 1)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script on a CPU")
     p.add_argument("--out", default="mp100_shaped.json")
     args = p.parse_args(argv)
@@ -106,29 +109,36 @@ def main(argv=None) -> int:
     model = build_model(shape, device)
     n_cat = len(coco.category_ids)
     draws = draws_for_episodes(args.episodes, n_cat, 15)
-    sampler = EpisodeSampler(coco, shots=1, queries=15, draws=draws, seed=0)
+    samplers = [EpisodeSampler(coco, shots=k, queries=15, draws=draws, seed=0) for k in args.shots]
 
     runs, phases = [], None
     for _ in range(args.repeat):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        res = evaluate(model, coco, sampler, ("escape",), device, batch_size=args.batch_size, workers=args.workers)
+        res = evaluate_many(model, coco, samplers, ("escape",), device, batch_size=args.batch_size,
+                            workers=args.workers)
         runs.append(time.perf_counter() - t0)
-        phases = res["escape"].seconds
+        phases = {f"{k}-shot": r["escape"].seconds for k, r in zip(args.shots, res)}
+    # peak memory of this process (the loader workers apart): features are held a category at a time
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     record = {
         "command": " ".join([sys.executable, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "escape_fast": escape_fast.__version__,
-        "shape": shape, "pairs": sampler.num_pairs, "instances": n_cat * shape["instances"],
+        "shape": shape, "shots": args.shots, "pairs": samplers[0].num_pairs, "instances": n_cat * shape["instances"],
         "dataset_writing_s": t_data, "eval_s_median": sorted(runs)[len(runs) // 2], "eval_s_all": runs,
-        "phases_s_last_run": phases, "pck_0.2_untrained": res["escape"].summary.pck_main,
+        "phases_s_last_run": phases, "peak_rss_gib": peak_rss, "peak_gpu_gib": peak_gpu,
+        "pck_0.2_untrained": {f"{k}-shot": r["escape"].summary.pck_main for k, r in zip(args.shots, res)},
     }
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
-    print(json.dumps({k: record[k] for k in ("device", "pairs", "instances", "eval_s_median", "phases_s_last_run")},
+    print(json.dumps({k: record[k] for k in ("device", "shots", "pairs", "instances", "eval_s_median",
+                                             "phases_s_last_run", "peak_rss_gib", "peak_gpu_gib")},
                      indent=1))
     return 0
 

@@ -25,8 +25,8 @@ def test_mp100_shaped_benchmark_smoke(tmp_path):
     assert record["pairs"] == 900 and record["instances"] == 60
     assert record["shape"]["max_keypoints"] == 68 and record["device"] == "cpu"
     assert len(record["eval_s_all"]) == 2 and record["eval_s_median"] > 0
-    assert set(record["phases_s_last_run"]) == {"data", "features", "adaptation", "heatmaps", "metric"}
-    assert 0.0 <= record["pck_0.2_untrained"] <= 1.0
+    assert set(record["phases_s_last_run"]["1-shot"]) == {"data", "features", "adaptation", "heatmaps", "metric"}
+    assert 0.0 <= record["pck_0.2_untrained"]["1-shot"] <= 1.0 and record["peak_rss_gib"] > 0
 
 
 def test_mp100_shaped_dataset_has_mp100_shape(tmp_path):
