@@ -77,6 +77,17 @@ def _release(exc: BaseException) -> None:
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)
 
 
+def split_argument(text: str) -> tuple[int, ...]:
+    """An argparse type: an MP-100 split 1..5, or ``all`` (1 to 5)."""
+    from escape_fast.data.coco import MP100_SPLITS
+
+    if text == "all":
+        return MP100_SPLITS
+    if text.isdigit() and int(text) in MP100_SPLITS:
+        return (int(text),)
+    raise argparse.ArgumentTypeError(f"a split is 1..5 or all, got {text!r}")
+
+
 def box_argument(text: str) -> list[float] | None:
     """An argparse type: a box ``x,y,w,h`` (four numbers), or ``none`` (the whole image)."""
     if text.lower() == "none":

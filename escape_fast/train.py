@@ -26,7 +26,6 @@ from torch import nn
 from escape_fast import checkpoint, cli, ops
 from escape_fast import config as config_mod
 from escape_fast.data import (
-    MP100_SPLITS,
     BalancedCategorySampler,
     KeypointDataset,
     load_for_run,
@@ -318,8 +317,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--stage", choices=(*STAGES, "all"), default="all", help="stage to run (default: all, in order)")
     p.add_argument("--data", help="dataset root with annotations/ and images/ (MP-100 layout)")
-    p.add_argument("--split", help="MP-100 split 1..5, or all: the five in turn, each in its own run folder "
-                                   "(--out with '{split}' in it, e.g. --out 'runs/split{split}')")
+    p.add_argument("--split", type=cli.split_argument, default=(None,),
+                   help="MP-100 split 1..5, or all: the five in turn, each in its own run folder "
+                        "(--out with '{split}' in it, e.g. --out 'runs/split{split}')")
     p.add_argument("--backbone", help="resnet50 | resnet18 | efficientnet_lite0 | dinov2_vits14")
     p.add_argument("--weights", help="trunk weights: imagenet, none, or a state-dict file")
     p.add_argument("--out", required=True, help="run folder (created; config, checkpoints and log go there)")
@@ -345,7 +345,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    splits = _splits(args.split)
+    splits = args.split
     if len(splits) > 1 and "{split}" not in args.out:
         raise UsageError("--split all trains five runs: put '{split}' in --out, e.g. --out 'runs/split{split}'")
     # torchrun --max-restarts starts the processes again after one was lost: they continue the run
@@ -354,16 +354,6 @@ def run(args) -> int:
         train_split(args, split, args.out.replace("{split}", str(split)) if split else args.out,
                     args.resume or restarted)
     return 0
-
-
-def _splits(text) -> tuple:
-    if text is None:
-        return (None,)
-    if text == "all":
-        return MP100_SPLITS
-    if not text.isdigit() or int(text) not in MP100_SPLITS:
-        raise UsageError(f"--split: a split is 1..5 or all, got {text!r}")
-    return (int(text),)
 
 
 def train_split(args, split, run_dir: str, resume: bool) -> None:

@@ -26,7 +26,6 @@ import torch.distributed as dist
 from escape_fast import builtin, cli
 from escape_fast import config as config_mod
 from escape_fast.data import DataError, EpisodeSampler, draws_for_episodes, load_for_run, mp100_split_files
-from escape_fast.data.coco import MP100_SPLITS
 from escape_fast.distributed import Runtime, inference_batch_size
 from escape_fast.errors import UsageError
 from escape_fast.eval.engine import EvalResult, PairResults, evaluate_many, evaluate_reference, summarize
@@ -34,15 +33,6 @@ from escape_fast.eval.metrics import THRESHOLDS, paired_difference
 from escape_fast.eval.table import build_table, markdown
 from escape_fast.files import atomic_write, write_json
 from escape_fast.models.escape import EscapeModel
-
-
-def split_argument(text: str) -> tuple[int, ...]:
-    """An argparse type: an MP-100 split 1..5, or ``all`` (1 to 5)."""
-    if text == "all":
-        return MP100_SPLITS
-    if text.isdigit() and int(text) in MP100_SPLITS:
-        return (int(text),)
-    raise argparse.ArgumentTypeError(f"a split is 1..5 or all, got {text!r}")
 
 
 def parse_args(argv=None):
@@ -54,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--episodes", type=int, default=60000,
                    help="(support set, query) pairs, spread evenly over the test categories (default 60000)")
     p.add_argument("--data", help="dataset root in MP-100 layout (default: the built-in synthetic benchmark)")
-    p.add_argument("--split", type=split_argument, default=(1,),
+    p.add_argument("--split", type=cli.split_argument, default=(1,),
                    help="MP-100 split 1..5, or all: every split, with one table of all (default 1)")
     p.add_argument("--annotations", help="a test annotation file to use instead of the split's")
     p.add_argument("--checkpoint", help="run folder, model.pt, one of the ESCAPE authors' .pth files, or "
