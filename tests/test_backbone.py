@@ -200,3 +200,75 @@ def test_training_free_specs_that_cannot_work_say_why(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(CheckpointError, match="imagenet:resnet18=.*wrong.pth.*does not match the trunk"):
         EscapeModel.load(f"imagenet:resnet18={tmp_path / 'wrong.pth'}")
+
+
+def _random_statistics(module: torch.nn.Module) -> None:
+    """Batch norms that are not the identity, so that folding them is tested."""
+    gen = torch.Generator().manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("name,head,size", [("tiny", "deconv", 64), ("resnet18", "deconv", 64),
+                                            ("resnet18", "hypercolumn", 64), ("efficientnet_lite0", "hypercolumn", 96)])
+def test_folded_batch_norms_give_the_same_features(name, head, size):
+    """fold_batch_norms folds each convolution + eval-mode batch norm pair
+    (no BatchNorm2d left after a convolution) and the features stay within
+    float rounding, on inputs other than the one it checked itself on."""
+    from escape_fast.models.backbone import fold_batch_norms
+
+    extractor = build_extractor(name, None, channels=32, head=head).eval()
+    _random_statistics(extractor)
+    before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
+    images = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        want = extractor(images)
+    folded = fold_batch_norms(extractor, torch.randn(2, 3, size, size))
+    left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
+    assert folded > 0 and left == before - folded
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(images), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batch_norms(build_extractor("tiny", None, channels=8), images)
+
+
+def test_a_convolution_whose_output_is_used_twice_is_not_folded():
+    """Folding a batch norm into a convolution whose output something else
+    also reads would change that reader: the check on the example sees it
+    and the module is left as it was."""
+    from escape_fast.models.backbone import fold_batch_norms
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # y is read beside the batch norm
+
+    net = Shared().eval()
+    _random_statistics(net)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = net(x)
+    assert fold_batch_norms(net, x) == 0
+    assert isinstance(net.bn, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), want, rtol=0, atol=0)
+
+
+def test_a_model_for_inference_cannot_be_saved_or_trained(tmp_path):
+    from escape_fast.models.escape import EscapeModel
+
+    model = EscapeModel.load("builtin").for_inference()
+    assert model.folded and not model.training
+    with pytest.raises(RuntimeError, match="folded"):
+        model.save(tmp_path / "model.pt")
+    with pytest.raises(RuntimeError, match="folded"):
+        model.train()

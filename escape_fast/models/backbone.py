@@ -471,6 +471,90 @@ class _TapSelect(nn.Module):
         return [maps[i] for i in self.picks]
 
 
+@torch.no_grad()
+def fold_batch_norms(module: nn.Module, example: torch.Tensor, rtol: float = 1e-4) -> int:
+    """Fold every eval-mode BatchNorm2d into the convolution that feeds it,
+    in place, for inference; the number of pairs folded.
+
+    A batch norm in eval mode is an affine map per channel, so the
+    convolution before it can absorb it (one pass over memory fewer per
+    pair: EfficientNet-Lite0 and ResNet-50 run 15-30% faster on the CPU,
+    benchmarks/RESULTS.md). The pairs are found by running ``example``
+    through ``module``: a BN whose input is the output of a convolution
+    that ran once, feeding that BN alone among the BNs. The outputs are
+    then compared with the unfolded ones on ``example``; beyond ``rtol``
+    (relative to the largest output) the folding is undone and 0 returned.
+    The module's state dict changes (the BNs' entries go), so a folded
+    module is for inference only.
+    """
+    if module.training:
+        raise ValueError("fold_batch_norms needs a module in eval mode (its batch norms use running statistics)")
+    made: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (conv name, output kept alive)
+    calls: dict[str, int] = {}
+    pairs: list[tuple[str, str]] = []
+    hooks = []
+
+    def after_conv(name):
+        def hook(mod, args, out):
+            calls[name] = calls.get(name, 0) + 1
+            made[id(out)] = (name, out)
+        return hook
+
+    def after_bn(name):
+        def hook(mod, args, out):
+            calls[name] = calls.get(name, 0) + 1
+            source = made.get(id(args[0]))
+            if source is not None and source[1] is args[0]:
+                pairs.append((source[0], name))
+        return hook
+
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Conv2d):  # subclasses too (EfficientNet's padded convolutions use weight and bias)
+            hooks.append(m.register_forward_hook(after_conv(name)))
+        elif isinstance(m, nn.BatchNorm2d):
+            hooks.append(m.register_forward_hook(after_bn(name)))
+    try:
+        before = module(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    convs = [c for c, _ in pairs]
+    pairs = [(c, b) for c, b in pairs if calls[c] == 1 and calls[b] == 1 and convs.count(c) == 1]
+    if not pairs:
+        return 0
+    mods = dict(module.named_modules())
+    undo = []
+    for conv_name, bn_name in pairs:
+        conv, bn = mods[conv_name], mods[bn_name]
+        bias = None if conv.bias is None else conv.bias.data.clone()
+        undo.append((conv_name, bn_name, conv.weight.data.clone(), bias))
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.data.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
+        conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+        _set_module(module, bn_name, nn.Identity())
+    after = module(example)
+
+    def flat(t):  # a multi-scale trunk returns a list of maps
+        return torch.cat([x.flatten() for x in t]) if isinstance(t, (list, tuple)) else t
+
+    b, a = flat(before).float(), flat(after).float()
+    if (a - b).abs().max() > rtol * b.abs().max():
+        for conv_name, bn_name, weight, bias in undo:
+            conv = mods[conv_name]
+            conv.weight.data.copy_(weight)
+            conv.bias = None if bias is None else nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+            _set_module(module, bn_name, mods[bn_name])
+        return 0
+    return len(pairs)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
 def hypercolumn_channels(name: str, stages=(8, 16, 32)) -> int:
     """Channels of the hypercolumn of trunk ``name`` at ``stages`` (built without weights)."""
     if name in DINOV2_WIDTHS:

@@ -55,6 +55,7 @@ from escape_fast.models.backbone import (
     HYPERCOLUMN_TRUNKS,
     PIP_WEIGHTS,
     build_extractor,
+    fold_batch_norms,
     hypercolumn_channels,
     pip_weights_file,
 )
@@ -202,6 +203,7 @@ class EscapeModel(nn.Module):
         self.alpha_by_shots = {int(k): float(v) for k, v in (alpha_by_shots or {}).items()}
         self.base_categories = tuple(sorted(base_categories))
         self.path: str | None = None  # the file it was loaded from
+        self.folded = False  # batch norms folded into the convolutions (for_inference): not saved again
 
     # ------------------------------------------------------------ building and files
     @classmethod
@@ -243,7 +245,31 @@ class EscapeModel(nn.Module):
         model.path = what
         return model
 
+    @torch.no_grad()
+    def for_inference(self) -> EscapeModel:
+        """In eval mode, with each extractor's batch norms folded into its
+        convolutions (backbone.fold_batch_norms, checked on a random batch of
+        the input size; the predictions move by float rounding only). Such a
+        model cannot be saved or trained again; the Predictor uses one."""
+        self.eval()
+        param = next(self.extractor.parameters())
+        example = torch.randn(2, 3, self.input_size, self.input_size, device=param.device, dtype=param.dtype)
+        for extractor in {id(e): e for e in (self.extractor, self.matcher_extractor) if e is not None}.values():
+            fold_batch_norms(extractor, example.contiguous(memory_format=torch.channels_last))
+        self.folded = True
+        return self
+
+    def train(self, mode: bool = True):
+        if mode and self.folded:
+            raise RuntimeError("this model's batch norms are folded for inference (for_inference): load it again "
+                               "to train it")
+        return super().train(mode)
+
     def to_checkpoint(self) -> dict:
+        if self.folded:
+            raise RuntimeError("this model's batch norms are folded for inference (for_inference): load it again "
+                               "to save it")
+
         def cpu(state):  # a model.pt loads on a machine without the GPU it was made on
             return {k: v.detach().cpu() for k, v in state.items()}
 

@@ -150,7 +150,7 @@ class Predictor:
                  backend: str = "auto", amp: bool = True):
         self.device = resolve_device(device)
         self.model = EscapeModel.load(builtin.PHOTO_MODEL if checkpoint is None else checkpoint)
-        self.model.to(self.device).eval()
+        self.model.to(self.device).for_inference()
         self.checkpoint = self.model.path
         self.method = method or self.model.methods[-1]
         self.model.check_method(self.method)
