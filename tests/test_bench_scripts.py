@@ -197,3 +197,26 @@ def test_track_speed_benchmark_times_track_and_predict(tmp_path):
     assert set(report["rows"]) == {"track, end to end (process wall time)", "track, the tool's own frame loop",
                                    "labelled video (extra)", "predict on the frames as PNG files"}
     assert report["peak_rss_mib"]["all"] > 0 and "threads" in report["cpu"]
+
+
+def test_score_calibration_splits_keypoints_by_their_scores(tmp_path):
+    """benchmarks/score_calibration.py on two of the fixture's categories:
+    at each threshold the keypoints above and below it partition them, and
+    the overall PCK is the share-weighted mean of the two sides."""
+    if not (FIXTURE / "annotations" / "fixture_all.json").is_file():
+        pytest.skip(f"MP-100 photo fixture not found at {FIXTURE}")
+    out = tmp_path / "calibration.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "score_calibration.py"), "--categories", "fly",
+                           "zebra_dpk", "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 4 and report["keypoints"] > 0
+    for kind in ("relative", "absolute"):
+        for row in report[kind]:
+            share = row["share_above"]
+            above = row["pck_above"] if row["pck_above"] is not None else 0.0
+            below = row["pck_below"] if row["pck_below"] is not None else 0.0
+            assert abs(share * above + (1 - share) * below - report["pck"]) < 1e-9
+        shares = [r["share_above"] for r in report[kind]]
+        assert shares == sorted(shares, reverse=True)
+    assert "| relative score >= |" in proc.stdout
