@@ -504,7 +504,8 @@ def fold_batch_norms(module: nn.Module, example: torch.Tensor, rtol: float = 1e-
         def hook(mod, args, out):
             calls[name] = calls.get(name, 0) + 1
             source = made.get(id(args[0]))
-            if source is not None and source[1] is args[0]:
+            # without running statistics a batch norm normalizes by the batch's: nothing to fold
+            if source is not None and source[1] is args[0] and mod.running_mean is not None:
                 pairs.append((source[0], name))
         return hook
 
