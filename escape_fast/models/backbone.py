@@ -24,6 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from escape_fast.data.transforms import heatmap_grid
 from escape_fast.errors import CheckpointError, ConfigError, WeightsUnavailable
@@ -524,16 +525,12 @@ def fold_batch_norms(module: nn.Module, example: torch.Tensor, rtol: float = 1e-
     if not pairs:
         return 0
     mods = dict(module.named_modules())
-    undo = []
+    undo = []  # (conv, its weight, its bias, BN name, the BN): the modules as they were
     for conv_name, bn_name in pairs:
         conv, bn = mods[conv_name], mods[bn_name]
-        bias = None if conv.bias is None else conv.bias.data.clone()
-        undo.append((conv_name, bn_name, conv.weight.data.clone(), bias))
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
-        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight.data.mul_(scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype))
-        conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+        undo.append((conv, conv.weight, conv.bias, bn_name, bn))
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                      bn.eps, bn.weight, bn.bias)
         _set_module(module, bn_name, nn.Identity())
     after = module(example)
 
@@ -542,11 +539,9 @@ def fold_batch_norms(module: nn.Module, example: torch.Tensor, rtol: float = 1e-
 
     b, a = flat(before).float(), flat(after).float()
     if (a - b).abs().max() > rtol * b.abs().max():
-        for conv_name, bn_name, weight, bias in undo:
-            conv = mods[conv_name]
-            conv.weight.data.copy_(weight)
-            conv.bias = None if bias is None else nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
-            _set_module(module, bn_name, mods[bn_name])
+        for conv, weight, bias, bn_name, bn in undo:
+            conv.weight, conv.bias = weight, bias
+            _set_module(module, bn_name, bn)
         return 0
     return len(pairs)
 

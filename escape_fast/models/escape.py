@@ -64,6 +64,7 @@ from escape_fast.models.matching import AuthorsMatchingNetwork, MatchingNetwork
 MODEL_KEYS = ("config", "extractor", "super_keypoints")
 METHODS = ("mle", "map", "escape")
 PRETRAINED_PREFIX = "imagenet:"  # --checkpoint imagenet:efficientnet_lite0, a training-free model
+FOLDED = "this model's batch norms are folded for inference (for_inference): load it again to {}"
 
 
 def model_config(config: ModelConfig | dict) -> ModelConfig:
@@ -261,14 +262,12 @@ class EscapeModel(nn.Module):
 
     def train(self, mode: bool = True):
         if mode and self.folded:
-            raise RuntimeError("this model's batch norms are folded for inference (for_inference): load it again "
-                               "to train it")
+            raise RuntimeError(FOLDED.format("train"))
         return super().train(mode)
 
     def to_checkpoint(self) -> dict:
         if self.folded:
-            raise RuntimeError("this model's batch norms are folded for inference (for_inference): load it again "
-                               "to save it")
+            raise RuntimeError(FOLDED.format("save"))
 
         def cpu(state):  # a model.pt loads on a machine without the GPU it was made on
             return {k: v.detach().cpu() for k, v in state.items()}
