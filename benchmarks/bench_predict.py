@@ -5,9 +5,12 @@
 Adapts the default photo model (``Predictor()``) to one support of the MP-100
 fixture's largest category, then times ``predict`` on ``--queries`` of its
 photos (cycled when the category has fewer), decoded into memory first so
-that image decoding is not timed: once with each query's box and once without
-(the object search). Each is repeated ``--repeat`` times, alternating, and
-every time is reported; the summary takes the best. The JSON record names the
+that image decoding is not timed: once with each query's box, once without
+(the object search, the Predictor's default: SEARCH_SCALES and SEARCH_REFITS),
+and once without a box through the simplest search (the whole image at the
+input size, no refit: the Predictor's search before 2026-12-08), so that the
+search's cost is measured side by side. Each is repeated ``--repeat`` times,
+alternating, and every time is reported; the summary takes the best. The JSON record names the
 machine (CPU model, instruction sets, threads) and the versions.
 """
 
@@ -65,9 +68,12 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")
         predictor = Predictor(args.checkpoint, device="cpu").adapt([images[support.image.file_name]], [kp])
         predictor.predict(queries[:4], boxes[:4])  # warm-up: first calls allocate and pick kernels
-        times = {"boxed": [], "unboxed": []}
+        times = {"boxed": [], "unboxed": [], "unboxed, simplest search": []}
+        default_search = predictor.search_scales, predictor.search_refits
         for _ in range(args.repeat):
             for kind in times:
+                simplest = kind == "unboxed, simplest search"
+                predictor.search_scales, predictor.search_refits = ((1.0,), 0) if simplest else default_search
                 t0 = time.perf_counter()
                 predictor.predict(queries, boxes if kind == "boxed" else None)
                 times[kind].append(time.perf_counter() - t0)
@@ -76,6 +82,7 @@ def main(argv=None) -> int:
         "machine": cpu_name(), "platform": platform.platform(),
         "versions": {"escape_fast": escape_fast.__version__, "torch": torch.__version__},
         "category": coco.categories[support.category_id].name, "queries": args.queries,
+        "search": {"scales": list(default_search[0]), "refits": default_search[1]},
         "seconds": times, "best": {k: min(v) for k, v in times.items()},
     }
     with open(args.out, "w") as f:

@@ -50,7 +50,8 @@ FIXTURE = Path(os.environ.get("ESCAPE_FAST_FIXTURE", ROOT.parent / "shared" / "d
 def test_real_photo_benchmark_small(tmp_path):
     """benchmarks/real_photos.py on two of the fixture's categories: both
     settings (query box given and withheld), the copy baseline and every
-    method of each model, per category."""
+    method of each model, per category, each model beside the copy on the
+    same episodes."""
     import pytest
 
     if not (FIXTURE / "annotations" / "fixture_all.json").is_file():
@@ -61,13 +62,41 @@ def test_real_photo_benchmark_small(tmp_path):
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["pairs"] == 4 and set(report["results"]) == {"box", "no box"}
+    assert report["episodes"] == {"1-shot": 4} and set(report["results"]) == {"1-shot box", "1-shot no box"}
     names = {"copy support pose", "imagenet:efficientnet_lite0 MLE", "builtin MLE", "builtin MAP", "builtin ESCAPE"}
     for setting in report["results"].values():
         assert set(setting) == names
-        for r in setting.values():
+        for name, r in setting.items():
             assert 0 <= r["pck"] <= 1 and set(r["per_category"]) == {"fly", "zebra_dpk"}
+            assert ("vs_copy" in r) == (name != "copy support pose")
     assert "| copy support pose |" in proc.stdout
+
+
+def test_real_photo_episodes_take_supports_from_other_photographs():
+    """k-shot episodes: k distinct supports of the query's category, none
+    from the query's own photograph; 1-shot: every such ordered pair."""
+    import pytest
+
+    if not (FIXTURE / "annotations" / "fixture_all.json").is_file():
+        pytest.skip(f"MP-100 photo fixture not found at {FIXTURE}")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import real_photos
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from escape_fast.data import load_coco
+
+    coco = load_coco(FIXTURE / "annotations" / "fixture_all.json")
+    for shots in (1, 3):
+        episodes = real_photos.episodes_of(coco, shots, ["human_body"])
+        assert episodes
+        for supports, q in episodes:
+            assert len(set(supports)) == shots
+            assert all(coco.instances[s].category_id == coco.instances[q].category_id for s in supports)
+            assert all(coco.instances[s].image_id != coco.instances[q].image_id for s in supports)
+    members = coco.instances_of(coco.category_ids[0])
+    expected = sum(coco.instances[s].image_id != coco.instances[q].image_id for s in members for q in members)
+    assert len(real_photos.episodes_of(coco, 1, [coco.categories[coco.category_ids[0]].name])) == expected
 
 
 def test_copying_a_pose_onto_its_own_instance_is_exact():
@@ -163,7 +192,8 @@ def test_predict_benchmark_times_boxed_and_unboxed_queries(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["queries"] == 3 and "threads" in record["machine"]
-    for kind in ("boxed", "unboxed"):
+    assert record["search"]["refits"] >= 0
+    for kind in ("boxed", "unboxed", "unboxed, simplest search"):
         assert len(record["seconds"][kind]) == 2 and record["best"][kind] == min(record["seconds"][kind]) > 0
         assert f"3 {kind} queries" in proc.stdout
 

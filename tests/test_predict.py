@@ -22,6 +22,7 @@ from PIL import Image
 from escape_fast import builtin
 from escape_fast.data import DataError, DataWarning, Episode, load_coco
 from escape_fast.data.coco import Category
+from escape_fast.errors import UsageError
 from escape_fast.eval.engine import predict_episodes
 from escape_fast.predict import MIN_SIDE, Predictor, load_keypoints, parse_keypoints
 from escape_fast.predict.__main__ import main
@@ -307,3 +308,49 @@ def test_feature_batches_shrink_with_the_input_on_the_cpu():
     assert [inference_batch_size(cpu, s) for s in (128, 256, 448, 2048)] == [16, 4, 1, 1]
     assert inference_batch_size(torch.device("cuda"), 256) == 32
     assert Predictor(device="cpu").batch_size == 4 and Predictor(device="cpu", batch_size=7).batch_size == 7
+
+
+def _iou(a, b) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def test_search_refits_the_box_to_the_keypoints_of_a_small_object():
+    """A person a third of a large photograph's height, pasted on another
+    photograph: the search's vote box is coarse; refitted to the decoded
+    keypoints (the support's box placed by a similarity, widened by
+    REFIT_MARGIN), the box lies on the person's, and the keypoints land."""
+    from escape_fast.predict.predictor import REFIT_MARGIN
+
+    coco = load_coco(ALL)
+    support = next(inst for inst in coco.instances if inst.ann_id == 1)
+    image = np.asarray(Image.open(SUPPORT).convert("RGB"))
+    x, y, w, h = support.bbox
+    x0, y0 = max(0, int(x - 0.3 * w)), max(0, int(y - 0.3 * h))
+    patch = Image.fromarray(image[y0:min(image.shape[0], int(y + 1.3 * h)), x0:min(image.shape[1], int(x + 1.3 * w))])
+    tiger = next(i for i in coco.instances if "tiger" in i.image.file_name).image.file_name
+    canvas = Image.open(FIXTURE / "images" / tiger).convert("RGB").resize((1600, 1200))
+    scale = 0.35 * 1200 / patch.height
+    canvas.paste(patch.resize((round(patch.width * scale), round(patch.height * scale))), (900, 300))
+    truth = (support.keypoints - [x0, y0]) * scale + [900, 300]
+    tw, th = w * scale * REFIT_MARGIN, h * scale * REFIT_MARGIN
+    cx, cy = (x - x0 + w / 2) * scale + 900, (y - y0 + h / 2) * scale + 300
+    true_box = [cx - tw / 2, cy - th / 2, tw, th]
+    ious = {}
+    for refits in (0, 2):
+        p = Predictor(device="cpu", search_refits=refits).adapt(str(SUPPORT), str(ALL))
+        found = p.predict([np.asarray(canvas)])[0]
+        ious[refits] = _iou(found.box, true_box)
+        if refits:
+            miss = np.linalg.norm(found.keypoints - truth, axis=1)[support.visible]
+            assert (miss < 0.2 * max(w, h) * scale).mean() >= 0.9
+    assert ious[2] >= 0.8 and ious[2] > ious[0] + 0.1, ious
+
+
+def test_search_settings_are_checked():
+    with pytest.raises(UsageError, match="search_scales"):
+        Predictor(device="cpu", search_scales=())
+    with pytest.raises(UsageError, match="search_refits"):
+        Predictor(device="cpu", search_refits=-1)

@@ -1,12 +1,17 @@
 """Finding the object in a query that has no box.
 
-A generalized Hough transform over the supports' layout: each keypoint's
-cosine map on the whole-image crop (softmax over the crop, temperature
-SEARCH_TEMPERATURE) votes for the object's centre at the offset the
-supports show between that keypoint and their box centre, at each object
-size of SEARCH_SIZES; the centre and size with the most votes give the box,
-shaped like the supports' boxes. The Predictor then decodes that box as it
-decodes a given one.
+:func:`locate_object` is a generalized Hough transform over the supports'
+layout: each keypoint's cosine map on a whole-image crop (softmax over the
+crop, temperature SEARCH_TEMPERATURE) votes for the object's centre at the
+offset the supports show between that keypoint and their box centre, at
+each object size of SEARCH_SIZES; the centre and size with the most votes
+give a box, shaped like the supports' boxes.
+
+A search's box is coarse (a vote cell, six sizes), so the Predictor decodes
+it and then refits: :func:`fit_layout` places the supports' layout on the
+decoded keypoints (a similarity), and :func:`layout_box` turns that fit into
+the box to decode again (escape_fast.predict.predictor.Predictor.search).
+The tracker places its crops with the same fit.
 """
 
 from __future__ import annotations
@@ -86,3 +91,56 @@ def locate_object(smoothed: torch.Tensor, prototypes: torch.Tensor, layout: Supp
     center = crop.to_image(np.array([gx, gy], dtype=np.float64), (grid, grid))
     wh = size * pixels_per_cell * layout.aspect
     return np.array([center[0] - wh[0] / 2, center[1] - wh[1] / 2, wh[0], wh[1]])
+
+
+def fit_layout(offsets: np.ndarray, points: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+    """(centre [2], size, angle) of the similarity that best maps the support
+    layout's ``offsets`` [K, 2] onto ``points`` [K, 2] over ``use`` [K], or
+    None with fewer than two usable points. Least squares in the complex
+    plane, mirrored or not (whichever fits better), once more without the
+    points that fit worst (a mistaken keypoint should not move the box)."""
+    use = use & np.isfinite(offsets).all(1) & np.isfinite(points).all(1)
+    if use.sum() < 2:
+        return None
+    o_all = offsets[:, 0] + 1j * offsets[:, 1]
+    p_all = points[:, 0] + 1j * points[:, 1]
+
+    def solve(mask):
+        best = None
+        for o in (o_all, np.conj(o_all)):
+            om, pm = o[mask].mean(), p_all[mask].mean()
+            den = np.sum(np.abs(o[mask] - om) ** 2)
+            if den <= 1e-12:
+                continue
+            a = np.sum(np.conj(o[mask] - om) * (p_all[mask] - pm)) / den
+            resid = np.abs(pm + a * (o - om) - p_all)
+            cost = float(np.sum(resid[mask] ** 2))
+            if best is None or cost < best[0]:
+                best = (cost, a, pm - a * om, resid, mask)
+        return best
+
+    fit = solve(use)
+    if fit is None:
+        return None
+    if use.sum() >= 4:  # drop the points beyond twice the median residual and fit again
+        resid = fit[3]
+        keep = use & (resid <= 2 * np.median(resid[use]) + 1e-9)
+        if keep.sum() >= 3:
+            fit = solve(keep) or fit
+    _, a, c, _, mask = fit
+    # the size from the spreads: least squares shrinks |a| by every mislocated point it averages in
+    spread = np.sqrt(np.sum(np.abs(p_all[mask] - p_all[mask].mean()) ** 2) /
+                     np.sum(np.abs(o_all[mask] - o_all[mask].mean()) ** 2))
+    if not spread > 1e-6:  # the points coincide: no size
+        return None
+    return np.array([c.real, c.imag]), float(spread), float(np.angle(a))
+
+
+def layout_box(layout: SupportLayout, center: np.ndarray, size: float, angle: float, margin: float) -> np.ndarray:
+    """The upright box [x, y, w, h] around the supports' box placed at
+    ``center``, ``size`` (its longer side, pixels) and ``angle`` (radians),
+    widened by ``margin`` (the bounding box of the turned support box)."""
+    aw, ah = layout.aspect * size * margin
+    c, s = abs(np.cos(angle)), abs(np.sin(angle))
+    w, h = c * aw + s * ah, s * aw + c * ah
+    return np.array([center[0] - w / 2, center[1] - h / 2, w, h])

@@ -35,7 +35,7 @@ import numpy as np
 
 from escape_fast.errors import DataError
 from escape_fast.predict.predictor import Prediction, Predictor, make_crop
-
+from escape_fast.predict.search import fit_layout, layout_box
 
 BATCH = 4  # frames per trunk batch (default)
 TILE_OBJECTS = 3.0  # a search tile's side, in object sizes
@@ -127,49 +127,6 @@ class _Pose:
     center: np.ndarray
     size: float
     angle: float
-
-
-def fit_layout(offsets: np.ndarray, points: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, float, float] | None:
-    """(centre [2], size, angle) of the similarity that best maps the support
-    layout's ``offsets`` [K, 2] onto ``points`` [K, 2] over ``use`` [K], or
-    None with fewer than two usable points. Least squares in the complex
-    plane, mirrored or not (whichever fits better), once more without the
-    points that fit worst (a mistaken keypoint should not move the box)."""
-    use = use & np.isfinite(offsets).all(1) & np.isfinite(points).all(1)
-    if use.sum() < 2:
-        return None
-    o_all = offsets[:, 0] + 1j * offsets[:, 1]
-    p_all = points[:, 0] + 1j * points[:, 1]
-
-    def solve(mask):
-        best = None
-        for o in (o_all, np.conj(o_all)):
-            om, pm = o[mask].mean(), p_all[mask].mean()
-            den = np.sum(np.abs(o[mask] - om) ** 2)
-            if den <= 1e-12:
-                continue
-            a = np.sum(np.conj(o[mask] - om) * (p_all[mask] - pm)) / den
-            resid = np.abs(pm + a * (o - om) - p_all)
-            cost = float(np.sum(resid[mask] ** 2))
-            if best is None or cost < best[0]:
-                best = (cost, a, pm - a * om, resid, mask)
-        return best
-
-    fit = solve(use)
-    if fit is None:
-        return None
-    if use.sum() >= 4:  # drop the points beyond twice the median residual and fit again
-        resid = fit[3]
-        keep = use & (resid <= 2 * np.median(resid[use]) + 1e-9)
-        if keep.sum() >= 3:
-            fit = solve(keep) or fit
-    _, a, c, _, mask = fit
-    # the size from the spreads: least squares shrinks |a| by every mislocated point it averages in
-    spread = np.sqrt(np.sum(np.abs(p_all[mask] - p_all[mask].mean()) ** 2) /
-                     np.sum(np.abs(o_all[mask] - o_all[mask].mean()) ** 2))
-    if not spread > 1e-6:  # the points coincide: no size
-        return None
-    return np.array([c.real, c.imag]), float(spread), float(np.angle(a))
 
 
 def prefetch(items: Iterable, depth: int) -> Iterator:
@@ -297,13 +254,10 @@ class Tracker:
     def _box_of(self, center: np.ndarray, size: float, angle: float, shape) -> tuple[np.ndarray | None, float]:
         """(box [x, y, w, h], crop rotation in degrees) of the support's box
         placed at ``center``, ``size`` and ``angle``; (None, 0) when it left the frame."""
-        aw, ah = self.predictor.layout.aspect * size * self.config.margin
         if self.config.rotate:  # the crop turns with the object: the support's box as it is
-            w, h, turn = aw, ah, float(np.degrees(angle))
+            box, turn = layout_box(self.predictor.layout, center, size, 0.0, self.config.margin), float(np.degrees(angle))
         else:  # the support's box turned by the angle, and its bounding box cropped upright
-            c, s = abs(np.cos(angle)), abs(np.sin(angle))
-            w, h, turn = c * aw + s * ah, s * aw + c * ah, 0.0
-        box = np.array([center[0] - w / 2, center[1] - h / 2, w, h])
+            box, turn = layout_box(self.predictor.layout, center, size, angle, self.config.margin), 0.0
         height, width = shape[:2]
         if not (0 <= center[0] < width and 0 <= center[1] < height):
             return None, 0.0  # the estimate left the frame: search it
@@ -381,7 +335,7 @@ class Tracker:
                 continue
         candidates = [box for box in self.predictor.locate_many(views) if box is not None]
         if not candidates:  # no keypoints could vote: decode the whole frame
-            candidates = [None]
+            candidates = [np.array([0.0, 0.0, image.shape[1], image.shape[0]])]
         found = self.predictor.predict([image] * len(candidates), candidates, names=[name] * len(candidates))
         frames = [self._result(index, p, True) for p in found]
         good = [f for f in frames if f.ok]
