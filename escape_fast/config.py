@@ -22,10 +22,34 @@ DEFAULTS: dict = {
     "input_size": 256,
     "sigma": 2.0,
     "workers": 2,
+    # the training targets: "exact" (a Gaussian on the keypoint's position, weight 0 when its 3-sigma
+    # window misses the grid) or "cell" (the authors', mmpose 0.29's TopDownGenerateTarget: a
+    # Gaussian on the cell int(x + 0.5), int truncating toward zero, and their integer window
+    # bounds for the weight; docs/authors.md, "Their training, step by step")
+    "targets": "exact",
+    # the training augmentation: scale x (1 + scale * d_s), rotation * d_r degrees with probability
+    # rotation_prob (else 0), a horizontal flip with probability 1/2 where the category has flip
+    # pairs. distribution "uniform": d_s, d_r ~ U(-1, 1); "normal" (the authors', mmpose 0.29's
+    # TopDownGetRandomScaleRotation): d_s ~ N(0, 1) clipped to [-1, 1], d_r ~ N(0, 1) clipped to [-2, 2]
+    # a rotated training crop's matrix: "float32" (escape_fast's) or "float64" (the authors':
+    # mmpose's get_affine_transform under numpy 1, to the bit; 2e-6 relative apart)
+    "rotated_crops": "float32",
+    "augment": {"scale": 0.15, "rotation": 15.0, "rotation_prob": 1.0, "flip": True, "distribution": "uniform"},
+    # the instances of a training epoch: "balanced" (per_category instances of every base category)
+    # or "shuffle" (the authors': every instance once, in a seeded random order)
+    "sampling": "balanced",
+    # the heatmap loss of stages 1 and 3: scale x the weighted squared error, averaged over the
+    # batch's keypoint slots (slots null) or summed and divided by B x slots x H x W (the
+    # authors' pad every category to 68). scale 0.5 is the HRNet reference code's factor;
+    # mmpose 0.29's JointsMSELoss (the authors') has none: 1.0
+    "heatmap_loss": {"scale": 0.5, "slots": None},
     # model
     "backbone": "resnet50",
     "weights": "imagenet",  # None, "imagenet" or a state-dict path for the trunk
     "channels": 256,  # of the deconv head; a hypercolumn has its trunk's widths
+    # the initial weights of the head's transposed convolutions: "torch" (PyTorch's default) or
+    # "normal" (the authors': N(0, 0.001^2), their CustomDeconv.init_weights)
+    "head_init": "torch",
     # "deconv" (the paper's) or "hypercolumn" (a pretrained trunk's multi-scale maps at stride 4, docs/method.md)
     "head": "deconv",
     "stages": [8, 16, 32],  # the hypercolumn's trunk strides
@@ -60,7 +84,11 @@ DEFAULTS: dict = {
     "val_every": 1,  # epochs
     "val_draws": 20,  # support draws per val category
     "val_queries": 15,
-    "baseline": {"epochs": 60, "lr": 5e-4, "warmup": 500, "milestones": [40, 50], "gamma": 0.1},
+    # each stage's schedule: Adam at lr, a linear warm-up over ``warmup`` steps, x gamma at each
+    # milestone epoch. warmup_rule "ours": lr x (step + 1) / warmup; "mmcv" (the authors', mmcv's
+    # linear warm-up): lr x (1 - (1 - step / warmup) x (1 - warmup_ratio)), lr x warmup_ratio at step 0
+    "baseline": {"epochs": 60, "lr": 5e-4, "warmup": 500, "milestones": [40, 50], "gamma": 0.1,
+                 "warmup_rule": "ours", "warmup_ratio": 0.001},
     # growth: "shared" (the authors': a peak takes each category's best, even one already taken;
     # the default since it won on validation, benchmarks/RESULTS.md) or "exclusive" (unassigned
     # keypoints only, the next one of a category whose best is taken)
@@ -68,10 +96,11 @@ DEFAULTS: dict = {
     # init: stage 3 starts f_theta from stage 1's ("baseline") or again from the trunk's
     # pretrained weights ("pretrained", the authors')
     "finetune": {"epochs": 20, "lr": 1e-4, "warmup": 100, "milestones": [15], "gamma": 0.1,
-                 "init": "baseline"},
+                 "warmup_rule": "ours", "warmup_ratio": 0.001, "init": "baseline"},
     # variant: "ours" or "authors" (their tokens, blocks and norm clamp; pad_to: the keypoint
     # count their padded tokens bring every category to; docs/authors.md)
     "matching": {"epochs": 20, "lr": 1e-4, "warmup": 100, "milestones": [15], "gamma": 0.1,
+                 "warmup_rule": "ours", "warmup_ratio": 0.001,
                  "blocks": 6, "heads": 8, "head_dim": 64, "mlp": 2048, "iters": 50,
                  "variant": "ours", "pad_to": 68},
 }
@@ -86,6 +115,14 @@ CHOICES = {
     ("cluster", "growth"): ("exclusive", "shared"),
     ("finetune", "init"): ("baseline", "pretrained"),
     ("matching", "variant"): ("ours", "authors"),
+    ("targets",): ("exact", "cell"),
+    ("augment", "distribution"): ("uniform", "normal"),
+    ("rotated_crops",): ("float32", "float64"),
+    ("sampling",): ("balanced", "shuffle"),
+    ("head_init",): ("torch", "normal"),
+    ("baseline", "warmup_rule"): ("ours", "mmcv"),
+    ("finetune", "warmup_rule"): ("ours", "mmcv"),
+    ("matching", "warmup_rule"): ("ours", "mmcv"),
 }
 
 
@@ -145,6 +182,7 @@ def resolve(files=None, overrides=(), base: dict | None = None) -> dict:
     for o in overrides:
         cfg = _merge(cfg, o, "--set")
     check_alpha(cfg["alpha"])
+    check_training(cfg)
     for path, allowed in CHOICES.items():
         value = cfg
         for part in path:
@@ -158,6 +196,31 @@ def check_alpha(alpha) -> None:
     """The support weight of eq. 7 / 10: 'val' or a number in [0, 1]."""
     if alpha != "val" and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
         raise ConfigError(f"alpha must be 'val' or a number in [0, 1], got {alpha!r}")
+
+
+def _number(value, where: str, low: float, high: float = float("inf"), low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        raise ConfigError(f"{where} must be a number {'>' if low_open else '>='} {low:g}"
+                          f"{f' and <= {high:g}' if high != float('inf') else ''}, got {value!r}")
+
+
+def check_training(cfg: dict) -> None:
+    """The training settings that are numbers: heatmap_loss, augment and the warm-up ratios."""
+    loss = cfg["heatmap_loss"]
+    _number(loss["scale"], "heatmap_loss.scale", 0.0, low_open=True)
+    slots = loss["slots"]
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+        raise ConfigError(f"heatmap_loss.slots must be null or a whole number >= 1, got {slots!r}")
+    aug = cfg["augment"]
+    _number(aug["scale"], "augment.scale", 0.0, 1.0)
+    _number(aug["rotation"], "augment.rotation", 0.0)
+    _number(aug["rotation_prob"], "augment.rotation_prob", 0.0, 1.0)
+    if not isinstance(aug["flip"], bool):
+        raise ConfigError(f"augment.flip must be true or false, got {aug['flip']!r}")
+    for stage in ("baseline", "finetune", "matching"):
+        _number(cfg[stage]["warmup_ratio"], f"{stage}.warmup_ratio", 0.0, 1.0)
 
 
 def save(cfg: dict, path: str) -> None:

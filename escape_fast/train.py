@@ -28,6 +28,7 @@ from escape_fast import config as config_mod
 from escape_fast.data import (
     BalancedCategorySampler,
     KeypointDataset,
+    ShuffleSampler,
     load_for_run,
     make_loader,
     mp100_split_files,
@@ -47,11 +48,64 @@ STAGES = ("baseline", "cluster", "finetune", "matching")
 
 
 def lr_schedule(stage_cfg: dict, steps_per_epoch: int):
-    """Linear warm-up over ``warmup`` steps, then x gamma at each milestone epoch."""
+    """The lr factor of each step: a linear warm-up over ``warmup`` steps, then x gamma at each milestone epoch.
+
+    ``warmup_rule`` "ours": (step + 1) / warmup, 1 from step warmup - 1 on. "mmcv" (the authors',
+    mmcv 1.x's LrUpdaterHook with warmup='linear'): 1 - (1 - step / warmup) x (1 - warmup_ratio),
+    warmup_ratio at step 0 and 1 from step warmup on, computed in mmcv's order of operations, so
+    that with the step decay's factor 1 the lr is theirs to the bit (config.DEFAULTS).
+    """
     warm = max(1, int(stage_cfg.get("warmup", 0)))
     milestones = [m * steps_per_epoch for m in stage_cfg.get("milestones", [])]
     gamma = stage_cfg.get("gamma", 0.1)
+    if stage_cfg.get("warmup_rule", "ours") == "mmcv":
+        ratio = float(stage_cfg.get("warmup_ratio", 0.001))
+        iters = int(stage_cfg.get("warmup", 0))
+
+        def warm_factor(step):
+            return 1 - (1 - step / iters) * (1 - ratio) if step < iters else 1.0
+
+        return lambda step: warm_factor(step) * gamma ** sum(step >= m for m in milestones)
     return lambda step: min(1.0, (step + 1) / warm) * gamma ** sum(step >= m for m in milestones)
+
+
+def training_dataset(coco, cfg: dict, **kwargs) -> KeypointDataset:
+    """The training items of a run: its crops (``rotated_crops``), augmentation (``augment``) and
+    targets (``targets``)."""
+    aug = cfg["augment"]
+    return KeypointDataset(coco, input_size=cfg["input_size"], train=True, sigma=cfg["sigma"], seed=cfg["seed"],
+                           scale_factor=aug["scale"], rotation_factor=aug["rotation"], flip=aug["flip"],
+                           rotation_prob=aug["rotation_prob"], distribution=aug["distribution"],
+                           targets=cfg["targets"], rotated_crops=cfg["rotated_crops"], **kwargs)
+
+
+def training_sampler(coco, cfg: dict, rank: int = 0, world_size: int = 1):
+    """The order of a training epoch (``sampling``): balanced over the base categories, or every instance shuffled."""
+    if cfg["sampling"] == "shuffle":
+        return ShuffleSampler(coco, seed=cfg["seed"], rank=rank, world_size=world_size)
+    return BalancedCategorySampler(coco, per_category=cfg["per_category"], seed=cfg["seed"], rank=rank,
+                                   world_size=world_size)
+
+
+def make_optimizer(model: nn.Module, stage_cfg: dict, steps_per_epoch: int):
+    """(optimizer, scheduler) of a stage: Adam at the stage's lr (torch's betas and eps, no weight
+    decay) under :func:`lr_schedule`, stepped once per batch."""
+    opt = torch.optim.Adam(model.parameters(), lr=stage_cfg["lr"])
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(stage_cfg, steps_per_epoch))
+
+
+def train_step(run_model, loss_fn, batch: dict, opt, sched, device, amp: bool):
+    """One training step of :func:`run_epochs`: the batch to ``device``, ``loss_fn(run_model,
+    batch)`` (under autocast when ``amp``), backward, an optimizer and a scheduler step. Returns
+    (loss, metrics); the gradients stay in each parameter's ``.grad`` until the next step."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with autocast(device, amp):
+        loss, metrics = loss_fn(run_model, batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss, metrics
 
 
 def run_epochs(stage: str, model: nn.Module, loss_fn, coco, cfg: dict, rt: Runtime, run_dir: str, log: CSVLog,
@@ -73,14 +127,12 @@ def run_epochs(stage: str, model: nn.Module, loss_fn, coco, cfg: dict, rt: Runti
     if cfg["batch_size"] % rt.world:
         raise config_mod.ConfigError(f"batch_size {cfg['batch_size']} is not divisible by {rt.world} processes")
     per_rank = cfg["batch_size"] // rt.world
-    dataset = KeypointDataset(coco, input_size=cfg["input_size"], train=True, sigma=cfg["sigma"], seed=cfg["seed"])
-    sampler = BalancedCategorySampler(coco, per_category=cfg["per_category"], seed=cfg["seed"], rank=rt.rank,
-                                      world_size=rt.world)
+    dataset = training_dataset(coco, cfg)
+    sampler = training_sampler(coco, cfg, rank=rt.rank, world_size=rt.world)
     loader = make_loader(dataset, per_rank, sampler=sampler, num_workers=cfg["workers"], drop_last=True)
     if len(loader) == 0:
         raise config_mod.ConfigError(f"{coco.path}: fewer instances than one batch of {per_rank}")
-    opt = torch.optim.Adam(model.parameters(), lr=scfg["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(scfg, len(loader)))
+    opt, sched = make_optimizer(model, scfg, len(loader))
     start_epoch, step = 0, 0
     if os.path.exists(path):
         state = checkpoint.load(path, kind=stage, required=["model", "optimizer", "scheduler", "epoch", "step"],
@@ -103,13 +155,7 @@ def run_epochs(stage: str, model: nn.Module, loss_fn, coco, cfg: dict, rt: Runti
         bar = tqdm(loader, desc=f"{stage} epoch {epoch + 1}/{scfg['epochs']}", disable=not rt.main, leave=False)
         total, count = 0.0, 0
         for batch in bar:
-            batch = {k: v.to(rt.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with autocast(rt.device, cfg["amp"]):
-                loss, metrics = loss_fn(run_model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss, metrics = train_step(run_model, loss_fn, batch, opt, sched, rt.device, cfg["amp"])
             step, count, total = step + 1, count + 1, total + float(loss.detach())
             bar.set_postfix(loss=f"{total / count:.5f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             for name, value in {"loss": float(loss.detach()), **metrics}.items():
@@ -155,9 +201,16 @@ def _validator(cfg, rt, val_coco, methods, make_model):
     return validate
 
 
-def _heatmap_step(model, batch):
-    heatmaps, has_proto = model(batch["image"], batch["category_index"])
-    return heatmap_loss(heatmaps, batch["target"], batch["target_weight"] * has_proto), {}
+def heatmap_step(cfg):
+    """The loss function of stages 1 and 3 (``heatmap_loss`` settings): HeatmapModel's heatmaps
+    regressed onto the batch's targets, keypoints without a prototype weighted 0."""
+    scale, slots = float(cfg["heatmap_loss"]["scale"]), cfg["heatmap_loss"]["slots"]
+
+    def step(model, batch):
+        heatmaps, has_proto = model(batch["image"], batch["category_index"])
+        return heatmap_loss(heatmaps, batch["target"], batch["target_weight"] * has_proto, scale, slots), {}
+
+    return step
 
 
 def _extractor(cfg, state=None, weights=None):
@@ -165,6 +218,21 @@ def _extractor(cfg, state=None, weights=None):
     extractor = config_extractor(cfg, weights)
     if state is not None:
         extractor.load_state_dict(state)
+    return extractor
+
+
+@torch.no_grad()
+def init_head(extractor: nn.Module, cfg) -> nn.Module:
+    """A new f_theta's head as ``head_init`` says: PyTorch's initialization as built ("torch"), or
+    the authors' ("normal": every transposed convolution of the head N(0, 0.001^2), as their
+    CustomDeconv.init_weights; its batch norms are (1, 0) in both). A head without transposed
+    convolutions is left as it is."""
+    if cfg["head_init"] == "normal":
+        for module in extractor.head.modules():
+            if isinstance(module, nn.ConvTranspose2d):
+                nn.init.normal_(module.weight, std=0.001)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
     return extractor
 
 
@@ -181,10 +249,10 @@ def _pooling(cfg) -> dict:
 def stage_baseline(cfg, rt, run_dir, train_coco, val_coco, log):
     table, _, keys = base_keypoint_table(train_coco)
     torch.manual_seed(cfg["seed"])  # the same initial weights in every process and every run
-    model = HeatmapModel(_extractor(cfg, weights=cfg["weights"]), torch.randn(len(keys), cfg["channels"]) * 1e-3,
-                         table)
+    extractor = init_head(_extractor(cfg, weights=cfg["weights"]), cfg)
+    model = HeatmapModel(extractor, torch.randn(len(keys), cfg["channels"]) * 1e-3, table)
     validate = _validator(cfg, rt, val_coco, ("mle",), lambda m: EscapeModel(cfg, m.extractor))
-    return run_epochs("baseline", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
+    return run_epochs("baseline", model, heatmap_step(cfg), train_coco, cfg, rt, run_dir, log, validate)
 
 
 @torch.no_grad()
@@ -226,7 +294,7 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
     # authors'); a fresh head is seeded as stage 1's is, so every process and every run starts alike
     if cfg["finetune"]["init"] == "pretrained":
         torch.manual_seed(cfg["seed"])
-        extractor = _extractor(cfg, weights=cfg["weights"])
+        extractor = init_head(_extractor(cfg, weights=cfg["weights"]), cfg)
     else:
         extractor = _extractor(cfg, checkpoint.sub_state(base["model"], "extractor"))
     model = HeatmapModel(extractor, init, super_table)
@@ -241,7 +309,7 @@ def stage_finetune(cfg, rt, run_dir, train_coco, val_coco, log):
         return EscapeModel(cfg, m.extractor, mu)
 
     validate = _validator(cfg, rt, val_coco, ("mle", "map"), with_prior)
-    model = run_epochs("finetune", model, _heatmap_step, train_coco, cfg, rt, run_dir, log, validate)
+    model = run_epochs("finetune", model, heatmap_step(cfg), train_coco, cfg, rt, run_dir, log, validate)
     # the prior is stored beside the trained weights (every epoch's save drops it, so a
     # finetune.pt that holds it is one of these very weights)
     path = os.path.join(run_dir, "finetune.pt")

@@ -42,12 +42,19 @@ from escape_fast.data.coco import (
     load_image,
     mp100_split_files,
 )
-from escape_fast.data.dataset import BalancedCategorySampler, KeypointDataset, KeypointLoader, make_loader
+from escape_fast.data.dataset import (
+    BalancedCategorySampler,
+    KeypointDataset,
+    KeypointLoader,
+    ShuffleSampler,
+    make_loader,
+)
 from escape_fast.data.episodes import Episode, EpisodeSampler, draws_for_episodes
 from escape_fast.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     box_to_center_scale,
+    cell_targets,
     crop_matrix,
     gaussian_targets,
     grid_to_image,
@@ -72,7 +79,9 @@ __all__ = [
     "Instance",
     "KeypointDataset",
     "KeypointLoader",
+    "ShuffleSampler",
     "box_to_center_scale",
+    "cell_targets",
     "crop_matrix",
     "draws_for_episodes",
     "drop_unreadable_images",

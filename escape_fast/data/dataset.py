@@ -20,10 +20,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from escape_fast.data.coco import CocoKeypoints, load_image
-from escape_fast.data.transforms import Crop, gaussian_targets, heatmap_grid, normalize_image
+from escape_fast.data.transforms import Crop, cell_targets, gaussian_targets, heatmap_grid, normalize_image
 from escape_fast.errors import DataError
 
-__all__ = ["BalancedCategorySampler", "KeypointDataset", "KeypointLoader", "make_loader"]
+__all__ = ["BalancedCategorySampler", "KeypointDataset", "KeypointLoader", "ShuffleSampler", "make_loader"]
+
+AUGMENT_DISTRIBUTIONS = ("uniform", "normal")
+TARGETS = ("exact", "cell")
+ROTATED_CROPS = ("float32", "float64")
 
 
 def _pair(size) -> tuple[int, int]:
@@ -45,6 +49,20 @@ class KeypointDataset(Dataset):
             1 + scale_factor), rotation U(-rotation_factor, rotation_factor)
             degrees and, when ``flip`` and the category declares flip pairs,
             a horizontal flip with probability 1/2 (pairs swapped).
+        rotation_prob: the probability that a training crop is rotated (1:
+            always; else its rotation is 0).
+        distribution: "uniform" (above) or "normal", mmpose 0.29's
+            TopDownGetRandomScaleRotation (the authors'): scale x
+            clip(1 + scale_factor N(0, 1), 1 - scale_factor, 1 + scale_factor),
+            kept in float32 as mmpose keeps it, and rotation
+            clip(rotation_factor N(0, 1), -2 rotation_factor, 2 rotation_factor)
+            with probability ``rotation_prob``.
+        targets: "exact" (Gaussians on the keypoints' positions,
+            :func:`gaussian_targets`) or "cell" (the authors', mmpose 0.29's:
+            on the rounded cells, from float32 keypoints, :func:`cell_targets`).
+        rotated_crops: "float32" (escape_fast's) or "float64" (the authors'
+            arithmetic of a rotated crop's matrix, theirs to the bit;
+            transforms.crop_matrix). Unrotated crops are the same in both.
         num_keypoints: padded K (default: the largest category in ``coco``).
             Pass the same value (e.g. 68) to datasets that are batched
             together.
@@ -86,6 +104,10 @@ class KeypointDataset(Dataset):
         scale_factor: float = 0.15,
         rotation_factor: float = 15.0,
         flip: bool = True,
+        rotation_prob: float = 1.0,
+        distribution: str = "uniform",
+        targets: str = "exact",
+        rotated_crops: str = "float32",
         num_keypoints: int | None = None,
         normalize: bool = True,
         padding: float = 1.25,
@@ -102,6 +124,14 @@ class KeypointDataset(Dataset):
         self.scale_factor = float(scale_factor)
         self.rotation_factor = float(rotation_factor)
         self.flip = bool(flip)
+        self.rotation_prob = float(rotation_prob)
+        if distribution not in AUGMENT_DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {', '.join(AUGMENT_DISTRIBUTIONS)}, got {distribution!r}")
+        if targets not in TARGETS:
+            raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+        if rotated_crops not in ROTATED_CROPS:
+            raise ValueError(f"rotated_crops must be one of {', '.join(ROTATED_CROPS)}, got {rotated_crops!r}")
+        self.distribution, self.targets, self.rotated_crops = distribution, targets, rotated_crops
         k_max = coco.max_keypoints
         self.num_keypoints = k_max if num_keypoints is None else int(num_keypoints)
         if self.num_keypoints < k_max:
@@ -143,14 +173,28 @@ class KeypointDataset(Dataset):
         """The crop of item ``index`` (with this epoch's augmentation when training)."""
         inst = self.coco.instances[index]
         crop = Crop.of_box(inst.bbox, self.input_size, self.padding)
+        if self.rotated_crops == "float64":
+            crop = dataclasses.replace(crop, float64=True)
         if not self.train:
             return crop
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch, index if draw is None else draw])
-        s, r, f = rng.random(3)
+        sf, rf = self.scale_factor, self.rotation_factor
+        if self.distribution == "normal":  # mmpose 0.29's TopDownGetRandomScaleRotation
+            n_s, n_r = rng.standard_normal(2)
+            u, f = rng.random(2)
+            factor = np.clip(n_s * sf + 1, 1 - sf, 1 + sf)
+            # their scale is a float32 array times a float64 scalar, float32 under numpy 1's casting
+            scale = (crop.scale.astype(np.float32) * np.float32(factor)).astype(np.float64)
+            rotation = float(np.clip(n_r * rf, -rf * 2, rf * 2)) if u <= self.rotation_prob else 0.0
+        else:
+            s, r, f = rng.random(3)
+            scale = crop.scale * (1.0 + sf * (2.0 * s - 1.0))
+            rotation = float(rf * (2.0 * r - 1.0))
+            if self.rotation_prob < 1.0 and rng.random() > self.rotation_prob:
+                rotation = 0.0
         return dataclasses.replace(
-            crop, scale=crop.scale * (1.0 + self.scale_factor * (2.0 * s - 1.0)),
-            rotation=float(self.rotation_factor * (2.0 * r - 1.0)),
+            crop, scale=scale, rotation=rotation,
             flip=bool(self.flip and self._flip_perm[inst.category_id] is not None and f < 0.5))
 
     def __getitem__(self, item):
@@ -190,7 +234,10 @@ class KeypointDataset(Dataset):
         # Gaussians of the category's own keypoints only; padding stays zero
         target = torch.zeros(k, self.heatmap_size[1], self.heatmap_size[0], dtype=torch.float32)
         weight = torch.zeros(k, dtype=torch.float32)
-        target[:kc], weight[:kc] = gaussian_targets(kp[:kc], vis[:kc], self.heatmap_size, self.sigma)
+        if self.targets == "cell":
+            target[:kc], weight[:kc] = self._cell_targets(inst, crop, visible)
+        else:
+            target[:kc], weight[:kc] = gaussian_targets(kp[:kc], vis[:kc], self.heatmap_size, self.sigma)
         kp_image = np.zeros((k, 2), dtype=np.float64)
         kp_image[:kc] = kp_img
         mask = np.zeros(k, dtype=bool)
@@ -215,6 +262,21 @@ class KeypointDataset(Dataset):
             "image_id": inst.image_id,
             "index": index,
         }
+
+    def _cell_targets(self, inst, crop: Crop, visible: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The authors' targets of an instance (``targets="cell"``), in the crop's keypoint order:
+        their keypoints are float32, mapped to the input crop one by one by the crop's float64
+        matrix (their affine_transform) and stored as float32 again, then divided by the stride."""
+        matrix = np.array(crop.matrix(self.input_size))
+        points = inst.keypoints.astype(np.float32)
+        mapped = np.zeros(points.shape, dtype=np.float32)
+        for i, (x, y) in enumerate(points):
+            if inst.visible[i]:  # their TopDownAffine maps the visible keypoints only
+                mapped[i] = matrix @ np.array([x, y, 1.0])
+        if crop.flip:
+            mapped = mapped[self._flip_perm[inst.category_id]]
+        stride = np.array(self.input_size, dtype=np.float64) / np.array(self.heatmap_size, dtype=np.float64)
+        return cell_targets(mapped / stride, visible, self.heatmap_size, self.sigma)
 
 
 class BalancedCategorySampler(Sampler):
@@ -291,6 +353,41 @@ class BalancedCategorySampler(Sampler):
     def __len__(self) -> int:
         total = self.per_category * len(self.categories)
         return math.ceil((total - self.rank) / self.world_size)
+
+
+class ShuffleSampler(Sampler):
+    """Training sampler that takes every instance once per epoch, in a seeded random order.
+
+    The authors' sampling (mmpose's shuffled DataLoader over all training
+    instances); categories are as frequent as their instances. Yields
+    ``(index, draw, epoch)`` like :class:`BalancedCategorySampler`, whose
+    interface it shares (``set_epoch``, ``rank`` / ``world_size``).
+    """
+
+    def __init__(self, coco: CocoKeypoints, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.coco = coco
+        if len(coco.instances) == 0:
+            raise DataError(f"{coco.path}: no instances to sample")
+        self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def epoch_indices(self) -> list[int]:
+        """The instance indices of the whole epoch (all ranks), in order."""
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.coco.instances)).tolist()
+
+    def __iter__(self):
+        indices = self.epoch_indices()
+        for draw in range(self.rank, len(indices), self.world_size):
+            yield (indices[draw], draw, self.epoch)
+
+    def __len__(self) -> int:
+        return math.ceil((len(self.coco.instances) - self.rank) / self.world_size)
 
 
 def collate(items: list[dict]) -> dict:

@@ -33,6 +33,7 @@ __all__ = [
     "CropBatch",
     "apply_affine",
     "box_to_center_scale",
+    "cell_targets",
     "crop_matrix",
     "gaussian_targets",
     "grid_to_image",
@@ -93,19 +94,34 @@ def _forward_linear(scale, rotation: float, size) -> np.ndarray:
     return rot @ np.diag([PIXEL_STD * scale[0] / w, PIXEL_STD * scale[1] / h])
 
 
-def _mmpose_matrix(center, scale, rotation: float, size) -> np.ndarray:
+def _mmpose_matrix(center, scale, rotation: float, size, float64: bool = False) -> np.ndarray:
     """image -> grid as mmpose 0.x's get_affine_transform makes it: three
     float32 points (the centre, the centre plus half the crop's side rotated
-    up, and a third at a right angle) solved by cv2.getAffineTransform."""
-    theta = math.radians(float(rotation))
-    c, s = math.cos(theta), math.sin(theta)
-    side = np.float32(np.float32(scale[0]) * np.float32(PIXEL_STD))
-    up_src = np.array([-s * (side * -0.5), c * (side * -0.5)])  # (0, -side/2) rotated by theta
+    up, and a third at a right angle) solved by cv2.getAffineTransform.
+
+    ``float64``: the second point as the authors' code computes it under
+    numpy 1 (their mmpose 0.29): the angle pi * rotation / 180, the rotated
+    half side and its sum with the float32 centre in float64, rounded to
+    float32 once. Without it, the products are float32 (numpy 2's casting of
+    a float32 side): a rotated crop's matrix is up to 0.008 grid px (2e-6
+    relative) off theirs. An unrotated crop is the same either way.
+    """
+    if float64:
+        theta = np.pi * float(rotation) / 180
+        c, s = float(np.cos(theta)), float(np.sin(theta))
+        side = np.float32(np.float32(scale[0]) * np.float32(PIXEL_STD))
+        half = float(side) * -0.5
+        up_src = np.array([0.0 * c - half * s, 0.0 * s + half * c])  # (0, -side/2) rotated by theta, float64
+    else:
+        theta = math.radians(float(rotation))
+        c, s = math.cos(theta), math.sin(theta)
+        side = np.float32(np.float32(scale[0]) * np.float32(PIXEL_STD))
+        up_src = np.array([-s * (side * -0.5), c * (side * -0.5)])  # (0, -side/2) rotated by theta
     dst_w, dst_h = float(size[0]), float(size[1])
     src = np.zeros((3, 2), dtype=np.float32)
     dst = np.zeros((3, 2), dtype=np.float32)
     src[0] = np.asarray(center, dtype=np.float32)
-    src[1] = src[0] + up_src
+    src[1] = (src[0].astype(np.float64) if float64 else src[0]) + up_src
     dst[0] = [dst_w * 0.5, dst_h * 0.5]
     dst[1] = dst[0] + np.array([0.0, dst_w * -0.5])
     for pts in (src, dst):  # the third point: the first turned 90 degrees about the second
@@ -114,7 +130,8 @@ def _mmpose_matrix(center, scale, rotation: float, size) -> np.ndarray:
     return cv2.getAffineTransform(src, dst)
 
 
-def crop_matrix(center, scale, rotation: float, size, flip: bool = False, inverse: bool = False) -> np.ndarray:
+def crop_matrix(center, scale, rotation: float, size, flip: bool = False, inverse: bool = False,
+                float64: bool = False) -> np.ndarray:
     """2 x 3 float64 affine matrix of the crop map.
 
     ``size`` is the grid's (width, height). Default: image -> grid (what
@@ -123,14 +140,16 @@ def crop_matrix(center, scale, rotation: float, size, flip: bool = False, invers
     (x -> width - 1 - x) after the crop map. A crop whose scale has the
     grid's aspect ratio (every box crop) is computed as mmpose computes it,
     from float32 points, so that its pixels are the authors' exactly; the
-    map is the same up to float32 rounding (~1e-5 px).
+    map is the same up to float32 rounding (~1e-5 px). ``float64``: a
+    rotated crop's second point in the authors' float64 arithmetic
+    (:func:`_mmpose_matrix`), theirs to the bit.
     """
     center = np.asarray(center, dtype=np.float64)
     scale = np.asarray(scale, dtype=np.float64)
     w, h = size
     half = np.array([w / 2.0, h / 2.0])
     if math.isclose(scale[0] * h, scale[1] * w, rel_tol=1e-6):
-        inv = _mmpose_matrix(center, scale, rotation, size)
+        inv = _mmpose_matrix(center, scale, rotation, size, float64)
         fwd = np.linalg.inv(np.vstack([inv, [0.0, 0.0, 1.0]]))[:2]
     else:
         a = _forward_linear(scale, rotation, size)
@@ -186,12 +205,15 @@ class Crop:
     items, evaluation, prediction, figures): ``center`` [2] in image pixels,
     ``scale`` [2] = padded box size / 200, ``rotation`` in degrees, ``flip``.
     ``size`` arguments are the grid's (width, height): the input crop or the
-    heatmap of the same crop."""
+    heatmap of the same crop. ``float64``: a rotated crop's matrix in the
+    authors' float64 arithmetic (:func:`crop_matrix`; the training setting
+    ``rotated_crops``)."""
 
     center: np.ndarray
     scale: np.ndarray
     rotation: float = 0.0
     flip: bool = False
+    float64: bool = False
 
     @classmethod
     def of_box(cls, box, size, padding: float = 1.25) -> Crop:
@@ -202,7 +224,7 @@ class Crop:
 
     def matrix(self, size) -> np.ndarray:
         """2 x 3 image -> grid affine matrix (what cv2.warpAffine takes)."""
-        return crop_matrix(self.center, self.scale, self.rotation, size, flip=self.flip)
+        return crop_matrix(self.center, self.scale, self.rotation, size, flip=self.flip, float64=self.float64)
 
     def warp(self, image: np.ndarray, size) -> np.ndarray:
         """The crop's pixels [size[1], size[0], 3] (bilinear, zero outside the image)."""
@@ -219,7 +241,7 @@ class Crop:
     def to_image(self, points, size) -> np.ndarray:
         """Grid points [..., 2] -> image pixels: the exact inverse of :meth:`to_grid`."""
         return apply_affine(crop_matrix(self.center, self.scale, self.rotation, size, flip=self.flip,
-                                        inverse=True), points)
+                                        inverse=True, float64=self.float64), points)
 
 
 @dataclass(frozen=True)
@@ -276,3 +298,47 @@ def gaussian_targets(
     vis = torch.from_numpy(np.asarray(visible, dtype=bool))[None]
     g, weight = reference.gaussian_heatmaps(kp, vis, (int(w), int(h)), sigma)
     return g[0], weight[0]
+
+
+def cell_targets(cells, visible, heatmap_size, sigma: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' training targets [K, H, W] and weights [K] (float32): mmpose 0.29's
+    TopDownGenerateTarget (MSRA, no unbiased encoding), which their TopDownGenerateTargetFewShot
+    copies, computed as they compute it.
+
+    ``cells`` [K, 2] are the keypoints in heatmap cells (float64: their float32 input-pixel
+    keypoints divided by the stride), ``heatmap_size`` (width, height). Each visible keypoint
+    gets the Gaussian exp(-d^2 / (2 sigma^2)) (float32) of the cell mu = int(cells + 0.5),
+    ``int`` truncating toward zero (-0.7 gives 0, not -1), cut to the window of 3 sigma around
+    mu. Its weight is 1 unless the window's integer corners ul = int(mu - 3 sigma) and
+    br = int(mu + 3 sigma + 1) lie off the grid (ul >= W or H, or br < 0): a keypoint whose
+    window only touches the grid from outside (br = 0) keeps weight 1 with an all-zero map.
+    Invisible keypoints get weight 0 and a zero map.
+    """
+    w, h = (int(v) for v in heatmap_size)
+    sigma = float(sigma)
+    cells = np.asarray(cells, dtype=np.float64).reshape(-1, 2)
+    visible = np.asarray(visible).reshape(-1)
+    k = cells.shape[0]
+    target = np.zeros((k, h, w), dtype=np.float32)
+    weight = np.zeros(k, dtype=np.float32)
+    tmp_size = sigma * 3
+    size = 2 * tmp_size + 1
+    x = np.arange(0, size, 1, np.float32)
+    y = x[:, None]
+    x0 = y0 = size // 2
+    g = np.exp(-((x - x0) ** 2 + (y - y0) ** 2) / (2 * sigma**2))  # float32, as theirs
+    for j in range(k):
+        if not visible[j] > 0:
+            continue
+        mu_x, mu_y = int(cells[j, 0] + 0.5), int(cells[j, 1] + 0.5)
+        ul = [int(mu_x - tmp_size), int(mu_y - tmp_size)]
+        br = [int(mu_x + tmp_size + 1), int(mu_y + tmp_size + 1)]
+        if ul[0] >= w or ul[1] >= h or br[0] < 0 or br[1] < 0:
+            continue
+        weight[j] = 1.0
+        g_x = max(0, -ul[0]), min(br[0], w) - ul[0]
+        g_y = max(0, -ul[1]), min(br[1], h) - ul[1]
+        img_x = max(0, ul[0]), min(br[0], w)
+        img_y = max(0, ul[1]), min(br[1], h)
+        target[j][img_y[0]:img_y[1], img_x[0]:img_x[1]] = g[g_y[0]:g_y[1], g_x[0]:g_x[1]]
+    return torch.from_numpy(target), torch.from_numpy(weight)

@@ -5,13 +5,27 @@ from __future__ import annotations
 import torch
 
 
-def heatmap_loss(heatmaps: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """0.5 x weighted MSE over every cell of every keypoint slot (mmpose's convention).
+def heatmap_loss(heatmaps: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, scale: float = 0.5,
+                 slots: int | None = None) -> torch.Tensor:
+    """``scale`` x the weighted squared error, averaged over every cell of every keypoint slot.
 
     heatmaps, target [B, K, H, W]; weight [B, K] (0 for padding, invisible
-    keypoints and keypoints without a prototype).
+    keypoints and keypoints without a prototype). ``slots``: None averages
+    over the K slots of the batch; a number N divides the sum by B x N x H x W
+    instead, as a batch padded to N slots would (the authors' pad every
+    category to 68).
+
+    The default scale 0.5 is the factor of the HRNet / Simple Baselines
+    reference code (``loss += 0.5 * criterion(...)``), escape_fast's
+    convention. It is not mmpose's: mmpose 0.29's JointsMSELoss, which the
+    ESCAPE authors train with, has no 0.5, which is ``scale=1.0``
+    (config ``heatmap_loss.scale``; docs/authors.md). Under Adam the factor
+    is not a no-op: it moves the step of every gradient near Adam's eps.
     """
-    return 0.5 * (weight[..., None, None] * (heatmaps - target) ** 2).mean()
+    loss = scale * (weight[..., None, None] * (heatmaps - target) ** 2).mean()
+    if slots is not None and int(slots) != heatmaps.shape[1]:
+        loss = loss * (heatmaps.shape[1] / int(slots))
+    return loss
 
 
 def matching_loss(log_p: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
