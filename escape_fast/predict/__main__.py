@@ -15,7 +15,7 @@ import sys
 from escape_fast import builtin, cli
 from escape_fast.errors import UsageError
 from escape_fast.predict.outputs import write_outputs
-from escape_fast.predict.predictor import Predictor
+from escape_fast.predict.predictor import SEARCH_SCALES, Predictor
 
 
 def parse_args(argv=None):
@@ -47,6 +47,10 @@ def parse_args(argv=None):
                    help="queries per batch (default: 32 on a GPU; on the CPU, 4 at 256 px, more for smaller inputs)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda", "triton", "reference"),
                    help="op implementation (default auto)")
+    p.add_argument("--search-scales", nargs="+", type=float, default=list(SEARCH_SCALES), metavar="S",
+                   help="a query without a box is searched in the whole image at these multiples of the model's "
+                        f"input size (default {' '.join(f'{v:g}' for v in SEARCH_SCALES)}; 1 alone is faster, "
+                        "a larger one finds smaller objects)")
     p.add_argument("--labels", action="store_true", help="write keypoint numbers beside the drawn keypoints")
     return p.parse_args(argv)
 
@@ -66,7 +70,8 @@ def run(args) -> int:
                          ("--query-box", args.query_box, len(args.query))):
         if opt is not None and len(opt) != n:
             raise UsageError(f"{len(opt)} {name} for {n} images; give one per image (none for the whole image)")
-    predictor = Predictor(args.checkpoint, args.method, args.device, args.batch_size, args.backend)
+    predictor = Predictor(args.checkpoint, args.method, args.device, args.batch_size, args.backend,
+                          search_scales=args.search_scales)
     keypoints = kp_files[0] if len(kp_files) == 1 else kp_files  # one COCO file may serve every support
     predictor.adapt(supports, keypoints, args.support_box)
     results = predictor.predict(args.query, args.query_box)

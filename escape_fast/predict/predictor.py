@@ -47,6 +47,7 @@ MIN_BOX_SIDE = 8  # pixels: a box of a real photograph may be thin (a lying anim
 SEARCH_SCALES = (1.0, 2.0)
 SEARCH_REFITS = 1
 SEARCH_TURN = True  # a refit's crop is turned so that the object stands as in the supports
+SEARCH_SAME_BOX = 0.7  # intersection over union above which two scales' boxes count as one
 REFIT_MARGIN = 1.1  # the refitted support box is widened by this (then padded by 1.25, as every crop)
 REFIT_SETTLED = 0.02  # a refit box within this fraction of the last box's side is not decoded again
 CONFIDENT = 0.5  # relative score (score / the supports' own) of the keypoints a refit is fitted to
@@ -98,6 +99,15 @@ def make_crop(image: np.ndarray, box, input_size: int, name: str, rotation: floa
     if rotation:
         crop = Crop(crop.center, crop.scale, float(rotation))
     return CropView(normalize_image(crop.warp(image, size)), crop, clean)
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two boxes [x, y, w, h]."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(0.0, w) * max(0.0, h)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 # --------------------------------------------------------------------------
@@ -406,7 +416,9 @@ class Predictor:
             views = wholes if side == self.input_size else [
                 make_crop(img, None, side, p.image) for p, img in zip(preds, pixels)]
             for q, box in enumerate(self.locate_many(views)):
-                if box is not None:
+                # a box that another scale already found (nearly) decodes (nearly) the same
+                if box is not None and all(box_iou(box, b) < SEARCH_SAME_BOX
+                                           for n, b in zip(queries, boxes) if n == q):
                     queries.append(q)
                     boxes.append(box)
         tried = self._decode_boxes([preds[q] for q in queries], [pixels[q] for q in queries], boxes, location_prior)
