@@ -72,9 +72,8 @@ def test_real_photo_benchmark_small(tmp_path):
     assert "| copy support pose |" in proc.stdout
 
 
-def test_real_photo_episodes_take_supports_from_other_photographs():
-    """k-shot episodes: k distinct supports of the query's category, none
-    from the query's own photograph; 1-shot: every such ordered pair."""
+def _real_photos_and_fixture():
+    """benchmarks/real_photos.py as a module, and the fixture's annotations (skips without the fixture)."""
     import pytest
 
     if not (FIXTURE / "annotations" / "fixture_all.json").is_file():
@@ -86,7 +85,13 @@ def test_real_photo_episodes_take_supports_from_other_photographs():
         sys.path.remove(str(ROOT / "benchmarks"))
     from escape_fast.data import load_coco
 
-    coco = load_coco(FIXTURE / "annotations" / "fixture_all.json")
+    return real_photos, load_coco(FIXTURE / "annotations" / "fixture_all.json")
+
+
+def test_real_photo_episodes_take_supports_from_other_photographs():
+    """k-shot episodes: k distinct supports of the query's category, none
+    from the query's own photograph; 1-shot: every such ordered pair."""
+    real_photos, coco = _real_photos_and_fixture()
     for shots in (1, 3):
         episodes = real_photos.episodes_of(coco, shots, ["human_body"])
         assert episodes
@@ -100,18 +105,7 @@ def test_real_photo_episodes_take_supports_from_other_photographs():
 
 
 def test_copying_a_pose_onto_its_own_instance_is_exact():
-    import pytest
-
-    if not (FIXTURE / "annotations" / "fixture_all.json").is_file():
-        pytest.skip(f"MP-100 photo fixture not found at {FIXTURE}")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import real_photos
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    from escape_fast.data import load_coco
-
-    coco = load_coco(FIXTURE / "annotations" / "fixture_all.json")
+    real_photos, coco = _real_photos_and_fixture()
     i = coco.instances_of(coco.category_ids[0])[0]
     inst = coco.instances[i]
     copied = real_photos.copy_pose(coco, i, i, query_box=True)

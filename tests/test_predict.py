@@ -310,19 +310,12 @@ def test_feature_batches_shrink_with_the_input_on_the_cpu():
     assert Predictor(device="cpu").batch_size == 4 and Predictor(device="cpu", batch_size=7).batch_size == 7
 
 
-def _iou(a, b) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
 def test_search_refits_the_box_to_the_keypoints_of_a_small_object():
     """A person a third of a large photograph's height, pasted on another
     photograph: the search's vote box is coarse; refitted to the decoded
     keypoints (the support's box placed by a similarity, widened by
     REFIT_MARGIN), the box lies on the person's, and the keypoints land."""
-    from escape_fast.predict.predictor import REFIT_MARGIN
+    from escape_fast.predict.predictor import REFIT_MARGIN, box_iou
 
     coco = load_coco(ALL)
     support = next(inst for inst in coco.instances if inst.ann_id == 1)
@@ -342,7 +335,7 @@ def test_search_refits_the_box_to_the_keypoints_of_a_small_object():
     for refits in (0, 2):
         p = Predictor(device="cpu", search_refits=refits).adapt(str(SUPPORT), str(ALL))
         found = p.predict([np.asarray(canvas)])[0]
-        ious[refits] = _iou(found.box, true_box)
+        ious[refits] = box_iou(found.box, true_box)
         if refits:
             miss = np.linalg.norm(found.keypoints - truth, axis=1)[support.visible]
             assert (miss < 0.2 * max(w, h) * scale).mean() >= 0.9
@@ -354,3 +347,10 @@ def test_search_settings_are_checked():
         Predictor(device="cpu", search_scales=())
     with pytest.raises(UsageError, match="search_refits"):
         Predictor(device="cpu", search_refits=-1)
+
+
+def test_bad_search_scale_on_the_command_line(tmp_path, capsys):
+    rc = main(["--support", str(SUPPORT), "--support-keypoints", str(ALL), "--query", str(QUERY),
+               "--out", str(tmp_path / "out"), "--device", "cpu", "--search-scales", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "search_scales" in err and len(err.strip().splitlines()) == 1
